@@ -1,0 +1,16 @@
+//! # latte — the Latte video diffusion transformer on candle
+//!
+//! Weight-compatible with diffusers' `LatteTransformer3DModel` (Latte-1 loads as-is) and
+//! differentiable end to end, so that training and gradient-guided sampling can run
+//! through `remat`'s memory-planned backward.
+//!
+//! - [`config`]: diffusers' `config.json` → validated [`config::LatteConfig`]; presets.
+//! - [`weights`]: model directories (single or sharded safetensors), checked loading, saving.
+//! - [`nn`]: the building blocks; [`model`]: the transformer as a remat chain.
+
+pub mod config;
+pub mod io;
+pub mod model;
+pub mod nn;
+pub mod vjp;
+pub mod weights;

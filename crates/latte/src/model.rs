@@ -1,0 +1,393 @@
+//! `LatteTransformer3DModel` (diffusers `models/transformers/latte_transformer_3d.py`,
+//! diffusers 0.42.1) exposed as a chain for `remat`: a **head** (patch and position
+//! embedding, adaLN-single timestep embedding, caption projection), **stages** (spatial
+//! block i, then temporal block i, for every layer), and a **tail** (final modulation,
+//! norm, projection, unpatchify). The model never sees a checkpoint policy.
+
+use crate::config::LatteConfig;
+use crate::nn::block::{BlockSpec, TransformerBlock};
+use crate::nn::embeddings::{
+    temporal_positions, AdaLayerNormSingle, CaptionProjection, PatchEmbed,
+};
+use crate::nn::linear::Linear;
+use crate::nn::norm::{layer_norm, modulate};
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use remat::chain::{ChainModel, StageContext};
+
+/// Epsilon of the output norm, fixed in diffusers whatever `norm_eps` says.
+const OUTPUT_NORM_EPS: f64 = 1e-6;
+
+/// The Latte transformer with its weights.
+#[derive(Debug, Clone)]
+pub struct Latte {
+    config: LatteConfig,
+    pos_embed: PatchEmbed,
+    adaln_single: AdaLayerNormSingle,
+    caption_projection: CaptionProjection,
+    transformer_blocks: Vec<TransformerBlock>,
+    temporal_transformer_blocks: Vec<TransformerBlock>,
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+}
+
+/// The model's three inputs.
+#[derive(Debug, Clone)]
+pub struct LatteInputs {
+    /// Noisy latents `(b, c, f, h, w)`.
+    pub hidden_states: Tensor,
+    /// Diffusion timesteps `(b,)`, integer or float.
+    pub timestep: Tensor,
+    /// Text-encoder embeddings `(b, l, caption_channels)`.
+    pub encoder_hidden_states: Tensor,
+}
+
+impl LatteInputs {
+    /// The inputs in the order [`LatteChain`] takes them.
+    pub fn to_vec(&self) -> Vec<Tensor> {
+        vec![
+            self.hidden_states.clone(),
+            self.timestep.clone(),
+            self.encoder_hidden_states.clone(),
+        ]
+    }
+}
+
+impl Latte {
+    /// Builds the model from `vb`: mmapped weights for inference, or a `VarMap`-backed
+    /// builder (fresh or loaded values) for training. Keys follow diffusers exactly.
+    pub fn new(config: &LatteConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = config.hidden_size();
+        let block = |cross_attention| BlockSpec {
+            num_heads: config.num_heads,
+            head_dim: config.head_dim,
+            attention_bias: config.attention_bias,
+            norm_eps: config.norm_eps,
+            cross_attention,
+        };
+        let blocks = |name: &str, cross_attention| -> Result<Vec<TransformerBlock>> {
+            (0..config.num_layers)
+                .map(|i| TransformerBlock::new(block(cross_attention), vb.pp(name).pp(i)))
+                .collect()
+        };
+        let patch_out = config.patch_size * config.patch_size * config.out_channels;
+        Ok(Self {
+            config: config.clone(),
+            pos_embed: PatchEmbed::new(
+                config.in_channels,
+                dim,
+                config.patch_size,
+                config.base_grid_size(),
+                config.interpolation_scale(),
+                vb.pp("pos_embed"),
+            )?,
+            adaln_single: AdaLayerNormSingle::new(dim, vb.pp("adaln_single"))?,
+            caption_projection: CaptionProjection::new(
+                config.caption_channels,
+                dim,
+                vb.pp("caption_projection"),
+            )?,
+            transformer_blocks: blocks("transformer_blocks", true)?,
+            temporal_transformer_blocks: blocks("temporal_transformer_blocks", false)?,
+            scale_shift_table: vb.get_with_hints(
+                (2, dim),
+                "scale_shift_table",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0 / (dim as f64).sqrt(),
+                },
+            )?,
+            proj_out: Linear::new(dim, patch_out, true, vb.pp("proj_out"))?,
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &LatteConfig {
+        &self.config
+    }
+
+    /// The model as a chain of stages; `temporal = false` is diffusers'
+    /// `enable_temporal_attentions=False` (spatial blocks only).
+    pub fn chain(&self, temporal: bool) -> LatteChain<'_> {
+        LatteChain {
+            model: self,
+            temporal,
+        }
+    }
+
+    /// Plain forward pass (no checkpointing): `(b, out_channels, f, h, w)`.
+    pub fn forward(&self, inputs: &LatteInputs, temporal: bool) -> Result<Tensor> {
+        let chain = self.chain(temporal);
+        let (mut x, ctx) = chain.head(&inputs.to_vec())?;
+        for stage in 0..chain.num_stages() {
+            x = chain.stage_forward(stage, &x, &ctx)?;
+        }
+        chain.tail(&x, &ctx)
+    }
+
+    /// Checks the inputs' shapes against the model and each other; the error names the
+    /// offending tensor, its shape and what was expected.
+    pub fn check_inputs(&self, inputs: &LatteInputs, temporal: bool) -> Result<()> {
+        let cfg = &self.config;
+        let dims = inputs.hidden_states.dims();
+        let fail = |msg: String| Err(candle_core::Error::Msg(msg));
+        let [b, c, f, h, w] = dims else {
+            return fail(format!(
+                "hidden_states must be (batch, channels, frames, height, width), got shape {dims:?}"
+            ));
+        };
+        let (b, c, f, h, w) = (*b, *c, *f, *h, *w);
+        if c != cfg.in_channels {
+            return fail(format!(
+                "hidden_states has {c} channels, the model expects in_channels = {}",
+                cfg.in_channels
+            ));
+        }
+        if b == 0 || f == 0 || h == 0 || w == 0 {
+            return fail(format!(
+                "hidden_states has an empty dimension: shape {dims:?}"
+            ));
+        }
+        let p = cfg.patch_size;
+        if h % p != 0 || w % p != 0 {
+            return fail(format!(
+                "hidden_states height {h} and width {w} must be divisible by patch_size = {p}"
+            ));
+        }
+        if temporal && f > 1 && f != cfg.video_length {
+            return fail(format!(
+                "hidden_states has {f} frames but the temporal position embedding covers \
+                 video_length = {} frames; use {} frames, a single frame, or disable temporal \
+                 attention",
+                cfg.video_length, cfg.video_length
+            ));
+        }
+        if inputs.timestep.dims() != [b] {
+            return fail(format!(
+                "timestep must have shape [{b}] (one per video), got {:?}",
+                inputs.timestep.dims()
+            ));
+        }
+        let caption_dims = inputs.encoder_hidden_states.dims();
+        match caption_dims {
+            [cb, l, cc] if *cb == b && *l > 0 && *cc == cfg.caption_channels => Ok(()),
+            _ => fail(format!(
+                "encoder_hidden_states must be ({b}, tokens, {}), got shape {caption_dims:?}",
+                cfg.caption_channels
+            )),
+        }
+    }
+}
+
+/// Tensors every stage reads, computed once by the head.
+#[derive(Debug, Clone)]
+pub struct LatteContext {
+    /// adaLN-single modulation per frame image, `(b·f, 6·d)`.
+    timestep_spatial: Tensor,
+    /// adaLN-single modulation per token position, `(b·n, 6·d)`.
+    timestep_temporal: Tensor,
+    /// Projected captions per frame image, `(b·f, l, d)`.
+    captions: Tensor,
+    /// The embedded timestep per frame image for the output modulation, `(b·f, d)`.
+    embedded_timestep: Tensor,
+    geometry: Geometry,
+}
+
+/// Sizes of the token grid, fixed by the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    batch: usize,
+    frames: usize,
+    grid_h: usize,
+    grid_w: usize,
+}
+
+impl Geometry {
+    fn tokens(&self) -> usize {
+        self.grid_h * self.grid_w
+    }
+}
+
+impl StageContext for LatteContext {
+    fn tensors(&self) -> Vec<Tensor> {
+        vec![
+            self.timestep_spatial.clone(),
+            self.timestep_temporal.clone(),
+            self.captions.clone(),
+            self.embedded_timestep.clone(),
+        ]
+    }
+
+    fn with_tensors(&self, tensors: Vec<Tensor>) -> Result<Self> {
+        let [timestep_spatial, timestep_temporal, captions, embedded_timestep]: [Tensor; 4] =
+            tensors
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("LatteContext holds 4 tensors".into()))?;
+        Ok(Self {
+            timestep_spatial,
+            timestep_temporal,
+            captions,
+            embedded_timestep,
+            geometry: self.geometry,
+        })
+    }
+}
+
+/// The model viewed as `head → stages → tail` for the remat executor.
+#[derive(Debug, Clone, Copy)]
+pub struct LatteChain<'a> {
+    model: &'a Latte,
+    temporal: bool,
+}
+
+/// `(n, …)` → each row repeated `times` times consecutively (`repeat_interleave(dim=0)`).
+fn repeat_rows(x: &Tensor, times: usize) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let expanded: Vec<usize> = [dims[0], times]
+        .into_iter()
+        .chain(dims[1..].iter().copied())
+        .collect();
+    dims[0] *= times;
+    x.unsqueeze(1)?
+        .broadcast_as(expanded)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+/// `(batch·a, b, d) → (batch·b, a, d)`: swaps the sequence axis with the per-video row
+/// axis, moving between frame-major `(b·f, n, d)` and token-major `(b·n, f, d)` layouts.
+fn swap_sequence_axes(x: &Tensor, batch: usize) -> Result<Tensor> {
+    let (rows, len, d) = x.dims3()?;
+    let per_batch = rows / batch;
+    // (batch·per_batch, len, d) → (batch, per_batch, len, d) → (batch, len, per_batch, d)
+    x.reshape((batch, per_batch, len, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((batch * len, per_batch, d))
+}
+
+impl LatteChain<'_> {
+    fn is_temporal_stage(&self, index: usize) -> bool {
+        self.temporal && index % 2 == 1
+    }
+
+    fn layer_of(&self, index: usize) -> usize {
+        if self.temporal {
+            index / 2
+        } else {
+            index
+        }
+    }
+}
+
+impl ChainModel for LatteChain<'_> {
+    type Context = LatteContext;
+
+    /// Inputs `[hidden_states, timestep, encoder_hidden_states]` → frame tokens
+    /// `(b·f, n, d)` and the shared context.
+    fn head(&self, inputs: &[Tensor]) -> Result<(Tensor, LatteContext)> {
+        let [hidden_states, timestep, captions] = inputs else {
+            candle_core::bail!("Latte takes [hidden_states, timestep, encoder_hidden_states]");
+        };
+        let model = self.model;
+        let dtype = hidden_states.dtype();
+        let (b, c, f, h, w) = hidden_states.dims5()?;
+        let p = model.config.patch_size;
+        let geometry = Geometry {
+            batch: b,
+            frames: f,
+            grid_h: h / p,
+            grid_w: w / p,
+        };
+        // (b, c, f, h, w) → (b, f, c, h, w) → (b·f, c, h, w)
+        let frames = hidden_states
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((b * f, c, h, w))?;
+        let tokens = model.pos_embed.forward(&frames)?;
+        let (modulation, embedded) = model.adaln_single.forward(timestep, dtype)?;
+        let captions = model.caption_projection.forward(captions)?;
+        let context = LatteContext {
+            timestep_spatial: repeat_rows(&modulation, f)?,
+            timestep_temporal: repeat_rows(&modulation, geometry.tokens())?,
+            captions: repeat_rows(&captions, f)?,
+            embedded_timestep: repeat_rows(&embedded, f)?,
+            geometry,
+        };
+        Ok((tokens, context))
+    }
+
+    fn num_stages(&self) -> usize {
+        let layers = self.model.config.num_layers;
+        if self.temporal {
+            2 * layers
+        } else {
+            layers
+        }
+    }
+
+    /// Spatial stages attend within each frame over `(b·f, n, d)`; temporal stages move to
+    /// `(b·n, f, d)`, attend across frames, and move back.
+    fn stage_forward(&self, index: usize, x: &Tensor, ctx: &LatteContext) -> Result<Tensor> {
+        let layer = self.layer_of(index);
+        let geometry = ctx.geometry;
+        if !self.is_temporal_stage(index) {
+            let _span = tracing::trace_span!("spatial_block", layer).entered();
+            return self.model.transformer_blocks[layer].forward(
+                x,
+                &ctx.timestep_spatial,
+                Some(&ctx.captions),
+            );
+        }
+        let _span = tracing::trace_span!("temporal_block", layer).entered();
+        // (b·f, n, d) → (b·n, f, d)
+        let mut sequences = swap_sequence_axes(x, geometry.batch)?;
+        if layer == 0 && geometry.frames > 1 {
+            let d = self.model.config.hidden_size();
+            let positions = temporal_positions(d, geometry.frames, x.dtype(), x.device())?;
+            sequences = sequences.broadcast_add(&positions)?;
+        }
+        let out = self.model.temporal_transformer_blocks[layer].forward(
+            &sequences,
+            &ctx.timestep_temporal,
+            None,
+        )?;
+        // (b·n, f, d) → (b·f, n, d)
+        swap_sequence_axes(&out, geometry.batch)
+    }
+
+    /// Tokens `(b·f, n, d)` → `(b, out_channels, f, h, w)`.
+    fn tail(&self, x: &Tensor, ctx: &LatteContext) -> Result<Tensor> {
+        let model = self.model;
+        let cfg = &model.config;
+        let Geometry {
+            batch,
+            frames,
+            grid_h,
+            grid_w,
+        } = ctx.geometry;
+        let (rows, _, d) = x.dims3()?;
+        // (2, d) + (b·f, 1, d) → shift, scale: (b·f, 1, d)
+        let modulation = ctx
+            .embedded_timestep
+            .reshape((rows, 1, d))?
+            .broadcast_add(&model.scale_shift_table.unsqueeze(0)?)?;
+        let (shift, scale) = (modulation.narrow(1, 0, 1)?, modulation.narrow(1, 1, 1)?);
+        let x = modulate(&layer_norm(x, OUTPUT_NORM_EPS)?, &shift, &scale)?;
+        let patches = model.proj_out.forward(&x)?;
+        let (p, c) = (cfg.patch_size, cfg.out_channels);
+        // (b·f, gh·gw, p·p·c) → (b, f, gh, gw, p, p, c) → (b, c, f, gh, p, gw, p)
+        patches
+            .reshape(vec![batch, frames, grid_h, grid_w, p, p, c])?
+            .permute(vec![0, 6, 1, 2, 4, 3, 5])?
+            .reshape((batch, c, frames, grid_h * p, grid_w * p))
+    }
+
+    fn stage_name(&self, index: usize) -> String {
+        let kind = if self.is_temporal_stage(index) {
+            "temporal"
+        } else {
+            "spatial"
+        };
+        format!("{kind}.{}", self.layer_of(index))
+    }
+}

@@ -1,0 +1,84 @@
+//! Multi-head scaled dot-product attention (diffusers `Attention` with `AttnProcessor2_0`):
+//! `softmax(q·kᵀ/√d)·v` per head, q/k/v and output projections with bias.
+//!
+//! Written with differentiable primitives: candle's fused `sdpa` and `softmax_last_dim`
+//! record no backward.
+
+use super::linear::Linear;
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// Keys `to_q`, `to_k`, `to_v`, `to_out.0`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Attention over `dim`-wide queries; keys and values come from `context_dim`-wide
+    /// tokens (`dim` for self-attention). `bias` applies to q/k/v; the output projection
+    /// always has one.
+    pub fn new(
+        dim: usize,
+        context_dim: usize,
+        num_heads: usize,
+        head_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = num_heads * head_dim;
+        Ok(Self {
+            to_q: Linear::new(dim, inner, bias, vb.pp("to_q"))?,
+            to_k: Linear::new(context_dim, inner, bias, vb.pp("to_k"))?,
+            to_v: Linear::new(context_dim, inner, bias, vb.pp("to_v"))?,
+            to_out: Linear::new(inner, dim, true, vb.pp("to_out.0"))?,
+            num_heads,
+            head_dim,
+        })
+    }
+
+    /// `x`: `(b, s, dim)`; `context`: `(b, l, context_dim)` for cross-attention, `None`
+    /// for self-attention. Returns `(b, s, dim)`.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = self.split_heads(&(self.to_q.forward(x)? * scale)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        // (b, h, s, d)·(b, h, d, l) → (b, h, s, l)
+        let scores = q.matmul(&k.t()?)?;
+        let weights = softmax(&scores)?;
+        // (b, h, s, l)·(b, h, l, d) → (b, h, s, d)
+        let heads = weights.matmul(&v)?;
+        self.to_out.forward(&self.merge_heads(&heads)?)
+    }
+
+    /// `(b, s, h·d) → (b, h, s, d)`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        x.reshape((b, s, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `(b, h, s, d) → (b, s, h·d)`.
+    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, s, d) = x.dims4()?;
+        x.transpose(1, 2)?.reshape((b, s, h * d))
+    }
+}
+
+/// Softmax over the last dimension, in f32 for half-precision scores.
+fn softmax(scores: &Tensor) -> Result<Tensor> {
+    let dtype = scores.dtype();
+    let scores = scores.to_dtype(DType::F32)?;
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let exp = scores.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    exp.broadcast_div(&sum)?.to_dtype(dtype)
+}

@@ -1,0 +1,8 @@
+//! Building blocks of the Latte transformer, each differentiable end to end.
+
+pub mod attention;
+pub mod block;
+pub mod embeddings;
+pub mod feed_forward;
+pub mod linear;
+pub mod norm;

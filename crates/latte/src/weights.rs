@@ -1,0 +1,388 @@
+//! Weights in diffusers' layout: a model directory holding `config.json` and either one
+//! `diffusion_pytorch_model.safetensors` or shards listed by
+//! `diffusion_pytorch_model.safetensors.index.json`, in any stored float dtype.
+//!
+//! Before any tensor is read, the files' headers are checked against the parameters the
+//! model declares ([`parameter_specs`]); every missing, unexpected or mis-shaped tensor
+//! is reported in one error. The only `unsafe` memory map of the crate lives here.
+
+use crate::config::{ConfigError, LatteConfig, LatteConfigFile};
+use crate::model::Latte;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder, VarMap};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// File name of single-file weights.
+pub const WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
+/// File name of the shard index of sharded weights.
+pub const WEIGHTS_INDEX_FILE: &str = "diffusion_pytorch_model.safetensors.index.json";
+/// File name of the configuration.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Errors raised while reading or writing weights.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// The configuration is unreadable or unsupported.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The directory holds no weights file.
+    #[error("no weights in {dir}: expected {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")]
+    NoWeights { dir: String },
+    /// A weights or index file is malformed or truncated.
+    #[error("malformed weights file {path}: {message}")]
+    Malformed { path: String, message: String },
+    /// The stored tensors do not match the model the config describes.
+    #[error("weights in {dir} do not match config.json:\n{details}")]
+    Mismatch { dir: String, details: String },
+    /// A stored tensor is not a floating-point tensor.
+    #[error("tensor `{name}` in {path} has dtype {dtype}; expected a float dtype")]
+    NotFloat {
+        name: String,
+        path: String,
+        dtype: String,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A parameter the model declares: its diffusers name and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl ParamSpec {
+    /// Number of scalars.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Every parameter of a model with `config`, in construction order, obtained by building
+/// the model against a backend that records requests and allocates nothing.
+pub fn parameter_specs(config: &LatteConfig) -> candle_core::Result<Vec<ParamSpec>> {
+    let recorder = std::sync::Arc::new(SpecRecorder::default());
+    let vb = VarBuilder::from_backend(
+        Box::new(SharedRecorder(recorder.clone())),
+        DType::F32,
+        Device::Cpu,
+    );
+    Latte::new(config, vb)?;
+    let specs = recorder
+        .specs
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("parameter recorder poisoned".into()))?
+        .clone();
+    Ok(specs)
+}
+
+#[derive(Default)]
+struct SpecRecorder {
+    specs: Mutex<Vec<ParamSpec>>,
+}
+
+struct SharedRecorder(std::sync::Arc<SpecRecorder>);
+
+impl SimpleBackend for SharedRecorder {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Ok(mut specs) = self.0.specs.lock() {
+            specs.push(ParamSpec {
+                name: name.to_string(),
+                shape: shape.dims().to_vec(),
+            });
+        }
+        // A zero-stride view: the model is built without allocating its weights.
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("parameter {name} requested without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// A diffusers model directory, opened and checked.
+pub struct ModelDir {
+    path: PathBuf,
+    config_file: LatteConfigFile,
+    config: LatteConfig,
+    weight_files: Vec<PathBuf>,
+    sharded: bool,
+    tensors: MmapedSafetensors,
+}
+
+impl std::fmt::Debug for ModelDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelDir")
+            .field("path", &self.path)
+            .field("weight_files", &self.weight_files)
+            .finish()
+    }
+}
+
+impl ModelDir {
+    /// Opens `dir`: parses and validates `config.json`, maps the weights and checks every
+    /// stored name and shape against the model the config describes.
+    pub fn open(dir: &Path) -> Result<Self, WeightsError> {
+        let config_file = LatteConfigFile::from_file(&dir.join(CONFIG_FILE))?;
+        let config = config_file.resolve()?;
+        let (weight_files, sharded) = weight_files(dir)?;
+        let tensors = map_files(&weight_files)?;
+        let opened = Self {
+            path: dir.to_path_buf(),
+            config_file,
+            config,
+            weight_files,
+            sharded,
+            tensors,
+        };
+        opened.check_tensors()?;
+        Ok(opened)
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &LatteConfig {
+        &self.config
+    }
+
+    /// The configuration as stored, with its metadata keys.
+    pub fn config_file(&self) -> &LatteConfigFile {
+        &self.config_file
+    }
+
+    /// Whether the weights are sharded.
+    pub fn is_sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// Bytes and tensor count per stored dtype.
+    pub fn stored_dtypes(&self) -> BTreeMap<String, (usize, usize)> {
+        let mut by_dtype = BTreeMap::new();
+        for (_, view) in self.tensors.tensors() {
+            let entry = by_dtype
+                .entry(format!("{:?}", view.dtype()))
+                .or_insert((0, 0));
+            entry.0 += view.data().len();
+            entry.1 += 1;
+        }
+        by_dtype
+    }
+
+    fn check_tensors(&self) -> Result<(), WeightsError> {
+        let expected = parameter_specs(&self.config)?;
+        let mut stored: HashMap<String, Vec<usize>> = HashMap::new();
+        for (name, view) in self.tensors.tensors() {
+            if !matches!(
+                view.dtype(),
+                safetensors::Dtype::F16
+                    | safetensors::Dtype::BF16
+                    | safetensors::Dtype::F32
+                    | safetensors::Dtype::F64
+            ) {
+                return Err(WeightsError::NotFloat {
+                    path: self.path.display().to_string(),
+                    dtype: format!("{:?}", view.dtype()),
+                    name,
+                });
+            }
+            stored.insert(name, view.shape().to_vec());
+        }
+        let details = mismatch_report(&expected, &stored);
+        if details.is_empty() {
+            Ok(())
+        } else {
+            Err(WeightsError::Mismatch {
+                dir: self.path.display().to_string(),
+                details,
+            })
+        }
+    }
+
+    /// The model with frozen weights (plain tensors: no parameter gradients), converted to
+    /// `dtype` on `device`.
+    pub fn load_frozen(&self, dtype: DType, device: &Device) -> Result<Latte, WeightsError> {
+        let mut tensors = HashMap::new();
+        for spec in parameter_specs(&self.config)? {
+            let t = self.tensors.load(&spec.name, device)?.to_dtype(dtype)?;
+            tensors.insert(spec.name, t);
+        }
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        Ok(Latte::new(&self.config, vb)?)
+    }
+
+    /// The model with trainable weights: every parameter a [`Var`] in the returned map.
+    pub fn load_trainable(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Latte, VarMap), WeightsError> {
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("parameter map poisoned".into()))?;
+            for spec in parameter_specs(&self.config)? {
+                let t = self.tensors.load(&spec.name, device)?.to_dtype(dtype)?;
+                data.insert(spec.name, Var::from_tensor(&t)?);
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let model = Latte::new(&self.config, vb)?;
+        Ok((model, varmap))
+    }
+}
+
+/// A fresh trainable model (PyTorch-style initialisation) and its parameters.
+pub fn fresh_trainable(
+    config: &LatteConfig,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Latte, VarMap)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+    let model = Latte::new(config, vb)?;
+    Ok((model, varmap))
+}
+
+/// Lists missing, unexpected and mis-shaped tensors, one per line; empty when all match.
+fn mismatch_report(expected: &[ParamSpec], stored: &HashMap<String, Vec<usize>>) -> String {
+    let mut report = String::new();
+    let expected_names: HashMap<&str, &ParamSpec> =
+        expected.iter().map(|s| (s.name.as_str(), s)).collect();
+    for spec in expected {
+        match stored.get(&spec.name) {
+            None => {
+                let _ = writeln!(report, "  missing:     {} {:?}", spec.name, spec.shape);
+            }
+            Some(shape) if *shape != spec.shape => {
+                let _ = writeln!(
+                    report,
+                    "  mis-shaped:  {} expected {:?}, found {:?}",
+                    spec.name, spec.shape, shape
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    let mut unexpected: Vec<_> = stored
+        .iter()
+        .filter(|(name, _)| !expected_names.contains_key(name.as_str()))
+        .collect();
+    unexpected.sort();
+    for (name, shape) in unexpected {
+        let _ = writeln!(report, "  unexpected:  {name} {shape:?}");
+    }
+    report
+}
+
+/// The weight files of `dir` and whether they are shards.
+fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, bool), WeightsError> {
+    let single = dir.join(WEIGHTS_FILE);
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|source| WeightsError::Io {
+            path: index.display().to_string(),
+            source,
+        })?;
+        let malformed = |message: String| WeightsError::Malformed {
+            path: index.display().to_string(),
+            message,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| malformed("no `weight_map` object".into()))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| malformed(format!("`weight_map.{name}` is not a file name")))?;
+            let path = dir.join(file);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        Ok((files, true))
+    } else if single.exists() {
+        Ok((vec![single], false))
+    } else {
+        Err(WeightsError::NoWeights {
+            dir: dir.display().to_string(),
+        })
+    }
+}
+
+/// Maps the files, each checked on its own so that an error names the broken one.
+fn map_files(files: &[PathBuf]) -> Result<MmapedSafetensors, WeightsError> {
+    for file in files {
+        // SAFETY: the file is mapped read-only; latte-rs never writes a weights file it
+        // has mapped (saves go to a temporary file that is renamed over the target).
+        unsafe { MmapedSafetensors::new(file) }.map_err(|e| WeightsError::Malformed {
+            path: file.display().to_string(),
+            message: e.to_string(),
+        })?;
+    }
+    // SAFETY: as above.
+    unsafe { MmapedSafetensors::multi(files) }.map_err(|e| WeightsError::Malformed {
+        path: files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        message: e.to_string(),
+    })
+}
+
+/// Writes a model directory in diffusers' layout: `config.json` and single-file weights
+/// in `dtype`. Each file is written to a temporary name and renamed, so a failure never
+/// leaves a half-written file.
+pub fn save_model_dir(
+    dir: &Path,
+    config: &LatteConfigFile,
+    params: &[(String, Tensor)],
+    dtype: DType,
+) -> Result<(), WeightsError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| WeightsError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tensors = HashMap::new();
+    for (name, t) in params {
+        tensors.insert(name.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?);
+    }
+    crate::io::save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
+    let json = serde_json::to_string_pretty(config).map_err(|e| WeightsError::Malformed {
+        path: dir.join(CONFIG_FILE).display().to_string(),
+        message: e.to_string(),
+    })?;
+    crate::io::write_atomically(&dir.join(CONFIG_FILE), json.as_bytes()).map_err(io(dir))?;
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! What `remat` runs: a model seen as `head → stage₀ → … → stageₙ₋₁ → tail`, where the
+//! head also produces a **context** (tensors every stage reads, such as timestep
+//! modulation or text embeddings). The executor decides per stage what to keep; the
+//! model only says how to compute.
+
+use candle_core::{Result, Tensor};
+
+/// The tensors shared by all stages, which the executor may swap for tracked leaves so
+/// that their gradients accumulate across stages.
+pub trait StageContext: Sized {
+    /// The context's tensors, in a fixed order.
+    fn tensors(&self) -> Vec<Tensor>;
+
+    /// The same context with its tensors replaced (same order and shapes).
+    fn with_tensors(&self, tensors: Vec<Tensor>) -> Result<Self>;
+}
+
+/// A model as a chain of stages. Implementations must be deterministic: running a stage
+/// twice on the same input gives the same bits (recomputation relies on it).
+pub trait ChainModel {
+    /// What the head computes once for all stages.
+    type Context: StageContext;
+
+    /// Model inputs → the first stage's input and the shared context.
+    fn head(&self, inputs: &[Tensor]) -> Result<(Tensor, Self::Context)>;
+
+    /// Number of stages between head and tail.
+    fn num_stages(&self) -> usize;
+
+    /// Runs stage `index` on its input.
+    fn stage_forward(&self, index: usize, x: &Tensor, ctx: &Self::Context) -> Result<Tensor>;
+
+    /// The last stage's output → the model output.
+    fn tail(&self, x: &Tensor, ctx: &Self::Context) -> Result<Tensor>;
+
+    /// A short name for reports (`spatial.3`).
+    fn stage_name(&self, index: usize) -> String {
+        format!("stage.{index}")
+    }
+}

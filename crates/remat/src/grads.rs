@@ -1,0 +1,402 @@
+//! The executor: runs a [`ChainModel`] forward and backward under a [`Schedule`].
+//!
+//! Every stage is differentiated on its own: its input becomes a leaf variable, its output
+//! receives the upstream gradient `g` through [`inject`] (the backward of `⟨out, g⟩`), and
+//! candle's backward yields the gradients of the stage input, of the stage's parameters
+//! and of the context leaves. The same per-stage arithmetic runs whatever the schedule,
+//! so gradients are bitwise identical across policies; only *when* a stage's graph is
+//! built (kept from the forward pass, or recomputed from a kept input) changes.
+//!
+//! This is the only module that calls `backward`.
+
+use crate::chain::{ChainModel, StageContext};
+use crate::meter::{PhaseSink, PhaseSinkExt};
+use crate::schedule::{Op, Schedule};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
+use std::collections::BTreeMap;
+
+/// Gradients produced by [`Tape::backward`].
+#[derive(Debug)]
+pub struct Gradients {
+    /// Gradient of each model input that was requested (`None` otherwise).
+    pub inputs: Vec<Option<Tensor>>,
+    /// Gradients of the model's parameters that are candle [`Var`]s, looked up by the
+    /// parameter (`params.get(var.as_tensor())`).
+    pub params: GradStore,
+}
+
+/// A stage whose autograd graph is alive: its leaf input and its output.
+struct StageGraph {
+    input: Var,
+    output: Tensor,
+}
+
+/// What the forward pass left for the backward pass.
+pub struct Tape<'a, M: ChainModel> {
+    model: &'a M,
+    ops: Vec<Op>,
+    /// Index of the first backward-phase op in `ops`.
+    next_op: usize,
+    inputs: Vec<Tensor>,
+    wants_input_grad: Vec<bool>,
+    head_tokens: Tensor,
+    head_context: Vec<Tensor>,
+    /// The context the stages read: leaves for the tensors that need gradients.
+    context: M::Context,
+    context_leaves: Vec<Option<Var>>,
+    acts: BTreeMap<usize, Tensor>,
+    graphs: BTreeMap<usize, StageGraph>,
+    tail: StageGraph,
+}
+
+/// Runs the forward pass of `model` under `schedule`: the ops before the first backward.
+///
+/// `wants_input_grad[j]` makes input `j` a leaf whose gradient [`Tape::backward`] returns.
+/// Parameters get gradients when the model holds them as [`Var`]s.
+pub fn forward<'a, M: ChainModel>(
+    model: &'a M,
+    inputs: &[Tensor],
+    wants_input_grad: &[bool],
+    schedule: &Schedule,
+    phases: &mut dyn PhaseSink,
+) -> Result<Tape<'a, M>> {
+    let n = model.num_stages();
+    if let Some(op) = schedule.ops().iter().find(|op| op.stage() >= n) {
+        candle_core::bail!("schedule error: {op} names a stage beyond the model's {n} stages");
+    }
+    if wants_input_grad.len() != inputs.len() {
+        candle_core::bail!(
+            "{} inputs but {} gradient flags",
+            inputs.len(),
+            wants_input_grad.len()
+        );
+    }
+    phases.phase("head");
+    let inputs = inputs
+        .iter()
+        .zip(wants_input_grad)
+        .map(|(x, &wanted)| leaf_if(x, wanted))
+        .collect::<Result<Vec<_>>>()?;
+    let (head_tokens, context) = model.head(&inputs)?;
+    let head_context = context.tensors();
+    let context_leaves = head_context
+        .iter()
+        .map(|t| {
+            if t.track_op() {
+                Var::from_tensor(&t.detach()).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let leaf_tensors = head_context
+        .iter()
+        .zip(&context_leaves)
+        .map(|(t, leaf)| {
+            leaf.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
+        .collect();
+    let context = context.with_tensors(leaf_tensors)?;
+
+    let mut acts = BTreeMap::new();
+    acts.insert(0, head_tokens.detach());
+    let ops: Vec<Op> = schedule.ops().to_vec();
+    let first_backward = ops
+        .iter()
+        .position(|op| matches!(op, Op::Backward(_)))
+        .unwrap_or(ops.len());
+    let mut tape_state = Executor {
+        model,
+        context: &context,
+        acts,
+        graphs: BTreeMap::new(),
+    };
+    phases.phase("forward");
+    for op in &ops[..first_backward] {
+        tape_state.run_forward_op(*op)?;
+    }
+    phases.phase("tail");
+    let tail_input = leaf_var(&tape_state.activation(n)?)?;
+    let tail_output = model.tail(tail_input.as_tensor(), &context)?;
+    let Executor { acts, graphs, .. } = tape_state;
+    Ok(Tape {
+        model,
+        ops,
+        next_op: first_backward,
+        inputs,
+        wants_input_grad: wants_input_grad.to_vec(),
+        head_tokens,
+        head_context,
+        context,
+        context_leaves,
+        acts,
+        graphs,
+        tail: StageGraph {
+            input: tail_input,
+            output: tail_output,
+        },
+    })
+}
+
+/// The mutable state the schedule's ops act on.
+struct Executor<'a, 'c, M: ChainModel> {
+    model: &'a M,
+    context: &'c M::Context,
+    acts: BTreeMap<usize, Tensor>,
+    graphs: BTreeMap<usize, StageGraph>,
+}
+
+impl<M: ChainModel> Executor<'_, '_, M> {
+    /// Activation `a_i`: kept as a checkpoint, or the output of stage `i-1`'s live graph.
+    fn activation(&self, i: usize) -> Result<Tensor> {
+        if let Some(a) = self.acts.get(&i) {
+            return Ok(a.clone());
+        }
+        match i.checked_sub(1).and_then(|p| self.graphs.get(&p)) {
+            Some(graph) => Ok(graph.output.detach()),
+            None => candle_core::bail!("schedule error: activation {i} is not available"),
+        }
+    }
+
+    fn run_forward_op(&mut self, op: Op) -> Result<()> {
+        match op {
+            Op::CheckpointForward(i) | Op::Forward(i) => {
+                let x = self.activation(i)?;
+                let y = self.model.stage_forward(i, &x, self.context)?.detach();
+                if matches!(op, Op::Forward(_)) {
+                    self.acts.remove(&i);
+                }
+                self.acts.insert(i + 1, y);
+            }
+            Op::ForwardKeep(i) => {
+                let input = leaf_var(&self.activation(i)?)?;
+                let output = self
+                    .model
+                    .stage_forward(i, input.as_tensor(), self.context)?;
+                self.graphs.insert(i, StageGraph { input, output });
+            }
+            Op::Backward(i) => {
+                candle_core::bail!("schedule error: backward {i} in the forward phase")
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<M: ChainModel> Tape<'_, M> {
+    /// The model output.
+    pub fn output(&self) -> &Tensor {
+        &self.tail.output
+    }
+
+    /// Back-propagates `grad_output` (the gradient of the objective w.r.t. the output),
+    /// running the schedule's remaining ops.
+    pub fn backward(self, grad_output: &Tensor, phases: &mut dyn PhaseSink) -> Result<Gradients> {
+        let Tape {
+            model,
+            ops,
+            next_op,
+            inputs,
+            wants_input_grad,
+            head_tokens,
+            head_context,
+            context,
+            context_leaves,
+            acts,
+            graphs,
+            tail,
+        } = self;
+        let n = model.num_stages();
+        let mut params = GradStore::default();
+        let mut context_grads: Vec<Option<Tensor>> = vec![None; context_leaves.len()];
+
+        phases.phase("backward tail");
+        let mut grad = differentiate(
+            tail,
+            grad_output,
+            &context_leaves,
+            &mut context_grads,
+            &mut params,
+        )?;
+        let mut state = Executor {
+            model,
+            context: &context,
+            acts,
+            graphs,
+        };
+        state.acts.remove(&n);
+        let mut expected = n;
+        for op in &ops[next_op..] {
+            match *op {
+                Op::Backward(i) => {
+                    if i + 1 != expected {
+                        candle_core::bail!(
+                            "schedule error: backward {i} while the gradient is at {expected}"
+                        );
+                    }
+                    phases.phase_with(|| format!("backward {}", model.stage_name(i)));
+                    let graph = state.graphs.remove(&i).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "schedule error: backward {i} without its graph"
+                        ))
+                    })?;
+                    state.acts.remove(&i);
+                    grad = differentiate(
+                        graph,
+                        &grad,
+                        &context_leaves,
+                        &mut context_grads,
+                        &mut params,
+                    )?;
+                    expected = i;
+                }
+                forward_op => {
+                    phases.phase_with(|| {
+                        format!("recompute {}", model.stage_name(forward_op.stage()))
+                    });
+                    state.run_forward_op(forward_op)?;
+                }
+            }
+        }
+        if expected != 0 {
+            candle_core::bail!("schedule error: backward stopped at stage {expected}");
+        }
+        drop(state);
+
+        phases.phase("backward head");
+        let mut pieces = Vec::new();
+        if head_tokens.track_op() {
+            pieces.push((head_tokens, grad));
+        }
+        for (t, g) in head_context.into_iter().zip(context_grads) {
+            if let Some(g) = g {
+                pieces.push((t, g));
+            }
+        }
+        let mut input_grads = vec![None; inputs.len()];
+        if !pieces.is_empty() {
+            let store = inject_all(&pieces)?.backward()?;
+            drop(pieces);
+            for (j, x) in inputs.iter().enumerate() {
+                if wants_input_grad[j] {
+                    input_grads[j] = store.get(x).cloned();
+                }
+            }
+            merge_params(&mut params, store, &inputs)?;
+        }
+        Ok(Gradients {
+            inputs: input_grads,
+            params,
+        })
+    }
+}
+
+/// Back-propagates `grad` through one live graph: returns the gradient of its input,
+/// accumulates context gradients (in stage order, so the sums are reproducible) and moves
+/// parameter gradients into `params`.
+fn differentiate(
+    graph: StageGraph,
+    grad: &Tensor,
+    context_leaves: &[Option<Var>],
+    context_grads: &mut [Option<Tensor>],
+    params: &mut GradStore,
+) -> Result<Tensor> {
+    let StageGraph { input, output } = graph;
+    let mut store = inject(&output, grad)?.backward()?;
+    drop(output);
+    let input_grad = store.remove(input.as_tensor()).ok_or_else(|| {
+        candle_core::Error::Msg("a stage's output does not depend on its input".into())
+    })?;
+    for (leaf, sum) in context_leaves.iter().zip(context_grads.iter_mut()) {
+        let Some(leaf) = leaf else { continue };
+        if let Some(g) = store.remove(leaf.as_tensor()) {
+            *sum = Some(match sum.take() {
+                Some(s) => (s + g)?,
+                None => g,
+            });
+        }
+    }
+    merge_params(params, store, &[])?;
+    Ok(input_grad)
+}
+
+/// Moves every gradient of `store` into `params` (adding where present), except those of
+/// `exclude`.
+fn merge_params(params: &mut GradStore, store: GradStore, exclude: &[Tensor]) -> Result<()> {
+    let excluded: Vec<_> = exclude.iter().map(|t| t.id()).collect();
+    for id in store.get_ids() {
+        if excluded.contains(id) {
+            continue;
+        }
+        let Some(g) = store.get_id(*id) else { continue };
+        let merged = match params.get_id(*id) {
+            Some(existing) => (existing + g)?,
+            None => g.clone(),
+        };
+        params.insert_id(*id, merged);
+    }
+    Ok(())
+}
+
+/// A leaf variable holding `x`'s values (no graph behind it).
+fn leaf_var(x: &Tensor) -> Result<Var> {
+    Var::from_tensor(&x.detach())
+}
+
+/// `x` as a leaf variable when `wanted`, else `x` unchanged.
+fn leaf_if(x: &Tensor, wanted: bool) -> Result<Tensor> {
+    if wanted {
+        Ok(leaf_var(x)?.into_inner())
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// A scalar whose backward hands `grad` to `x`: the backward of `⟨x, grad⟩` without
+/// materialising the product.
+pub fn inject(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if x.shape() != grad.shape() {
+        candle_core::bail!(
+            "gradient of shape {:?} for an output of shape {:?}",
+            grad.dims(),
+            x.dims()
+        );
+    }
+    x.apply_op1(InjectGrad {
+        grad: grad.to_dtype(x.dtype())?,
+    })
+}
+
+/// The sum of [`inject`] over several `(tensor, gradient)` pairs.
+fn inject_all(pieces: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (x, g) in pieces {
+        let scalar = inject(x, g)?;
+        total = Some(match total {
+            Some(t) => (t + scalar)?,
+            None => scalar,
+        });
+    }
+    total.ok_or_else(|| candle_core::Error::Msg("nothing to differentiate".into()))
+}
+
+/// The custom op behind [`inject`]: forward yields a scalar zero, backward yields `grad`.
+struct InjectGrad {
+    grad: Tensor,
+}
+
+impl CustomOp1 for InjectGrad {
+    fn name(&self) -> &'static str {
+        "inject-grad"
+    }
+
+    fn cpu_fwd(&self, _storage: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad.clone()))
+    }
+}
