@@ -1,1 +1,45 @@
-fn main() {}
+//! `latte`: run the Latte video diffusion transformer with gradients, within the memory
+//! you have. One file per subcommand under `cmd/`.
+
+mod cmd;
+mod options;
+
+use clap::{Parser, Subcommand};
+use options::GlobalOptions;
+
+remat::install_counting_allocator!();
+
+/// Latte video diffusion with gradients — fine-tuning and gradient-guided sampling —
+/// under a planned memory budget.
+#[derive(Debug, Parser)]
+#[command(name = "latte", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: GlobalOptions,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Parameter counts per part and weight bytes per dtype of a model.
+    Inspect(cmd::inspect::Args),
+    /// Run the transformer forward (and optionally its vector-Jacobian product).
+    Forward(cmd::forward::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cli.global.init_tracing();
+    let result = match cli.command {
+        Command::Inspect(args) => cmd::inspect::run(args, &cli.global),
+        Command::Forward(args) => cmd::forward::run(args, &cli.global),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

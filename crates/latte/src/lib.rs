@@ -12,5 +12,6 @@ pub mod config;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod random;
 pub mod vjp;
 pub mod weights;

@@ -57,11 +57,12 @@ pub enum WeightsError {
     Candle(#[from] candle_core::Error),
 }
 
-/// A parameter the model declares: its diffusers name and shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parameter the model declares: its diffusers name, shape and fresh initialisation.
+#[derive(Debug, Clone)]
 pub struct ParamSpec {
     pub name: String,
     pub shape: Vec<usize>,
+    pub init: Init,
 }
 
 impl ParamSpec {
@@ -101,7 +102,7 @@ impl SimpleBackend for SharedRecorder {
         &self,
         shape: Shape,
         name: &str,
-        _init: Init,
+        init: Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
@@ -109,6 +110,7 @@ impl SimpleBackend for SharedRecorder {
             specs.push(ParamSpec {
                 name: name.to_string(),
                 shape: shape.dims().to_vec(),
+                init,
             });
         }
         // A zero-stride view: the model is built without allocating its weights.
@@ -256,16 +258,47 @@ impl ModelDir {
     }
 }
 
-/// A fresh trainable model (PyTorch-style initialisation) and its parameters.
+/// A fresh trainable model and its parameters, initialised as PyTorch does from a seeded
+/// generator: each parameter's values depend only on `seed` and its name.
 pub fn fresh_trainable(
     config: &LatteConfig,
+    seed: u64,
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<(Latte, VarMap)> {
     let varmap = VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("parameter map poisoned".into()))?;
+        for spec in parameter_specs(config)? {
+            let values = crate::random::init_values(&spec, seed)?;
+            let t = Tensor::from_vec(values, spec.shape.as_slice(), device)?.to_dtype(dtype)?;
+            data.insert(spec.name, Var::from_tensor(&t)?);
+        }
+    }
     let vb = VarBuilder::from_varmap(&varmap, dtype, device);
     let model = Latte::new(config, vb)?;
     Ok((model, varmap))
+}
+
+/// The same model with frozen weights: plain tensors sharing the variables' storage, so
+/// that no autograd graph is built (inference, or guidance w.r.t. the latents only).
+pub fn frozen(config: &LatteConfig, varmap: &VarMap) -> candle_core::Result<Latte> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("parameter map poisoned".into()))?;
+    let mut tensors = HashMap::new();
+    let mut device_and_dtype = None;
+    for (name, var) in data.iter() {
+        let t = var.as_detached_tensor();
+        device_and_dtype = Some((t.device().clone(), t.dtype()));
+        tensors.insert(name.clone(), t);
+    }
+    let (device, dtype) = device_and_dtype.unwrap_or((Device::Cpu, DType::F32));
+    Latte::new(config, VarBuilder::from_tensors(tensors, dtype, &device))
 }
 
 /// Lists missing, unexpected and mis-shaped tensors, one per line; empty when all match.

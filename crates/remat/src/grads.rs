@@ -27,9 +27,61 @@ pub struct Gradients {
 }
 
 /// A stage whose autograd graph is alive: its leaf input and its output.
-struct StageGraph {
-    input: Var,
-    output: Tensor,
+pub(crate) struct StageGraph {
+    pub(crate) input: Var,
+    pub(crate) output: Tensor,
+}
+
+/// The head's results: the (possibly leaf) inputs, the first activation with the head's
+/// graph behind it, the context as computed and as the stages read it.
+pub(crate) struct Head<C> {
+    pub(crate) inputs: Vec<Tensor>,
+    pub(crate) tokens: Tensor,
+    pub(crate) outputs: Vec<Tensor>,
+    pub(crate) context: C,
+    pub(crate) context_leaves: Vec<Option<Var>>,
+}
+
+/// Runs the head; context tensors that carry a graph get leaf copies for the stages, so
+/// their gradients can be accumulated across stages and handed to the head at the end.
+pub(crate) fn run_head<M: ChainModel>(
+    model: &M,
+    inputs: &[Tensor],
+    wants_input_grad: &[bool],
+) -> Result<Head<M::Context>> {
+    let inputs = inputs
+        .iter()
+        .zip(wants_input_grad)
+        .map(|(x, &wanted)| leaf_if(x, wanted))
+        .collect::<Result<Vec<_>>>()?;
+    let (tokens, context) = model.head(&inputs)?;
+    let outputs = context.tensors();
+    let context_leaves = outputs
+        .iter()
+        .map(|t| {
+            if t.track_op() {
+                leaf_var(t).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let leaf_tensors = outputs
+        .iter()
+        .zip(&context_leaves)
+        .map(|(t, leaf)| {
+            leaf.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
+        .collect();
+    let context = context.with_tensors(leaf_tensors)?;
+    Ok(Head {
+        inputs,
+        tokens,
+        outputs,
+        context,
+        context_leaves,
+    })
 }
 
 /// What the forward pass left for the backward pass.
@@ -73,32 +125,13 @@ pub fn forward<'a, M: ChainModel>(
         );
     }
     phases.phase("head");
-    let inputs = inputs
-        .iter()
-        .zip(wants_input_grad)
-        .map(|(x, &wanted)| leaf_if(x, wanted))
-        .collect::<Result<Vec<_>>>()?;
-    let (head_tokens, context) = model.head(&inputs)?;
-    let head_context = context.tensors();
-    let context_leaves = head_context
-        .iter()
-        .map(|t| {
-            if t.track_op() {
-                Var::from_tensor(&t.detach()).map(Some)
-            } else {
-                Ok(None)
-            }
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let leaf_tensors = head_context
-        .iter()
-        .zip(&context_leaves)
-        .map(|(t, leaf)| {
-            leaf.as_ref()
-                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
-        })
-        .collect();
-    let context = context.with_tensors(leaf_tensors)?;
+    let Head {
+        inputs,
+        tokens: head_tokens,
+        outputs: head_context,
+        context,
+        context_leaves,
+    } = run_head(model, inputs, wants_input_grad)?;
 
     let mut acts = BTreeMap::new();
     acts.insert(0, head_tokens.detach());
@@ -296,7 +329,7 @@ impl<M: ChainModel> Tape<'_, M> {
 /// Back-propagates `grad` through one live graph: returns the gradient of its input,
 /// accumulates context gradients (in stage order, so the sums are reproducible) and moves
 /// parameter gradients into `params`.
-fn differentiate(
+pub(crate) fn differentiate(
     graph: StageGraph,
     grad: &Tensor,
     context_leaves: &[Option<Var>],
@@ -341,7 +374,7 @@ fn merge_params(params: &mut GradStore, store: GradStore, exclude: &[Tensor]) ->
 }
 
 /// A leaf variable holding `x`'s values (no graph behind it).
-fn leaf_var(x: &Tensor) -> Result<Var> {
+pub(crate) fn leaf_var(x: &Tensor) -> Result<Var> {
     Var::from_tensor(&x.detach())
 }
 

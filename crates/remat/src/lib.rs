@@ -14,4 +14,6 @@ pub mod costs;
 pub mod grads;
 pub mod meter;
 pub mod planner;
+pub mod policy;
+pub mod profile;
 pub mod schedule;

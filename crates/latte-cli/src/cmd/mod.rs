@@ -1,0 +1,6 @@
+//! One module per subcommand, each with `Args` and `run`.
+
+pub mod forward;
+pub mod inspect;
+pub mod model_source;
+pub mod plan_support;

@@ -1,0 +1,65 @@
+//! Where a command's model comes from: a diffusers directory, a config file, or a preset.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use latte::config::{InputGeometry, LatteConfig, LatteConfigFile, Preset};
+use latte::weights::ModelDir;
+use std::path::PathBuf;
+
+/// Exactly one of `--model`, `--config`, `--preset`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ModelSource {
+    /// A diffusers model directory (config.json + safetensors weights).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// A diffusers transformer config.json (no weights).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A built-in configuration: latte-1, medium, small, tiny.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+}
+
+/// A model source, read and validated.
+pub struct ResolvedSource {
+    pub config: LatteConfig,
+    /// The opened directory, for `--model`.
+    pub dir: Option<ModelDir>,
+    /// The preset's input geometry, for `--preset`.
+    pub geometry: Option<InputGeometry>,
+    pub description: String,
+}
+
+impl ModelSource {
+    /// Reads the config (and opens the weights for `--model`).
+    pub fn resolve(&self) -> Result<ResolvedSource> {
+        if let Some(dir) = &self.model {
+            let opened = ModelDir::open(dir)
+                .with_context(|| format!("cannot load model directory {}", dir.display()))?;
+            return Ok(ResolvedSource {
+                config: opened.config().clone(),
+                description: format!("model {}", dir.display()),
+                dir: Some(opened),
+                geometry: None,
+            });
+        }
+        if let Some(file) = &self.config {
+            let config = LatteConfigFile::from_file(file)?.resolve()?;
+            return Ok(ResolvedSource {
+                config,
+                dir: None,
+                geometry: None,
+                description: format!("config {}", file.display()),
+            });
+        }
+        let name = self.preset.as_deref().unwrap_or("tiny");
+        let preset = Preset::by_name(name)?;
+        Ok(ResolvedSource {
+            config: preset.config,
+            dir: None,
+            geometry: Some(preset.geometry),
+            description: format!("preset {} — {}", preset.name, preset.description),
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! Measuring a chain's costs — per-stage forward and backward time, input size, stored
+//! graph size and transient peaks — by running each stage once forward with its graph and
+//! once backward, under a [`MemoryMeter`]. The numbers feed the [`planner`](crate::planner).
+
+use crate::chain::ChainModel;
+use crate::costs::{ChainCosts, StageCosts};
+use crate::grads::{self, StageGraph};
+use crate::meter::MemoryMeter;
+use crate::planner::{self, Plan, PlanError};
+use crate::policy::Policy;
+use crate::schedule::Schedule;
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor};
+use std::time::Instant;
+
+/// Bytes held by a tensor's own elements.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+/// Live bytes of every gradient in `store`.
+fn store_bytes(store: &GradStore) -> u64 {
+    store
+        .get_ids()
+        .filter_map(|id| store.get_id(*id))
+        .map(tensor_bytes)
+        .sum()
+}
+
+/// Measures the costs of `model` on `inputs` (gradient flags as for
+/// [`grads::forward`]). `meter` must observe the allocations the model makes (the
+/// counting allocator on CPU). Runs one forward and one backward pass.
+pub fn profile<M: ChainModel>(
+    model: &M,
+    inputs: &[Tensor],
+    wants_input_grad: &[bool],
+    meter: &dyn MemoryMeter,
+) -> Result<ChainCosts> {
+    let start_bytes = meter.live_bytes();
+    let head = grads::run_head(model, inputs, wants_input_grad)?;
+    let head_bytes = meter.live_bytes().saturating_sub(start_bytes);
+
+    let mut x = head.tokens.detach();
+    let mut stages = Vec::with_capacity(model.num_stages());
+    let mut params = GradStore::default();
+    let mut context_grads = vec![None; head.context_leaves.len()];
+    for i in 0..model.num_stages() {
+        let input_bytes = tensor_bytes(&x);
+
+        let before = meter.live_bytes();
+        meter.reset_peak();
+        let started = Instant::now();
+        let input = grads::leaf_var(&x)?;
+        let output = model.stage_forward(i, input.as_tensor(), &head.context)?;
+        let fwd_s = started.elapsed().as_secs_f64();
+        let after = meter.live_bytes();
+        let graph_bytes = after.saturating_sub(before);
+        let fwd_tmp_bytes = meter.peak_bytes().saturating_sub(after);
+
+        let next = output.detach();
+        let grad_output = next.ones_like()?;
+        let params_before = store_bytes(&params);
+        let before = meter.live_bytes();
+        meter.reset_peak();
+        let started = Instant::now();
+        let grad_input = grads::differentiate(
+            StageGraph { input, output },
+            &grad_output,
+            &head.context_leaves,
+            &mut context_grads,
+            &mut params,
+        )?;
+        let bwd_s = started.elapsed().as_secs_f64();
+        let new_param_bytes = store_bytes(&params).saturating_sub(params_before);
+        let bwd_tmp_bytes = meter
+            .peak_bytes()
+            .saturating_sub(before + input_bytes + new_param_bytes);
+        drop(grad_input);
+
+        stages.push(StageCosts {
+            fwd_s,
+            bwd_s,
+            input_bytes,
+            graph_bytes,
+            fwd_tmp_bytes,
+            bwd_tmp_bytes,
+        });
+        x = next;
+    }
+    let output_bytes = tensor_bytes(&x);
+
+    // The tail's graph and its backward transient sit on top of the chain at the turn
+    // from forward to backward.
+    let before = meter.live_bytes();
+    meter.reset_peak();
+    let tail_input = grads::leaf_var(&x)?;
+    let tail_output = model.tail(tail_input.as_tensor(), &head.context)?;
+    let grad_output = tail_output.ones_like()?;
+    grads::differentiate(
+        StageGraph {
+            input: tail_input,
+            output: tail_output,
+        },
+        &grad_output,
+        &head.context_leaves,
+        &mut context_grads,
+        &mut params,
+    )?;
+    let tail_bytes = meter.peak_bytes().saturating_sub(before);
+    let context_grad_bytes: u64 = context_grads.iter().flatten().map(tensor_bytes).sum();
+    let reserved_bytes = head_bytes + store_bytes(&params) + context_grad_bytes + tail_bytes;
+    Ok(ChainCosts::new(stages, output_bytes, reserved_bytes))
+}
+
+/// A schedule chosen for a policy, with the prediction when costs were measured.
+#[derive(Debug, Clone)]
+pub struct ResolvedPlan {
+    /// The ops to run.
+    pub schedule: Schedule,
+    /// The planner's predicted peak (reserved bytes included), when costs were measured.
+    pub predicted_peak_bytes: Option<u64>,
+    /// The measured costs, when the policy needed them.
+    pub costs: Option<ChainCosts>,
+}
+
+/// Turns a policy into a schedule for `model`: fixed policies directly, `budget:` by
+/// profiling the model on `inputs` and planning.
+pub fn resolve_policy<M: ChainModel>(
+    policy: &Policy,
+    model: &M,
+    inputs: &[Tensor],
+    wants_input_grad: &[bool],
+    meter: &dyn MemoryMeter,
+) -> std::result::Result<ResolvedPlan, ResolveError> {
+    let n = model.num_stages();
+    let fixed = match *policy {
+        Policy::None => Some(Schedule::store_all(n)),
+        Policy::Every(k) => Some(Schedule::every(n, k)),
+        Policy::Sqrt => Some(Schedule::sqrt(n)),
+        Policy::Budget(_) => None,
+    };
+    if let Some(schedule) = fixed {
+        return Ok(ResolvedPlan {
+            schedule,
+            predicted_peak_bytes: None,
+            costs: None,
+        });
+    }
+    let costs = profile(model, inputs, wants_input_grad, meter)?;
+    let Plan {
+        schedule,
+        predicted,
+    } = planner::schedule_for(policy, &costs)?;
+    Ok(ResolvedPlan {
+        schedule,
+        predicted_peak_bytes: Some(predicted.peak_bytes),
+        costs: Some(costs),
+    })
+}
+
+/// Why a policy could not be turned into a schedule.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// Profiling the model failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// No schedule fits.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
