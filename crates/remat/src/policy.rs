@@ -58,7 +58,7 @@ impl ByteSize {
         UNITS
             .iter()
             .filter(|(suffix, _)| *suffix != "B")
-            .find(|(_, unit)| self.0 != 0 && self.0 % unit == 0)
+            .find(|(_, unit)| self.0 != 0 && self.0.is_multiple_of(*unit))
             .map_or_else(
                 || self.0.to_string(),
                 |(suffix, unit)| format!("{}{suffix}", self.0 / unit),

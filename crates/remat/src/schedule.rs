@@ -14,21 +14,21 @@
 //! `a_{i+1}`), and the current gradient `δ_k`. `a_i` is *available* iff
 //! `a_i ∈ acts`, or `i ≥ 1` and graph `i-1` is stored. At the start
 //! `acts = {a_0}`; the memory of every instant is `reserved_bytes + Σ acts +
-//! Σ graphs + |δ|`.
+//! Σ graphs + |δ|`. Below, `cur` is the memory before the op and `act_i` is
+//! `|a_i|` (which is also `|δ_i|`).
 //!
 //! | op | requires | transient peak | after |
 //! |----|----------|----------------|-------|
 //! | `CF i` | `a_i` available, `a_{i+1} ∉ acts` | `cur + graph_i + fwd_tmp_i` | `a_{i+1}` added to acts |
 //! | `Fn i` | as `CF i`; not (`a_i ∈ acts` and graph `i` stored) | as `CF i` | as `CF i`, then `a_i` removed from acts |
 //! | `Fe i` | `a_i` available, graph `i` not stored | `cur + graph_i + fwd_tmp_i` | graph `i` stored |
-//! | `B i` | graph `i` stored, gradient is `δ_{i+1}` | `cur + |a_i| + bwd_tmp_i` | graph `i`, `δ_{i+1}` and `a_i ∈ acts` freed; `δ_i` held |
+//! | `B i` | graph `i` stored, gradient is `δ_{i+1}` | `cur + act_i + bwd_tmp_i` | graph `i`, `δ_{i+1}` and (if kept) `a_i` freed; `δ_i` held |
 //!
-//! Before the first `B (n-1)` the gradient `δ_n` appears (`|a_n|` bytes); if
+//! Before the first `B (n-1)` the gradient `δ_n` appears (`act_n` bytes); if
 //! `a_n ∈ acts` the loss consumed it and it is freed at that moment. The peak
 //! of an op is the larger of its transient peak and the memory after it.
 //!
-//! Rules the brief leaves implicit, and how they are settled here (they only
-//! forbid wasteful or physically wrong ops):
+//! Further rules (they only forbid wasteful or physically wrong ops):
 //! - `Fn i` may not drop `a_i` from acts while graph `i` is stored: the tape
 //!   still references that tensor, so its memory would not really be freed.
 //! - A forward op on a stage whose backward already ran is rejected (its
