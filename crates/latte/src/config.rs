@@ -216,7 +216,7 @@ impl LatteConfigFile {
                 return Err(unsupported(key, "0".into(), "must be positive"));
             }
         }
-        if self.sample_size % patch_size != 0 {
+        if !self.sample_size.is_multiple_of(patch_size) {
             return Err(unsupported(
                 "sample_size",
                 self.sample_size.to_string(),

@@ -149,7 +149,7 @@ impl Latte {
             ));
         }
         let p = cfg.patch_size;
-        if h % p != 0 || w % p != 0 {
+        if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             return fail(format!(
                 "hidden_states height {h} and width {w} must be divisible by patch_size = {p}"
             ));

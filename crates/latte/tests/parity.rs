@@ -11,6 +11,7 @@
 use candle_core::{DType, Device, Tensor};
 use latte::model::LatteInputs;
 use latte::weights::ModelDir;
+use remat::grads::scheduled_stages;
 use remat::meter::NoPhases;
 use remat::schedule::Schedule;
 use std::collections::HashMap;
@@ -86,7 +87,7 @@ fn vjp_matches_diffusers_for_inputs_and_every_parameter() {
         let ins = load(fixture(case).join("inputs.safetensors"));
         let expected = load(fixture(case).join("expected.safetensors"));
         let (model, varmap) = dir.load_trainable(DType::F32, &Device::Cpu).unwrap();
-        let chain_len = if temporal(case) { 2 } else { 1 } * model.config().num_layers;
+        let chain_len = scheduled_stages(&model.chain(temporal(case)));
         let vjp = latte::vjp::vjp(
             &model,
             &varmap,

@@ -26,6 +26,10 @@ pub struct StageCosts {
     pub fwd_tmp_bytes: u64,
     /// Transient bytes on top of the new gradient `δ_i` while the stage runs backward.
     pub bwd_tmp_bytes: u64,
+    /// Bytes of the gradients of the stage's parameters: allocated by its backward and
+    /// kept to the end (0 when the parameters are frozen).
+    #[serde(default)]
+    pub param_grad_bytes: u64,
 }
 
 /// Costs of a whole chain: its stages in order, the size of the output and
@@ -38,6 +42,28 @@ pub struct ChainCosts {
     pub output_bytes: u64,
     /// Bytes added to every instant of a schedule (held all along).
     pub reserved_bytes: u64,
+}
+
+impl ChainCosts {
+    /// The costs the planner's dynamic program works with: every stage's parameter
+    /// gradients counted as reserved from the start. This is conservative by at most the
+    /// gradients of the stages not yet differentiated at the peak, and keeps the DP's
+    /// state small; the plan's prediction is then simulated with the exact costs.
+    pub fn for_planning(&self) -> ChainCosts {
+        let param_grad_bytes: u64 = self.stages.iter().map(|s| s.param_grad_bytes).sum();
+        ChainCosts {
+            stages: self
+                .stages
+                .iter()
+                .map(|s| StageCosts {
+                    param_grad_bytes: 0,
+                    ..s.clone()
+                })
+                .collect(),
+            output_bytes: self.output_bytes,
+            reserved_bytes: self.reserved_bytes.saturating_add(param_grad_bytes),
+        }
+    }
 }
 
 /// Why a [`ChainCosts`] cannot be planned for.
@@ -140,6 +166,7 @@ mod tests {
 
     fn stage(input_bytes: u64, fwd_s: f64) -> StageCosts {
         StageCosts {
+            param_grad_bytes: 0,
             fwd_s,
             bwd_s: 2.0 * fwd_s,
             input_bytes,

@@ -99,10 +99,18 @@ pub struct Tape<'a, M: ChainModel> {
     context_leaves: Vec<Option<Var>>,
     acts: BTreeMap<usize, Tensor>,
     graphs: BTreeMap<usize, StageGraph>,
-    tail: StageGraph,
+    output: Tensor,
+}
+
+/// Number of scheduled stages of `model`: its stages, then the tail as the last one.
+pub fn scheduled_stages<M: ChainModel>(model: &M) -> usize {
+    model.num_stages() + 1
 }
 
 /// Runs the forward pass of `model` under `schedule`: the ops before the first backward.
+///
+/// The schedule covers [`scheduled_stages`] stages: the model's stages and, last, its tail
+/// (so that the tail's graph is planned like any other).
 ///
 /// `wants_input_grad[j]` makes input `j` a leaf whose gradient [`Tape::backward`] returns.
 /// Parameters get gradients when the model holds them as [`Var`]s.
@@ -113,9 +121,11 @@ pub fn forward<'a, M: ChainModel>(
     schedule: &Schedule,
     phases: &mut dyn PhaseSink,
 ) -> Result<Tape<'a, M>> {
-    let n = model.num_stages();
+    let n = scheduled_stages(model);
     if let Some(op) = schedule.ops().iter().find(|op| op.stage() >= n) {
-        candle_core::bail!("schedule error: {op} names a stage beyond the model's {n} stages");
+        candle_core::bail!(
+            "schedule error: {op} names a stage beyond the chain's {n} (stages and tail)"
+        );
     }
     if wants_input_grad.len() != inputs.len() {
         candle_core::bail!(
@@ -150,9 +160,7 @@ pub fn forward<'a, M: ChainModel>(
     for op in &ops[..first_backward] {
         tape_state.run_forward_op(*op)?;
     }
-    phases.phase("tail");
-    let tail_input = leaf_var(&tape_state.activation(n)?)?;
-    let tail_output = model.tail(tail_input.as_tensor(), &context)?;
+    let output = tape_state.activation(n)?;
     let Executor { acts, graphs, .. } = tape_state;
     Ok(Tape {
         model,
@@ -166,10 +174,7 @@ pub fn forward<'a, M: ChainModel>(
         context_leaves,
         acts,
         graphs,
-        tail: StageGraph {
-            input: tail_input,
-            output: tail_output,
-        },
+        output,
     })
 }
 
@@ -193,11 +198,20 @@ impl<M: ChainModel> Executor<'_, '_, M> {
         }
     }
 
+    /// Stage `i` of the schedule: a model stage, or the tail after the last one.
+    fn run_stage(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        if i < self.model.num_stages() {
+            self.model.stage_forward(i, x, self.context)
+        } else {
+            self.model.tail(x, self.context)
+        }
+    }
+
     fn run_forward_op(&mut self, op: Op) -> Result<()> {
         match op {
             Op::CheckpointForward(i) | Op::Forward(i) => {
                 let x = self.activation(i)?;
-                let y = self.model.stage_forward(i, &x, self.context)?.detach();
+                let y = self.run_stage(i, &x)?.detach();
                 if matches!(op, Op::Forward(_)) {
                     self.acts.remove(&i);
                 }
@@ -205,9 +219,7 @@ impl<M: ChainModel> Executor<'_, '_, M> {
             }
             Op::ForwardKeep(i) => {
                 let input = leaf_var(&self.activation(i)?)?;
-                let output = self
-                    .model
-                    .stage_forward(i, input.as_tensor(), self.context)?;
+                let output = self.run_stage(i, input.as_tensor())?;
                 self.graphs.insert(i, StageGraph { input, output });
             }
             Op::Backward(i) => {
@@ -221,7 +233,7 @@ impl<M: ChainModel> Executor<'_, '_, M> {
 impl<M: ChainModel> Tape<'_, M> {
     /// The model output.
     pub fn output(&self) -> &Tensor {
-        &self.tail.output
+        &self.output
     }
 
     /// Back-propagates `grad_output` (the gradient of the objective w.r.t. the output),
@@ -239,20 +251,14 @@ impl<M: ChainModel> Tape<'_, M> {
             context_leaves,
             acts,
             graphs,
-            tail,
+            output,
         } = self;
-        let n = model.num_stages();
+        drop(output);
+        let n = scheduled_stages(model);
         let mut params = GradStore::default();
         let mut context_grads: Vec<Option<Tensor>> = vec![None; context_leaves.len()];
 
-        phases.phase("backward tail");
-        let mut grad = differentiate(
-            tail,
-            grad_output,
-            &context_leaves,
-            &mut context_grads,
-            &mut params,
-        )?;
+        let mut grad = grad_output.clone();
         let mut state = Executor {
             model,
             context: &context,
@@ -269,7 +275,7 @@ impl<M: ChainModel> Tape<'_, M> {
                             "schedule error: backward {i} while the gradient is at {expected}"
                         );
                     }
-                    phases.phase_with(|| format!("backward {}", model.stage_name(i)));
+                    phases.phase_with(|| format!("backward {}", stage_name(model, i)));
                     let graph = state.graphs.remove(&i).ok_or_else(|| {
                         candle_core::Error::Msg(format!(
                             "schedule error: backward {i} without its graph"
@@ -287,7 +293,7 @@ impl<M: ChainModel> Tape<'_, M> {
                 }
                 forward_op => {
                     phases.phase_with(|| {
-                        format!("recompute {}", model.stage_name(forward_op.stage()))
+                        format!("recompute {}", stage_name(model, forward_op.stage()))
                     });
                     state.run_forward_op(forward_op)?;
                 }
@@ -323,6 +329,15 @@ impl<M: ChainModel> Tape<'_, M> {
             inputs: input_grads,
             params,
         })
+    }
+}
+
+/// The report name of scheduled stage `i` (the tail after the model's stages).
+pub fn stage_name<M: ChainModel>(model: &M, i: usize) -> String {
+    if i < model.num_stages() {
+        model.stage_name(i)
+    } else {
+        "tail".to_string()
     }
 }
 

@@ -143,8 +143,20 @@ pub fn plan(costs: &ChainCosts, budget_bytes: u64) -> Result<Plan, PlanError> {
     plan_with(costs, budget_bytes, &PlannerOptions::default())
 }
 
-/// [`plan`] with explicit options.
+/// [`plan`] with explicit options. The search runs on [`ChainCosts::for_planning`]; the
+/// returned prediction is simulated with the exact `costs`.
 pub fn plan_with(
+    costs: &ChainCosts,
+    budget_bytes: u64,
+    options: &PlannerOptions,
+) -> Result<Plan, PlanError> {
+    let planning = costs.for_planning();
+    let plan = plan_conservatively(&planning, budget_bytes, options)?;
+    simulated(plan.schedule, costs)
+}
+
+/// The planner proper, on costs whose parameter gradients are all reserved.
+fn plan_conservatively(
     costs: &ChainCosts,
     budget_bytes: u64,
     options: &PlannerOptions,
@@ -188,6 +200,7 @@ pub fn plan_with(
 /// The smallest budget (reserved bytes included) for which [`plan`] finds a
 /// schedule. For a chain without stages: `reserved_bytes + output_bytes`.
 pub fn min_feasible_budget(costs: &ChainCosts) -> u64 {
+    let costs = &costs.for_planning();
     if costs.num_stages() == 0 {
         return costs.reserved_bytes.saturating_add(costs.output_bytes);
     }
@@ -1095,6 +1108,7 @@ mod tests {
         let act: Vec<u64> = (0..=n).map(|_| rng.range(1, 8)).collect();
         let stages = (0..n)
             .map(|i| StageCosts {
+                param_grad_bytes: 0,
                 fwd_s: 0.25 + rng.unit(),
                 bwd_s: 0.25 + 2.0 * rng.unit(),
                 input_bytes: act[i],
@@ -1296,6 +1310,7 @@ mod tests {
     fn non_persistent_chain() -> ChainCosts {
         let stage =
             |input_bytes, graph_bytes, fwd_tmp_bytes, bwd_tmp_bytes, fwd_s, bwd_s| StageCosts {
+                param_grad_bytes: 0,
                 fwd_s,
                 bwd_s,
                 input_bytes,
@@ -1414,6 +1429,7 @@ mod tests {
         let act: Vec<u64> = (0..=n).map(|_| rng.range(1 << 20, 64 << 20)).collect();
         let stages = (0..n)
             .map(|i| StageCosts {
+                param_grad_bytes: 0,
                 fwd_s: 1e-3 * (0.5 + rng.unit()),
                 bwd_s: 2e-3 * (0.5 + rng.unit()),
                 input_bytes: act[i],

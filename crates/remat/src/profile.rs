@@ -29,7 +29,8 @@ fn store_bytes(store: &GradStore) -> u64 {
 
 /// Measures the costs of `model` on `inputs` (gradient flags as for
 /// [`grads::forward`]). `meter` must observe the allocations the model makes (the
-/// counting allocator on CPU). Runs one forward and one backward pass.
+/// counting allocator on CPU). Runs every stage forward and backward twice (a warm-up,
+/// then the measurement).
 pub fn profile<M: ChainModel>(
     model: &M,
     inputs: &[Tensor],
@@ -41,75 +42,117 @@ pub fn profile<M: ChainModel>(
     let head_bytes = meter.live_bytes().saturating_sub(start_bytes);
 
     let mut x = head.tokens.detach();
-    let mut stages = Vec::with_capacity(model.num_stages());
+    let n = grads::scheduled_stages(model);
+    let mut stages = Vec::with_capacity(n);
     let mut params = GradStore::default();
     let mut context_grads = vec![None; head.context_leaves.len()];
-    for i in 0..model.num_stages() {
-        let input_bytes = tensor_bytes(&x);
-
-        let before = meter.live_bytes();
-        meter.reset_peak();
-        let started = Instant::now();
-        let input = grads::leaf_var(&x)?;
-        let output = model.stage_forward(i, input.as_tensor(), &head.context)?;
-        let fwd_s = started.elapsed().as_secs_f64();
-        let after = meter.live_bytes();
-        let graph_bytes = after.saturating_sub(before);
-        let fwd_tmp_bytes = meter.peak_bytes().saturating_sub(after);
-
-        let next = output.detach();
-        let grad_output = next.ones_like()?;
-        let params_before = store_bytes(&params);
-        let before = meter.live_bytes();
-        meter.reset_peak();
-        let started = Instant::now();
-        let grad_input = grads::differentiate(
-            StageGraph { input, output },
-            &grad_output,
-            &head.context_leaves,
-            &mut context_grads,
-            &mut params,
+    for i in 0..n {
+        // A first run warms the kernels' one-off buffers (thread pools, packing space)
+        // so that they are not mistaken for the stage's graph.
+        let mut scratch = GradStore::default();
+        let mut scratch_context = vec![None; head.context_leaves.len()];
+        measure_stage(
+            model,
+            &head,
+            i,
+            &x,
+            &mut scratch,
+            &mut scratch_context,
+            meter,
         )?;
-        let bwd_s = started.elapsed().as_secs_f64();
-        let new_param_bytes = store_bytes(&params).saturating_sub(params_before);
-        let bwd_tmp_bytes = meter
-            .peak_bytes()
-            .saturating_sub(before + input_bytes + new_param_bytes);
-        drop(grad_input);
-
-        stages.push(StageCosts {
-            fwd_s,
-            bwd_s,
-            input_bytes,
-            graph_bytes,
-            fwd_tmp_bytes,
-            bwd_tmp_bytes,
-        });
+        drop((scratch, scratch_context));
+        let (costs, next) =
+            measure_stage(model, &head, i, &x, &mut params, &mut context_grads, meter)?;
+        stages.push(costs);
         x = next;
     }
     let output_bytes = tensor_bytes(&x);
+    let context_grad_bytes: u64 = context_grads.iter().flatten().map(tensor_bytes).sum();
+    let reserved_bytes = head_bytes + context_grad_bytes;
+    Ok(ChainCosts::new(stages, output_bytes, reserved_bytes))
+}
 
-    // The tail's graph and its backward transient sit on top of the chain at the turn
-    // from forward to backward.
+/// Runs scheduled stage `i` forward with its graph and backward once, measuring its
+/// costs; returns them and the stage output.
+fn measure_stage<M: ChainModel>(
+    model: &M,
+    head: &grads::Head<M::Context>,
+    i: usize,
+    x: &Tensor,
+    params: &mut GradStore,
+    context_grads: &mut [Option<Tensor>],
+    meter: &dyn MemoryMeter,
+) -> Result<(StageCosts, Tensor)> {
+    let input_bytes = tensor_bytes(x);
+
     let before = meter.live_bytes();
     meter.reset_peak();
-    let tail_input = grads::leaf_var(&x)?;
-    let tail_output = model.tail(tail_input.as_tensor(), &head.context)?;
-    let grad_output = tail_output.ones_like()?;
-    grads::differentiate(
-        StageGraph {
-            input: tail_input,
-            output: tail_output,
-        },
+    let started = Instant::now();
+    let input = grads::leaf_var(x)?;
+    let output = if i < model.num_stages() {
+        model.stage_forward(i, input.as_tensor(), &head.context)?
+    } else {
+        model.tail(input.as_tensor(), &head.context)?
+    };
+    let fwd_s = started.elapsed().as_secs_f64();
+    let after = meter.live_bytes();
+    let graph_bytes = after.saturating_sub(before);
+    let fwd_tmp_bytes = meter.peak_bytes().saturating_sub(after);
+
+    let next = output.detach();
+    let grad_output = next.ones_like()?;
+    let params_before = store_bytes(params);
+    let before = meter.live_bytes();
+    meter.reset_peak();
+    let started = Instant::now();
+    let grad_input = grads::differentiate(
+        StageGraph { input, output },
         &grad_output,
         &head.context_leaves,
-        &mut context_grads,
-        &mut params,
+        context_grads,
+        params,
     )?;
-    let tail_bytes = meter.peak_bytes().saturating_sub(before);
-    let context_grad_bytes: u64 = context_grads.iter().flatten().map(tensor_bytes).sum();
-    let reserved_bytes = head_bytes + store_bytes(&params) + context_grad_bytes + tail_bytes;
-    Ok(ChainCosts::new(stages, output_bytes, reserved_bytes))
+    let bwd_s = started.elapsed().as_secs_f64();
+    let new_param_bytes = store_bytes(params).saturating_sub(params_before);
+    let bwd_tmp_bytes = meter
+        .peak_bytes()
+        .saturating_sub(before + input_bytes + new_param_bytes);
+    drop(grad_input);
+    let costs = StageCosts {
+        fwd_s,
+        bwd_s,
+        input_bytes,
+        graph_bytes,
+        fwd_tmp_bytes,
+        bwd_tmp_bytes,
+        param_grad_bytes: new_param_bytes,
+    };
+    Ok((costs, next))
+}
+
+/// Share of a budget kept free for what the cost model does not see: the executor's and
+/// autograd's bookkeeping (node lists, gradient maps, phase names), a few KiB per stage.
+pub const BUDGET_MARGIN: f64 = 0.01;
+
+/// The bytes of `budget_bytes` the planner may fill.
+fn usable_bytes(budget_bytes: u64) -> u64 {
+    (budget_bytes as f64 * (1.0 - BUDGET_MARGIN)) as u64
+}
+
+/// The smallest budget [`plan_within`] accepts for `costs`.
+pub fn min_budget(costs: &ChainCosts) -> u64 {
+    (planner::min_feasible_budget(costs) as f64 / (1.0 - BUDGET_MARGIN)).ceil() as u64
+}
+
+/// The fastest schedule whose predicted peak stays [`BUDGET_MARGIN`] below `budget_bytes`.
+pub fn plan_within(costs: &ChainCosts, budget_bytes: u64) -> std::result::Result<Plan, PlanError> {
+    planner::plan(costs, usable_bytes(budget_bytes)).map_err(|e| match e {
+        PlanError::Infeasible { .. } => PlanError::Infeasible {
+            budget_bytes,
+            min_bytes: min_budget(costs),
+        },
+        other => other,
+    })
 }
 
 /// A schedule chosen for a policy, with the prediction when costs were measured.
@@ -132,7 +175,7 @@ pub fn resolve_policy<M: ChainModel>(
     wants_input_grad: &[bool],
     meter: &dyn MemoryMeter,
 ) -> std::result::Result<ResolvedPlan, ResolveError> {
-    let n = model.num_stages();
+    let n = grads::scheduled_stages(model);
     let fixed = match *policy {
         Policy::None => Some(Schedule::store_all(n)),
         Policy::Every(k) => Some(Schedule::every(n, k)),
@@ -150,7 +193,10 @@ pub fn resolve_policy<M: ChainModel>(
     let Plan {
         schedule,
         predicted,
-    } = planner::schedule_for(policy, &costs)?;
+    } = match *policy {
+        Policy::Budget(budget_bytes) => plan_within(&costs, budget_bytes)?,
+        _ => planner::schedule_for(policy, &costs)?,
+    };
     Ok(ResolvedPlan {
         schedule,
         predicted_peak_bytes: Some(predicted.peak_bytes),

@@ -412,17 +412,21 @@ impl Engine {
             self.current_bytes = self.current_bytes.saturating_add(costs.act_bytes(n));
         }
         let input_bytes = costs.act_bytes(i);
+        let param_grad_bytes = costs.stages[i].param_grad_bytes;
         let during_bytes = self
             .current_bytes
             .saturating_add(input_bytes)
+            .saturating_add(param_grad_bytes)
             .saturating_add(costs.stages[i].bwd_tmp_bytes);
-        // Frees graph i and δ_{i+1}; δ_i (|a_i| bytes) replaces them.
+        // Frees graph i and δ_{i+1}; δ_i (|a_i| bytes) replaces them; the stage's
+        // parameter gradients stay.
         self.graphs[i] = false;
         self.current_bytes = self
             .current_bytes
             .saturating_sub(costs.stages[i].graph_bytes)
             .saturating_sub(costs.act_bytes(i + 1))
-            .saturating_add(input_bytes);
+            .saturating_add(input_bytes)
+            .saturating_add(param_grad_bytes);
         if self.acts[i] {
             self.acts[i] = false;
             self.current_bytes = self.current_bytes.saturating_sub(input_bytes);
@@ -632,6 +636,7 @@ mod tests {
     fn tiny_chain() -> ChainCosts {
         let stage =
             |input_bytes, graph_bytes, fwd_tmp_bytes, bwd_tmp_bytes, fwd_s, bwd_s| StageCosts {
+                param_grad_bytes: 0,
                 fwd_s,
                 bwd_s,
                 input_bytes,
@@ -785,6 +790,7 @@ mod tests {
             let costs = ChainCosts::new(
                 (0..n)
                     .map(|i| StageCosts {
+                        param_grad_bytes: 0,
                         fwd_s: 1.0,
                         bwd_s: 2.0,
                         input_bytes: 1 + i as u64,
