@@ -26,6 +26,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Run the transformer forward (and optionally its vector-Jacobian product).
     Forward(cmd::forward::Args),
+    /// Step time and measured peak memory under several checkpoint policies.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args, &cli.global),
         Command::Forward(args) => cmd::forward::run(args, &cli.global),
+        Command::Bench(args) => cmd::bench::run(args, &cli.global),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

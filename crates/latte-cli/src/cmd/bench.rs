@@ -1,0 +1,243 @@
+//! `latte bench`: step time and measured peak memory of one workload under several
+//! checkpoint policies, side by side, on a preset with random weights and inputs.
+//!
+//! Modes: `fwd` (forward without gradients), `train` (VJP w.r.t. every parameter and the
+//! latents), `guide` (VJP w.r.t. the latents only, frozen weights). Peaks are live bytes
+//! above weights and inputs (counting allocator), the same measure as
+//! `tools/bench_torch.py` takes from PyTorch's allocator.
+
+use crate::cmd::model_source::ModelSource;
+use crate::options::{GlobalOptions, Precision};
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use clap::{Args as ClapArgs, ValueEnum};
+use latte::model::{Latte, LatteInputs};
+use latte::random::{randn, rng_for};
+use latte::weights::{fresh_trainable, frozen};
+use remat::grads;
+use remat::meter::{format_bytes, CpuMeter, NoPhases, Recorder};
+use remat::policy::Policy;
+use remat::profile::{resolve_policy, ResolvedPlan};
+use serde::Serialize;
+use std::time::Instant;
+
+/// What one benchmark step computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Forward only, no gradients.
+    Fwd,
+    /// Gradients for every parameter (and the latents).
+    Train,
+    /// Gradients for the latents only (frozen weights).
+    Guide,
+}
+
+/// Arguments of `latte bench`.
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    #[command(flatten)]
+    source: ModelSource,
+    /// Workload.
+    #[arg(long, value_enum, default_value = "train")]
+    mode: Mode,
+    /// Policies to compare, comma-separated (none, every:K, sqrt, budget:SIZE).
+    #[arg(long, value_delimiter = ',', default_value = "none,every:1")]
+    policies: Vec<Policy>,
+    /// Also plan budgets at these fractions of the measured `none` peak.
+    #[arg(long, value_delimiter = ',')]
+    budget_fractions: Vec<f64>,
+    /// Measured steps per policy (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Precision of weights and activations.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Precision,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One row of the result.
+#[derive(Debug, Serialize)]
+struct Row {
+    mode: Mode,
+    policy: String,
+    step_s_median: f64,
+    step_s_min: f64,
+    peak_bytes: u64,
+    predicted_peak_bytes: Option<u64>,
+    repeats: usize,
+}
+
+/// Runs `latte bench`.
+pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
+    let device = global.device()?;
+    let dtype = args.dtype.dtype();
+    let resolved = args.source.resolve()?;
+    let geometry = resolved
+        .geometry
+        .context("latte bench needs --preset (it draws inputs of the preset's geometry)")?;
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let config = &resolved.config;
+    let (trainable, varmap) = fresh_trainable(config, global.seed, dtype, &device)?;
+    let model = match args.mode {
+        Mode::Train => trainable,
+        Mode::Fwd | Mode::Guide => frozen(config, &varmap)?,
+    };
+    let mut rng = rng_for(global.seed, "bench-inputs");
+    let g = geometry;
+    let inputs = LatteInputs {
+        hidden_states: randn(
+            &mut rng,
+            (g.batch, config.in_channels, g.frames, g.height, g.width),
+            &device,
+        )?
+        .to_dtype(dtype)?,
+        timestep: Tensor::new(vec![500i64; g.batch], &device)?,
+        encoder_hidden_states: randn(
+            &mut rng,
+            (g.batch, g.caption_tokens, config.caption_channels),
+            &device,
+        )?
+        .to_dtype(dtype)?,
+    };
+    let grad_sample = randn(
+        &mut rng,
+        (g.batch, config.out_channels, g.frames, g.height, g.width),
+        &device,
+    )?
+    .to_dtype(dtype)?;
+    println!(
+        "{} · mode {:?} · {:?} · batch {} × {} frames × {}×{}",
+        resolved.description, args.mode, dtype, g.batch, g.frames, g.height, g.width
+    );
+
+    let mut rows = Vec::new();
+    let mut none_peak = None;
+    let mut policies = args.policies.clone();
+    let mut fractions = args.budget_fractions.clone();
+    while let Some(policy) = policies.first().cloned() {
+        policies.remove(0);
+        let row = bench_policy(
+            &model,
+            &inputs,
+            &grad_sample,
+            args.mode,
+            &policy,
+            args.repeats,
+        )?;
+        if policy == Policy::None {
+            none_peak = Some(row.peak_bytes);
+        }
+        report(&row, args.json)?;
+        rows.push(row);
+        if policies.is_empty() && !fractions.is_empty() {
+            let base = none_peak.context("--budget-fractions needs `none` among --policies")?;
+            for fraction in fractions.drain(..) {
+                policies.push(Policy::Budget((base as f64 * fraction) as u64));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(row: &Row, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(row)?);
+    } else {
+        let predicted = row
+            .predicted_peak_bytes
+            .map(|b| format!(" (predicted {})", format_bytes(b)))
+            .unwrap_or_default();
+        println!(
+            "{:<18} median {:>8.3} s  min {:>8.3} s  peak {:>10}{predicted}",
+            row.policy,
+            row.step_s_median,
+            row.step_s_min,
+            format_bytes(row.peak_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// Gradient flags per input for a mode: `[hidden_states, timestep, captions]`.
+fn wanted(mode: Mode) -> [bool; 3] {
+    match mode {
+        Mode::Train => [true, false, true],
+        Mode::Guide => [true, false, false],
+        Mode::Fwd => [false, false, false],
+    }
+}
+
+fn bench_policy(
+    model: &Latte,
+    inputs: &LatteInputs,
+    grad_sample: &Tensor,
+    mode: Mode,
+    policy: &Policy,
+    repeats: usize,
+) -> Result<Row> {
+    let chain = model.chain(true);
+    let plan = match mode {
+        Mode::Fwd => None,
+        _ => Some(resolve_policy(
+            policy,
+            &chain,
+            &inputs.to_vec(),
+            &wanted(mode),
+            &CpuMeter,
+        )?),
+    };
+    let mut times = Vec::with_capacity(repeats);
+    let mut peak_bytes = 0;
+    for step in 0..=repeats {
+        let recorder = Recorder::start(CpuMeter);
+        let started = Instant::now();
+        step_once(model, inputs, grad_sample, mode, plan.as_ref())?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let report = recorder.finish();
+        if step > 0 {
+            times.push(elapsed);
+            peak_bytes = peak_bytes.max(report.peak_bytes);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(Row {
+        mode,
+        policy: policy.to_string(),
+        step_s_median: times[times.len() / 2],
+        step_s_min: times[0],
+        peak_bytes,
+        predicted_peak_bytes: plan.and_then(|p| p.predicted_peak_bytes),
+        repeats,
+    })
+}
+
+fn step_once(
+    model: &Latte,
+    inputs: &LatteInputs,
+    grad_sample: &Tensor,
+    mode: Mode,
+    plan: Option<&ResolvedPlan>,
+) -> Result<()> {
+    let chain = model.chain(true);
+    match plan {
+        None => {
+            model.forward(inputs, true)?;
+        }
+        Some(plan) => {
+            let tape = grads::forward(
+                &chain,
+                &inputs.to_vec(),
+                &wanted(mode),
+                &plan.schedule,
+                &mut NoPhases,
+            )?;
+            tape.backward(grad_sample, &mut NoPhases)?;
+        }
+    }
+    Ok(())
+}
