@@ -1,11 +1,12 @@
 //! Multi-head scaled dot-product attention (diffusers `Attention` with `AttnProcessor2_0`):
 //! `softmax(q·kᵀ/√d)·v` per head, q/k/v and output projections with bias.
 //!
-//! Written with differentiable primitives: candle's fused `sdpa` and `softmax_last_dim`
-//! record no backward.
+//! Written with differentiable ops: candle's fused `sdpa` and `softmax_last_dim` record no
+//! backward; the softmax here is latte-rs's fused kernel with its own backward.
 
 use super::linear::Linear;
-use candle_core::{DType, Result, Tensor, D};
+use super::ops::softmax_last_dim;
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Keys `to_q`, `to_k`, `to_v`, `to_out.0`.
@@ -52,7 +53,7 @@ impl Attention {
         let v = self.split_heads(&self.to_v.forward(context)?)?;
         // (b, h, s, d)·(b, h, d, l) → (b, h, s, l)
         let scores = q.matmul(&k.t()?)?;
-        let weights = softmax(&scores)?;
+        let weights = softmax_last_dim(&scores)?;
         // (b, h, s, l)·(b, h, l, d) → (b, h, s, d)
         let heads = weights.matmul(&v)?;
         self.to_out.forward(&self.merge_heads(&heads)?)
@@ -71,14 +72,4 @@ impl Attention {
         let (b, h, s, d) = x.dims4()?;
         x.transpose(1, 2)?.reshape((b, s, h * d))
     }
-}
-
-/// Softmax over the last dimension, in f32 for half-precision scores.
-fn softmax(scores: &Tensor) -> Result<Tensor> {
-    let dtype = scores.dtype();
-    let scores = scores.to_dtype(DType::F32)?;
-    let max = scores.max_keepdim(D::Minus1)?.detach();
-    let exp = scores.broadcast_sub(&max)?.exp()?;
-    let sum = exp.sum_keepdim(D::Minus1)?;
-    exp.broadcast_div(&sum)?.to_dtype(dtype)
 }

@@ -8,6 +8,7 @@
 //! not weights.
 
 use super::linear::Linear;
+use super::ops::gelu_tanh;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -216,7 +217,7 @@ impl CaptionProjection {
     /// `(b, l, caption_channels) → (b, l, dim)`.
     pub fn forward(&self, captions: &Tensor) -> Result<Tensor> {
         self.linear_2
-            .forward(&self.linear_1.forward(captions)?.gelu()?)
+            .forward(&gelu_tanh(&self.linear_1.forward(captions)?)?)
     }
 }
 

@@ -2,6 +2,7 @@
 //! `activation_fn="gelu-approximate"`, `mult=4`).
 
 use super::linear::Linear;
+use super::ops::gelu_tanh;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -24,6 +25,7 @@ impl FeedForward {
 
     /// `(…, dim) → (…, dim)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out
+            .forward(&gelu_tanh(&self.proj_in.forward(x)?)?)
     }
 }

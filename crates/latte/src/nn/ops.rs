@@ -1,0 +1,295 @@
+//! Fused element-wise kernels with their own backward, for the two places where candle's
+//! composed formulations cost the most memory and time: the tanh-GELU of the MLP (its
+//! composed backward materialises a dozen activation-sized temporaries) and the attention
+//! softmax (the composed forward keeps four score-sized tensors alive for backward; the
+//! fused one keeps the scores and the probabilities).
+//!
+//! The kernels run on CPU in f32 (half-precision inputs are widened per element). On other
+//! devices the functions fall back to differentiable compositions of candle ops.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// √(2/π), the tanh-GELU's inner scale.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The tanh-GELU's cubic coefficient.
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// Rows handed to one rayon task by the element-wise kernels.
+const CHUNK: usize = 4096;
+
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, PyTorch's `gelu(approximate="tanh")`.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(GeluTanh)
+    } else {
+        x.gelu()
+    }
+}
+
+/// Softmax over the last dimension (computed in f32, returned in `x`'s dtype).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(Softmax)
+    } else {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let exp = x.broadcast_sub(&max)?.exp()?;
+        let sum = exp.sum_keepdim(D::Minus1)?;
+        exp.broadcast_div(&sum)?.to_dtype(dtype)
+    }
+}
+
+fn gelu_value(x: f32) -> f32 {
+    let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+    0.5 * x * (1.0 + t)
+}
+
+fn gelu_derivative(x: f32) -> f32 {
+    let x2 = x * x;
+    let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x2 * x)).tanh();
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x2)
+}
+
+/// The contiguous elements of a storage, widened to f32.
+fn widened(storage: &CpuStorage, layout: &Layout) -> Result<Vec<f32>> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg("fused kernel expects a contiguous input".into()))?;
+    Ok(match storage {
+        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!("fused kernel: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// f32 results narrowed back to `dtype`.
+fn narrowed(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(values),
+        DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
+        other => candle_core::bail!("fused kernel: unsupported dtype {other:?}"),
+    })
+}
+
+/// Applies `f` element-wise in parallel to an f32/f16/bf16 storage.
+fn map_elements(
+    storage: &CpuStorage,
+    layout: &Layout,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> Result<CpuStorage> {
+    let mut values = widened(storage, layout)?;
+    values.par_chunks_mut(CHUNK).for_each(|chunk| {
+        for v in chunk.iter_mut() {
+            *v = f(*v);
+        }
+    });
+    narrowed(values, storage.dtype())
+}
+
+/// Forward of [`gelu_tanh`].
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            map_elements(storage, layout, gelu_value)?,
+            layout.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&grad, &GeluTanhBackward)?))
+    }
+}
+
+/// `grad · gelu'(x)` in one pass.
+struct GeluTanhBackward;
+
+impl CustomOp2 for GeluTanhBackward {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = widened(x, x_layout)?;
+        let mut values = widened(grad, grad_layout)?;
+        values
+            .par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(g, x)| {
+                for (g, &x) in g.iter_mut().zip(x) {
+                    *g *= gelu_derivative(x);
+                }
+            });
+        Ok((narrowed(values, grad.dtype())?, grad_layout.shape().clone()))
+    }
+}
+
+/// Forward of [`softmax_last_dim`].
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut values = widened(storage, layout)?;
+        values.par_chunks_mut(width).for_each(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        });
+        Ok((narrowed(values, storage.dtype())?, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(
+            res.contiguous()?
+                .apply_op2_no_bwd(&grad, &SoftmaxBackward)?,
+        ))
+    }
+}
+
+/// `y·(g − Σ g·y)` per row, from the probabilities `y` and the upstream gradient `g`.
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        probs: &CpuStorage,
+        probs_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let width = probs_layout
+            .shape()
+            .dims()
+            .last()
+            .copied()
+            .unwrap_or(1)
+            .max(1);
+        let probs = widened(probs, probs_layout)?;
+        let mut values = widened(grad, grad_layout)?;
+        values
+            .par_chunks_mut(width)
+            .zip(probs.par_chunks(width))
+            .for_each(|(g, y)| {
+                let dot: f32 = g.iter().zip(y).map(|(g, y)| g * y).sum();
+                for (g, &y) in g.iter_mut().zip(y) {
+                    *g = y * (*g - dot);
+                }
+            });
+        Ok((narrowed(values, grad.dtype())?, grad_layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn input() -> Var {
+        let values: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 3.0)
+            .collect();
+        Var::from_vec(values, (4, 24), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn gelu_matches_candles_composed_gelu_and_its_gradient() {
+        let x = input();
+        let weights = Tensor::arange(0f32, 96.0, &Device::Cpu)
+            .unwrap()
+            .reshape((4, 24))
+            .unwrap();
+        let fused = gelu_tanh(x.as_tensor()).unwrap();
+        let composed = x.as_tensor().gelu().unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_composed = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (g_fused.get(&x).unwrap(), g_composed.get(&x).unwrap());
+        // candle's composed derivative uses 6-digit constants: agreement to ~1e-5 relative.
+        assert!(max_diff(a, b) < 1e-3 * 96.0, "{}", max_diff(a, b));
+    }
+
+    #[test]
+    fn softmax_matches_the_composition_and_its_gradient() {
+        let x = input();
+        let weights = Tensor::arange(0f32, 96.0, &Device::Cpu)
+            .unwrap()
+            .reshape((4, 24))
+            .unwrap();
+        let fused = softmax_last_dim(x.as_tensor()).unwrap();
+        let composed = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_composed = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(g_fused.get(&x).unwrap(), g_composed.get(&x).unwrap()) < 1e-4);
+    }
+}
