@@ -175,9 +175,26 @@ impl ModelDir {
         &self.config_file
     }
 
-    /// Whether the weights are sharded.
-    pub fn is_sharded(&self) -> bool {
-        self.sharded
+    /// Number of weight files (1 for single-file weights).
+    pub fn shard_count(&self) -> usize {
+        if self.sharded {
+            self.weight_files.len()
+        } else {
+            1
+        }
+    }
+
+    /// Every stored parameter converted to `dtype`, by name (for saving back).
+    pub fn tensors(&self, dtype: DType) -> Result<Vec<(String, Tensor)>, WeightsError> {
+        let mut out = Vec::new();
+        for spec in parameter_specs(&self.config)? {
+            let t = self
+                .tensors
+                .load(&spec.name, &Device::Cpu)?
+                .to_dtype(dtype)?;
+            out.push((spec.name, t));
+        }
+        Ok(out)
     }
 
     /// Bytes and tensor count per stored dtype.
@@ -402,16 +419,65 @@ pub fn save_model_dir(
     params: &[(String, Tensor)],
     dtype: DType,
 ) -> Result<(), WeightsError> {
+    save_model_dir_sharded(dir, config, params, dtype, 1)
+}
+
+/// Like [`save_model_dir`], split into `shards` files (`diffusion_pytorch_model-0000i-of-0000n
+/// .safetensors`, parameters in name order, sizes balanced) listed by
+/// `diffusion_pytorch_model.safetensors.index.json` as diffusers writes them; `shards = 1`
+/// writes the single file.
+pub fn save_model_dir_sharded(
+    dir: &Path,
+    config: &LatteConfigFile,
+    params: &[(String, Tensor)],
+    dtype: DType,
+    shards: usize,
+) -> Result<(), WeightsError> {
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source| WeightsError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut tensors = HashMap::new();
+    let mut sorted: Vec<(String, Tensor)> = Vec::with_capacity(params.len());
     for (name, t) in params {
-        tensors.insert(name.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?);
+        sorted.push((name.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?));
     }
-    crate::io::save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    if shards <= 1 {
+        let tensors: HashMap<String, Tensor> = sorted.into_iter().collect();
+        crate::io::save_safetensors(&tensors, &dir.join(WEIGHTS_FILE))?;
+    } else {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let total: usize = sorted.iter().map(|(_, t)| bytes(t)).sum();
+        let per_shard = total.div_ceil(shards);
+        let mut files: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); shards];
+        let mut weight_map = serde_json::Map::new();
+        let mut filled = 0usize;
+        for (name, t) in sorted {
+            let shard = (filled / per_shard.max(1)).min(shards - 1);
+            filled += bytes(&t);
+            let file = format!(
+                "diffusion_pytorch_model-{:05}-of-{shards:05}.safetensors",
+                shard + 1
+            );
+            weight_map.insert(name.clone(), file.into());
+            files[shard].insert(name, t);
+        }
+        for (shard, tensors) in files.iter().enumerate() {
+            let file = format!(
+                "diffusion_pytorch_model-{:05}-of-{shards:05}.safetensors",
+                shard + 1
+            );
+            crate::io::save_safetensors(tensors, &dir.join(file))?;
+        }
+        let index = serde_json::json!({
+            "metadata": { "total_size": total },
+            "weight_map": weight_map,
+        });
+        let index_path = dir.join(WEIGHTS_INDEX_FILE);
+        crate::io::write_atomically(&index_path, index.to_string().as_bytes())
+            .map_err(io(&index_path))?;
+    }
     let json = serde_json::to_string_pretty(config).map_err(|e| WeightsError::Malformed {
         path: dir.join(CONFIG_FILE).display().to_string(),
         message: e.to_string(),
