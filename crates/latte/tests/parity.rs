@@ -122,3 +122,48 @@ fn vjp_matches_diffusers_for_inputs_and_every_parameter() {
         eprintln!("{case} f32 gradients: worst relative error {worst:e}");
     }
 }
+
+/// candle's fused kernels silently cut gradients; this catches any parameter that stops
+/// receiving one. Key biases are the exception: adding a constant to every score of a
+/// query leaves its softmax unchanged, so `to_k.bias` has a zero gradient in exact
+/// arithmetic (diffusers' float64 reference stores ≤ 3e-15 there).
+#[test]
+fn every_parameter_receives_a_nonzero_gradient() {
+    let case = "video";
+    let dir = ModelDir::open(&fixture(case).join("model")).unwrap();
+    let ins = load(fixture(case).join("inputs.safetensors"));
+    let (model, varmap) = dir.load_trainable(DType::F32, &Device::Cpu).unwrap();
+    let vjp = latte::vjp::vjp(
+        &model,
+        &varmap,
+        &inputs(&ins, DType::F32),
+        &ins["grad_sample"],
+        true,
+        &Schedule::store_all(scheduled_stages(&model.chain(true))),
+        &mut NoPhases,
+    )
+    .unwrap();
+    assert!(!vjp.params.is_empty());
+    for (name, grad) in &vjp.params {
+        let norm = grad
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = varmap.data().lock().unwrap()[name]
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if name.ends_with("to_k.bias") {
+            assert!(norm.sqrt() <= 1e-5 * scale.max(1.0), "{name}: {norm}");
+        } else {
+            assert!(norm > 1e-12, "{name} receives no gradient");
+        }
+    }
+}
