@@ -9,40 +9,21 @@
 //! - f16 output: 1e-2; bf16 output: 5e-2 (10 and 7 mantissa bits through ~10 roundings).
 
 use candle_core::{DType, Device, Tensor};
-use latte::model::LatteInputs;
 use latte::weights::ModelDir;
 use remat::grads::scheduled_stages;
 use remat::meter::NoPhases;
 use remat::schedule::Schedule;
-use std::collections::HashMap;
-use std::path::PathBuf;
+
+mod common;
 
 const CASES: [&str; 5] = ["unit_config", "video", "resized", "no_temporal", "batch"];
 
-fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(case)
-}
-
-fn load(path: PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 fn temporal(case: &str) -> bool {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("meta.json")).unwrap())
-            .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture(case).join("meta.json")).unwrap(),
+    )
+    .unwrap();
     meta["enable_temporal_attentions"].as_bool().unwrap()
-}
-
-fn inputs(tensors: &HashMap<String, Tensor>, dtype: DType) -> LatteInputs {
-    LatteInputs {
-        hidden_states: tensors["hidden_states"].to_dtype(dtype).unwrap(),
-        timestep: tensors["timestep"].clone(),
-        encoder_hidden_states: tensors["encoder_hidden_states"].to_dtype(dtype).unwrap(),
-    }
 }
 
 /// max |actual − expected| / max |expected| (or the absolute error if expected is ~0).
@@ -62,12 +43,12 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
 #[test]
 fn forward_matches_diffusers_in_f32_f16_bf16() {
     for case in CASES {
-        let dir = ModelDir::open(&fixture(case).join("model")).unwrap();
-        let ins = load(fixture(case).join("inputs.safetensors"));
-        let expected = &load(fixture(case).join("expected.safetensors"))["sample"];
+        let dir = ModelDir::open(&common::fixture(case).join("model")).unwrap();
+        let ins = common::load(common::fixture(case).join("inputs.safetensors"));
+        let expected = &common::load(common::fixture(case).join("expected.safetensors"))["sample"];
         for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::F16, 1e-2), (DType::BF16, 5e-2)] {
             let model = dir.load_frozen(dtype, &Device::Cpu).unwrap();
-            let inputs = inputs(&ins, dtype);
+            let inputs = common::fixture_inputs(&ins, dtype);
             model.check_inputs(&inputs, temporal(case)).unwrap();
             let sample = model.forward(&inputs, temporal(case)).unwrap();
             let err = relative_error(&sample, expected);
@@ -83,15 +64,15 @@ fn forward_matches_diffusers_in_f32_f16_bf16() {
 #[test]
 fn vjp_matches_diffusers_for_inputs_and_every_parameter() {
     for case in CASES {
-        let dir = ModelDir::open(&fixture(case).join("model")).unwrap();
-        let ins = load(fixture(case).join("inputs.safetensors"));
-        let expected = load(fixture(case).join("expected.safetensors"));
+        let dir = ModelDir::open(&common::fixture(case).join("model")).unwrap();
+        let ins = common::load(common::fixture(case).join("inputs.safetensors"));
+        let expected = common::load(common::fixture(case).join("expected.safetensors"));
         let (model, varmap) = dir.load_trainable(DType::F32, &Device::Cpu).unwrap();
         let chain_len = scheduled_stages(&model.chain(temporal(case)));
         let vjp = latte::vjp::vjp(
             &model,
             &varmap,
-            &inputs(&ins, DType::F32),
+            &common::fixture_inputs(&ins, DType::F32),
             &ins["grad_sample"],
             temporal(case),
             &Schedule::store_all(chain_len),
@@ -130,13 +111,13 @@ fn vjp_matches_diffusers_for_inputs_and_every_parameter() {
 #[test]
 fn every_parameter_receives_a_nonzero_gradient() {
     let case = "video";
-    let dir = ModelDir::open(&fixture(case).join("model")).unwrap();
-    let ins = load(fixture(case).join("inputs.safetensors"));
+    let dir = ModelDir::open(&common::fixture(case).join("model")).unwrap();
+    let ins = common::load(common::fixture(case).join("inputs.safetensors"));
     let (model, varmap) = dir.load_trainable(DType::F32, &Device::Cpu).unwrap();
     let vjp = latte::vjp::vjp(
         &model,
         &varmap,
-        &inputs(&ins, DType::F32),
+        &common::fixture_inputs(&ins, DType::F32),
         &ins["grad_sample"],
         true,
         &Schedule::store_all(scheduled_stages(&model.chain(true))),

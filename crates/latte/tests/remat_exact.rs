@@ -2,9 +2,6 @@
 //! output and every gradient are bitwise identical on CPU f32 to the store-everything run.
 
 use candle_core::{DType, Device, Tensor};
-use latte::config::LatteConfig;
-use latte::model::LatteInputs;
-use latte::random::{randn, rng_for};
 use latte::vjp::{vjp, Vjp};
 use latte::weights::{fresh_trainable, ModelDir};
 use remat::grads::scheduled_stages;
@@ -12,7 +9,8 @@ use remat::meter::{CpuMeter, NoPhases};
 use remat::planner::{min_feasible_budget, plan};
 use remat::profile::profile;
 use remat::schedule::Schedule;
-use std::path::PathBuf;
+
+mod common;
 
 // Profiling for the planned schedules measures sizes with the counting allocator.
 remat::install_counting_allocator!();
@@ -49,33 +47,6 @@ fn assert_identical(reference: &Vjp, other: &Vjp, label: &str) {
     }
 }
 
-/// An 8-layer model (16 stages) on 16 frames: long enough for multi-level schedules.
-fn larger_chain() -> (LatteConfig, LatteInputs, Tensor) {
-    let config = LatteConfig {
-        num_heads: 2,
-        head_dim: 8,
-        in_channels: 4,
-        out_channels: 8,
-        num_layers: 8,
-        attention_bias: true,
-        sample_size: 8,
-        patch_size: 2,
-        num_embeds_ada_norm: 1000,
-        norm_eps: 1e-6,
-        caption_channels: 12,
-        video_length: 16,
-    };
-    let mut rng = rng_for(7, "remat-exact");
-    let dev = Device::Cpu;
-    let inputs = LatteInputs {
-        hidden_states: randn(&mut rng, (2, 4, 16, 8, 8), &dev).unwrap(),
-        timestep: Tensor::new(&[3i64, 871], &dev).unwrap(),
-        encoder_hidden_states: randn(&mut rng, (2, 5, 12), &dev).unwrap(),
-    };
-    let grad = randn(&mut rng, (2, 8, 16, 8, 8), &dev).unwrap();
-    (config, inputs, grad)
-}
-
 fn policies(n: usize) -> Vec<(String, Schedule)> {
     vec![
         ("every:1".into(), Schedule::every(n, 1)),
@@ -86,7 +57,11 @@ fn policies(n: usize) -> Vec<(String, Schedule)> {
 
 #[test]
 fn every_policy_gives_bitwise_identical_gradients_on_a_16_stage_chain() {
-    let (config, inputs, grad) = larger_chain();
+    let common::Workload {
+        config,
+        inputs,
+        grad_sample: grad,
+    } = common::eight_layer_video(8, 12, 7);
     let (model, varmap) = fresh_trainable(&config, 11, DType::F32, &Device::Cpu).unwrap();
     let n = scheduled_stages(&model.chain(true));
     let run = |schedule: &Schedule| {
@@ -125,19 +100,10 @@ fn every_policy_gives_bitwise_identical_gradients_on_a_16_stage_chain() {
 
 #[test]
 fn every_policy_gives_bitwise_identical_gradients_on_the_fixtures() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     for case in ["video", "batch"] {
-        let dir = ModelDir::open(&fixtures.join(case).join("model")).unwrap();
-        let ins = candle_core::safetensors::load(
-            fixtures.join(case).join("inputs.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let inputs = LatteInputs {
-            hidden_states: ins["hidden_states"].clone(),
-            timestep: ins["timestep"].clone(),
-            encoder_hidden_states: ins["encoder_hidden_states"].clone(),
-        };
+        let dir = ModelDir::open(&common::fixture(case).join("model")).unwrap();
+        let ins = common::load(common::fixture(case).join("inputs.safetensors"));
+        let inputs = common::fixture_inputs(&ins, DType::F32);
         let (model, varmap) = dir.load_trainable(DType::F32, &Device::Cpu).unwrap();
         let n = scheduled_stages(&model.chain(true));
         let run = |schedule: &Schedule| {

@@ -2,10 +2,7 @@
 //! checkpoint policies, on an 8-layer model with 16 frames. One test per binary so that
 //! no other test allocates while memory is measured.
 
-use candle_core::{DType, Device, Tensor};
-use latte::config::LatteConfig;
-use latte::model::LatteInputs;
-use latte::random::{randn, rng_for};
+use candle_core::{DType, Device};
 use latte::vjp::vjp;
 use latte::weights::fresh_trainable;
 use remat::grads::scheduled_stages;
@@ -16,35 +13,15 @@ use remat::schedule::Schedule;
 
 remat::install_counting_allocator!();
 
-fn setup() -> (LatteConfig, LatteInputs, Tensor) {
-    let config = LatteConfig {
-        num_heads: 2,
-        head_dim: 16,
-        in_channels: 4,
-        out_channels: 8,
-        num_layers: 8,
-        attention_bias: true,
-        sample_size: 8,
-        patch_size: 2,
-        num_embeds_ada_norm: 1000,
-        norm_eps: 1e-6,
-        caption_channels: 16,
-        video_length: 16,
-    };
-    let mut rng = rng_for(5, "remat-memory");
-    let dev = Device::Cpu;
-    let inputs = LatteInputs {
-        hidden_states: randn(&mut rng, (2, 4, 16, 8, 8), &dev).unwrap(),
-        timestep: Tensor::new(&[10i64, 620], &dev).unwrap(),
-        encoder_hidden_states: randn(&mut rng, (2, 6, 16), &dev).unwrap(),
-    };
-    let grad = randn(&mut rng, (2, 8, 16, 8, 8), &dev).unwrap();
-    (config, inputs, grad)
-}
+mod common;
 
 #[test]
 fn measured_peaks_respect_policies_budgets_and_predictions() {
-    let (config, inputs, grad) = setup();
+    let common::Workload {
+        config,
+        inputs,
+        grad_sample: grad,
+    } = common::eight_layer_video(16, 16, 5);
     let (model, varmap) = fresh_trainable(&config, 3, DType::F32, &Device::Cpu).unwrap();
     let chain = model.chain(true);
     let n = scheduled_stages(&chain);

@@ -6,11 +6,7 @@ use latte::model::LatteInputs;
 use latte::weights::{save_model_dir, save_model_dir_sharded, ModelDir, WEIGHTS_INDEX_FILE};
 use std::path::PathBuf;
 
-fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(case)
-}
+mod common;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("latte-weights-{}-{name}", std::process::id()));
@@ -19,9 +15,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn sample(dir: &ModelDir) -> Vec<f32> {
-    let ins =
-        candle_core::safetensors::load(fixture("video").join("inputs.safetensors"), &Device::Cpu)
-            .unwrap();
+    let ins = candle_core::safetensors::load(
+        common::fixture("video").join("inputs.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let inputs = LatteInputs {
         hidden_states: ins["hidden_states"].clone(),
         timestep: ins["timestep"].clone(),
@@ -39,7 +37,7 @@ fn sample(dir: &ModelDir) -> Vec<f32> {
 
 #[test]
 fn sharded_and_single_file_weights_give_the_same_model() {
-    let original = ModelDir::open(&fixture("video").join("model")).unwrap();
+    let original = ModelDir::open(&common::fixture("video").join("model")).unwrap();
     assert_eq!(original.shard_count(), 1);
     let reference = sample(&original);
     let tensors = original.tensors(DType::F32).unwrap();
@@ -86,7 +84,7 @@ fn sharded_and_single_file_weights_give_the_same_model() {
 
 #[test]
 fn an_index_naming_a_missing_shard_is_an_error_naming_it() {
-    let original = ModelDir::open(&fixture("unit_config").join("model")).unwrap();
+    let original = ModelDir::open(&common::fixture("unit_config").join("model")).unwrap();
     let dir = scratch("broken-index");
     save_model_dir_sharded(
         &dir,

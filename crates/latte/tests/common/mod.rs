@@ -1,0 +1,71 @@
+//! Helpers shared by the integration tests: the golden fixtures and a synthetic workload.
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use latte::config::LatteConfig;
+use latte::model::LatteInputs;
+use latte::random::{randn, rng_for};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// The directory of one golden fixture case (made by `tools/make_fixtures.py`).
+pub fn fixture(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(case)
+}
+
+/// All tensors of a safetensors file.
+pub fn load(path: PathBuf) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The model inputs of a fixture's `inputs.safetensors`, floats converted to `dtype`.
+pub fn fixture_inputs(tensors: &HashMap<String, Tensor>, dtype: DType) -> LatteInputs {
+    LatteInputs {
+        hidden_states: tensors["hidden_states"].to_dtype(dtype).unwrap(),
+        timestep: tensors["timestep"].clone(),
+        encoder_hidden_states: tensors["encoder_hidden_states"].to_dtype(dtype).unwrap(),
+    }
+}
+
+/// A model configuration, its inputs and an upstream gradient for the output.
+pub struct Workload {
+    pub config: LatteConfig,
+    pub inputs: LatteInputs,
+    pub grad_sample: Tensor,
+}
+
+/// An 8-layer model (16 block stages and the tail) on 2 videos of 16 frames of 8×8
+/// latents: long enough for multi-level schedules, small enough for debug builds.
+pub fn eight_layer_video(head_dim: usize, caption_channels: usize, seed: u64) -> Workload {
+    let config = LatteConfig {
+        num_heads: 2,
+        head_dim,
+        in_channels: 4,
+        out_channels: 8,
+        num_layers: 8,
+        attention_bias: true,
+        sample_size: 8,
+        patch_size: 2,
+        num_embeds_ada_norm: 1000,
+        norm_eps: 1e-6,
+        caption_channels,
+        video_length: 16,
+    };
+    let mut rng = rng_for(seed, "eight-layer-video");
+    let dev = Device::Cpu;
+    let inputs = LatteInputs {
+        hidden_states: randn(&mut rng, (2, 4, 16, 8, 8), &dev).unwrap(),
+        timestep: Tensor::new(&[3i64, 871], &dev).unwrap(),
+        encoder_hidden_states: randn(&mut rng, (2, 5, caption_channels), &dev).unwrap(),
+    };
+    let grad_sample = randn(&mut rng, (2, 8, 16, 8, 8), &dev).unwrap();
+    Workload {
+        config,
+        inputs,
+        grad_sample,
+    }
+}
