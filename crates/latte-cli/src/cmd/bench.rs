@@ -19,6 +19,7 @@ use remat::meter::{format_bytes, CpuMeter, NoPhases, Recorder};
 use remat::policy::Policy;
 use remat::profile::{resolve_policy, ResolvedPlan};
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::time::Instant;
 
 /// What one benchmark step computes.
@@ -47,9 +48,12 @@ pub struct Args {
     /// Also plan budgets at these fractions of the measured `none` peak.
     #[arg(long, value_delimiter = ',')]
     budget_fractions: Vec<f64>,
-    /// Measured steps per policy (after one warm-up step).
+    /// Measured steps per policy.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Unmeasured warm-up steps per policy before the measured ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     /// Precision of weights and activations.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Precision,
@@ -115,30 +119,27 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         resolved.description, args.mode, dtype, g.batch, g.frames, g.height, g.width
     );
 
-    let mut rows = Vec::new();
-    let mut none_peak = None;
-    let mut policies = args.policies.clone();
+    let steps = Steps {
+        warmup: args.warmup,
+        repeats: args.repeats,
+    };
+    let mut queue: VecDeque<Policy> = args.policies.iter().cloned().collect();
     let mut fractions = args.budget_fractions.clone();
-    while let Some(policy) = policies.first().cloned() {
-        policies.remove(0);
-        let row = bench_policy(
-            &model,
-            &inputs,
-            &grad_sample,
-            args.mode,
-            &policy,
-            args.repeats,
-        )?;
+    let mut none_peak = None;
+    while let Some(policy) = queue.pop_front() {
+        let row = bench_policy(&model, &inputs, &grad_sample, args.mode, &policy, steps)?;
         if policy == Policy::None {
             none_peak = Some(row.peak_bytes);
         }
         report(&row, args.json)?;
-        rows.push(row);
-        if policies.is_empty() && !fractions.is_empty() {
+        // Budgets relative to `none` join the queue once everything else has run.
+        if queue.is_empty() && !fractions.is_empty() {
             let base = none_peak.context("--budget-fractions needs `none` among --policies")?;
-            for fraction in fractions.drain(..) {
-                policies.push(Policy::Budget((base as f64 * fraction) as u64));
-            }
+            queue.extend(
+                fractions
+                    .drain(..)
+                    .map(|fraction| Policy::Budget((base as f64 * fraction) as u64)),
+            );
         }
     }
     Ok(())
@@ -172,13 +173,20 @@ fn wanted(mode: Mode) -> [bool; 3] {
     }
 }
 
+/// How many steps a policy runs.
+#[derive(Debug, Clone, Copy)]
+struct Steps {
+    warmup: usize,
+    repeats: usize,
+}
+
 fn bench_policy(
     model: &Latte,
     inputs: &LatteInputs,
     grad_sample: &Tensor,
     mode: Mode,
     policy: &Policy,
-    repeats: usize,
+    steps: Steps,
 ) -> Result<Row> {
     let chain = model.chain(true);
     let plan = match mode {
@@ -191,15 +199,15 @@ fn bench_policy(
             &CpuMeter,
         )?),
     };
-    let mut times = Vec::with_capacity(repeats);
+    let mut times = Vec::with_capacity(steps.repeats);
     let mut peak_bytes = 0;
-    for step in 0..=repeats {
+    for step in 0..steps.warmup + steps.repeats {
         let recorder = Recorder::start(CpuMeter);
         let started = Instant::now();
         step_once(model, inputs, grad_sample, mode, plan.as_ref())?;
         let elapsed = started.elapsed().as_secs_f64();
         let report = recorder.finish();
-        if step > 0 {
+        if step >= steps.warmup {
             times.push(elapsed);
             peak_bytes = peak_bytes.max(report.peak_bytes);
         }
@@ -212,7 +220,7 @@ fn bench_policy(
         step_s_min: times[0],
         peak_bytes,
         predicted_peak_bytes: plan.and_then(|p| p.predicted_peak_bytes),
-        repeats,
+        repeats: steps.repeats,
     })
 }
 
