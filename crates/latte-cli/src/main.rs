@@ -28,6 +28,8 @@ enum Command {
     Forward(cmd::forward::Args),
     /// Step time and measured peak memory under several checkpoint policies.
     Bench(cmd::bench::Args),
+    /// Train or fine-tune within a checkpoint policy or a memory budget.
+    Train(cmd::train::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args, &cli.global),
         Command::Forward(args) => cmd::forward::run(args, &cli.global),
         Command::Bench(args) => cmd::bench::run(args, &cli.global),
+        Command::Train(args) => cmd::train::run(args, &cli.global),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

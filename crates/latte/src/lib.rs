@@ -7,11 +7,18 @@
 //! - [`config`]: diffusers' `config.json` → validated [`config::LatteConfig`]; presets.
 //! - [`weights`]: model directories (single or sharded safetensors), checked loading, saving.
 //! - [`nn`]: the building blocks; [`model`]: the transformer as a remat chain.
+//! - [`diffusion`]: the noise schedule and the training loss; [`optim`]: AdamW, clipping,
+//!   loss scaling, EMA; [`data`]: synthetic videos and pre-encoded clips; [`train`]: the
+//!   training loop under a memory plan, with exact resume.
 
 pub mod config;
+pub mod data;
+pub mod diffusion;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod optim;
 pub mod random;
+pub mod train;
 pub mod vjp;
 pub mod weights;

@@ -131,20 +131,26 @@ fn measure_stage<M: ChainModel>(
 }
 
 /// Share of a budget kept free for what the cost model does not see: the executor's and
-/// autograd's bookkeeping (node lists, gradient maps, phase names), a few KiB per stage.
+/// autograd's bookkeeping (node lists, gradient maps, phase names) and allocator rounding.
 pub const BUDGET_MARGIN: f64 = 0.01;
+
+/// Bytes kept free on top of [`BUDGET_MARGIN`]: the bookkeeping is a few KiB per stage
+/// whatever the budget, which a share alone does not cover for small models.
+pub const BUDGET_MARGIN_BYTES: u64 = 256 * 1024;
 
 /// The bytes of `budget_bytes` the planner may fill.
 fn usable_bytes(budget_bytes: u64) -> u64 {
-    (budget_bytes as f64 * (1.0 - BUDGET_MARGIN)) as u64
+    ((budget_bytes as f64 * (1.0 - BUDGET_MARGIN)) as u64).saturating_sub(BUDGET_MARGIN_BYTES)
 }
 
 /// The smallest budget [`plan_within`] accepts for `costs`.
 pub fn min_budget(costs: &ChainCosts) -> u64 {
-    (planner::min_feasible_budget(costs) as f64 / (1.0 - BUDGET_MARGIN)).ceil() as u64
+    let needed = planner::min_feasible_budget(costs) + BUDGET_MARGIN_BYTES;
+    (needed as f64 / (1.0 - BUDGET_MARGIN)).ceil() as u64
 }
 
-/// The fastest schedule whose predicted peak stays [`BUDGET_MARGIN`] below `budget_bytes`.
+/// The fastest schedule whose predicted peak stays [`BUDGET_MARGIN`] and
+/// [`BUDGET_MARGIN_BYTES`] below `budget_bytes`.
 pub fn plan_within(costs: &ChainCosts, budget_bytes: u64) -> std::result::Result<Plan, PlanError> {
     planner::plan(costs, usable_bytes(budget_bytes)).map_err(|e| match e {
         PlanError::Infeasible { .. } => PlanError::Infeasible {

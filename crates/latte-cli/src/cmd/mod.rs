@@ -5,3 +5,4 @@ pub mod forward;
 pub mod inspect;
 pub mod model_source;
 pub mod plan_support;
+pub mod train;

@@ -1,0 +1,387 @@
+//! `latte train`: train a preset from scratch or fine-tune a diffusers model, on the
+//! built-in synthetic videos or a directory of pre-encoded clips, within a checkpoint
+//! policy or a memory budget for the whole step; checkpoints, exact resume, Ctrl-C saves.
+
+use crate::options::{GlobalOptions, Precision};
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use indicatif::{ProgressBar, ProgressStyle};
+use latte::config::Preset;
+use latte::data::ClipShape;
+use latte::train::{
+    DataSource, MemoryPlan, ModelSource, RunOutcome, StepReport, TrainConfig, Trainer, METRICS_FILE,
+};
+use remat::meter::format_bytes;
+use remat::policy::{ByteSize, Policy};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Caption tokens of the synthetic captions when the geometry is not a preset's.
+const DEFAULT_CAPTION_TOKENS: usize = 4;
+
+/// Arguments of `latte train`. Unset hyper-parameters take the defaults shown (or, with
+/// --resume, the checkpoint's values).
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A diffusers model directory to fine-tune.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "resume"])]
+    model: Option<PathBuf>,
+    /// A built-in configuration to train from fresh weights (--seed): latte-1, medium,
+    /// small, tiny.
+    #[arg(long, value_name = "NAME", conflicts_with = "resume")]
+    preset: Option<String>,
+    /// Continue a run exactly: a checkpoint directory, or a run's output directory (its
+    /// newest checkpoint).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Pre-encoded clips (safetensors files, see docs/DATA.md). Default: the built-in
+    /// synthetic videos at the preset's geometry.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Train until this many optimizer steps in total [default: 300].
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Clips per micro-batch [default: the preset's batch, 1 for --model].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate of AdamW [default: 1e-3].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Decoupled weight decay of AdamW [default: 0].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Steps of linear learning-rate warm-up [default: 20].
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Micro-batches accumulated per optimizer step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Clip gradients to this global L2 norm; 0 disables [default: 1].
+    #[arg(long)]
+    clip: Option<f64>,
+    /// Decay of the EMA of the weights (warmed up as diffusers' EMAModel) [default: 0.9999].
+    #[arg(long)]
+    ema_decay: Option<f64>,
+    /// Probability of training a clip with the null caption [default: 0.1].
+    #[arg(long)]
+    caption_dropout: Option<f64>,
+    /// Precision of the model; bf16/f16 keep f32 master weights, f16 scales the loss
+    /// [default: f32].
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
+    /// Checkpoint policy of the forward/backward: none, every:K, sqrt, budget:SIZE
+    /// (activations only) [default: none].
+    #[arg(long, value_name = "POLICY", conflicts_with = "budget")]
+    checkpoint: Option<Policy>,
+    /// Memory budget for the whole step (weights, optimizer state, EMA, gradients and
+    /// activations), e.g. 512MiB; the fastest schedule that fits is planned.
+    #[arg(long, value_name = "SIZE")]
+    budget: Option<ByteSize>,
+    /// Write a checkpoint every N steps (0: only at the end) [default: 100].
+    #[arg(long, value_name = "N")]
+    save_every: Option<u64>,
+    /// Output directory: checkpoint-<step>/, latest, metrics.jsonl.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Skip the temporal blocks (diffusers' `enable_temporal_attentions=False`).
+    #[arg(long)]
+    no_temporal: bool,
+}
+
+impl Args {
+    /// Applies the flags that were given to `config`; returns the names of those that
+    /// change how the run computes (which breaks exact continuation on resume).
+    fn apply(&self, config: &mut TrainConfig) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if let Some(steps) = self.steps {
+            config.steps = steps;
+        }
+        if let Some(every) = self.save_every {
+            config.save_every = every;
+        }
+        let mut set = |name: &'static str, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        if let Some(v) = self.batch {
+            set("--batch", config.batch_size != v);
+            config.batch_size = v;
+        }
+        if let Some(v) = self.lr {
+            set("--lr", config.optimizer.lr != v);
+            config.optimizer.lr = v;
+        }
+        if let Some(v) = self.weight_decay {
+            set("--weight-decay", config.optimizer.weight_decay != v);
+            config.optimizer.weight_decay = v;
+        }
+        if let Some(v) = self.warmup {
+            set("--warmup", config.warmup_steps != v);
+            config.warmup_steps = v;
+        }
+        if let Some(v) = self.grad_accum {
+            set("--grad-accum", config.grad_accum != v);
+            config.grad_accum = v;
+        }
+        if let Some(v) = self.clip {
+            let clip = (v > 0.0).then_some(v);
+            set("--clip", config.clip_grad_norm != clip);
+            config.clip_grad_norm = clip;
+        }
+        if let Some(v) = self.ema_decay {
+            set("--ema-decay", config.ema_decay != v);
+            config.ema_decay = v;
+        }
+        if let Some(v) = self.caption_dropout {
+            set("--caption-dropout", config.caption_dropout != v);
+            config.caption_dropout = v;
+        }
+        if let Some(v) = self.precision {
+            let precision = match v {
+                Precision::F32 => latte::train::Precision::F32,
+                Precision::Bf16 => latte::train::Precision::Bf16,
+                Precision::F16 => latte::train::Precision::F16,
+            };
+            set("--precision", config.precision != precision);
+            config.precision = precision;
+        }
+        // The memory plan changes the schedule only: gradients are exact whatever it is.
+        if let Some(policy) = self.checkpoint {
+            config.memory = MemoryPlan::Checkpoint(policy);
+        }
+        if let Some(budget) = self.budget {
+            config.memory = MemoryPlan::Budget(budget.0);
+        }
+        if self.no_temporal {
+            set("--no-temporal", config.temporal);
+            config.temporal = false;
+        }
+        changed
+    }
+}
+
+/// Runs `latte train`.
+pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
+    let device = global.device()?;
+    let mut trainer = if let Some(resume) = &args.resume {
+        let mut changed = Vec::new();
+        let trainer = Trainer::resume(resume, &args.out, &device, |config, data| {
+            changed = args.apply(config);
+            if let Some(dir) = &args.data {
+                *data = DataSource::Shards(dir.clone());
+            }
+        })
+        .with_context(|| format!("cannot resume from {}", resume.display()))?;
+        if !changed.is_empty() {
+            eprintln!(
+                "warning: {} differ from the checkpoint's settings: the run no longer \
+                 continues exactly",
+                changed.join(", ")
+            );
+        }
+        trainer
+    } else {
+        new_trainer(&args, global)?
+    };
+    describe(&trainer);
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond Ctrl-C: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!("\nCtrl-C: saving a checkpoint after this step (again to abort)");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+
+    let total = trainer.config().steps;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.step());
+    let mut summary = Summary::default();
+    let outcome = trainer.run(|report| {
+        summary.add(report);
+        bar.set_position(report.step);
+        bar.set_message(format!(
+            "loss {:.4} | peak {}",
+            report.loss,
+            format_bytes(report.resident_bytes + report.step_peak_bytes)
+        ));
+        if interrupted.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    bar.finish_and_clear();
+    let outcome = outcome?;
+    summary.print();
+    match outcome {
+        RunOutcome::Finished { step, checkpoint } => {
+            println!("finished at step {step}: {}", checkpoint.display());
+        }
+        RunOutcome::Interrupted { step, checkpoint } => {
+            println!(
+                "interrupted at step {step}: saved {} (continue with --resume {})",
+                checkpoint.display(),
+                args.out.display()
+            );
+        }
+    }
+    println!("metrics: {}", args.out.join(METRICS_FILE).display());
+    Ok(())
+}
+
+/// A new run from --model or --preset.
+fn new_trainer(args: &Args, global: &GlobalOptions) -> Result<Trainer> {
+    let device = global.device()?;
+    let mut config = TrainConfig {
+        seed: global.seed,
+        ..TrainConfig::default()
+    };
+    let (model, config_for_data, geometry) = match (&args.model, &args.preset) {
+        (Some(dir), _) => {
+            let opened = latte::weights::ModelDir::open(dir)
+                .with_context(|| format!("cannot load model directory {}", dir.display()))?;
+            let model_config = opened.config().clone();
+            config.batch_size = 1;
+            (ModelSource::Directory(dir.clone()), model_config, None)
+        }
+        (None, Some(name)) => {
+            let preset = Preset::by_name(name)?;
+            config.batch_size = preset.geometry.batch;
+            (
+                ModelSource::Fresh {
+                    config: preset.config.clone(),
+                    seed: global.seed,
+                },
+                preset.config,
+                Some(preset.geometry),
+            )
+        }
+        (None, None) => bail!("give --preset NAME, --model DIR or --resume DIR"),
+    };
+    args.apply(&mut config);
+    let data = match &args.data {
+        Some(dir) => DataSource::Shards(dir.clone()),
+        None => DataSource::Synthetic(match geometry {
+            Some(g) => ClipShape {
+                channels: config_for_data.in_channels,
+                frames: g.frames,
+                height: g.height,
+                width: g.width,
+                caption_tokens: g.caption_tokens,
+                caption_channels: config_for_data.caption_channels,
+            },
+            None => ClipShape {
+                channels: config_for_data.in_channels,
+                frames: config_for_data.video_length,
+                height: config_for_data.sample_size,
+                width: config_for_data.sample_size,
+                caption_tokens: DEFAULT_CAPTION_TOKENS,
+                caption_channels: config_for_data.caption_channels,
+            },
+        }),
+    };
+    Ok(Trainer::new(model, data, config, &args.out, &device)?)
+}
+
+/// Prints what is trained, on what, and the memory plan.
+fn describe(trainer: &Trainer) {
+    let c = trainer.config();
+    let m = trainer.memory();
+    let params: usize = latte::optim::sorted_params(trainer.varmap())
+        .map(|p| p.iter().map(|(_, v)| v.elem_count()).sum())
+        .unwrap_or(0);
+    println!(
+        "training {params} parameters ({:?}) from step {} to {}",
+        c.precision,
+        trainer.step(),
+        c.steps
+    );
+    println!("data: {}", trainer.dataset().describe());
+    println!(
+        "batch {} x {} micro-batches, lr {:e} (warm-up {}), weight decay {}, clip {}, \
+         EMA {}, caption dropout {}",
+        c.batch_size,
+        c.grad_accum,
+        c.optimizer.lr,
+        c.warmup_steps,
+        c.optimizer.weight_decay,
+        c.clip_grad_norm
+            .map_or_else(|| "off".to_string(), |v| v.to_string()),
+        c.ema_decay,
+        c.caption_dropout
+    );
+    let plan = match c.memory {
+        MemoryPlan::Checkpoint(policy) => format!("checkpoint policy {policy}"),
+        MemoryPlan::Budget(bytes) => format!(
+            "budget {} for the step: {} to the planner",
+            format_bytes(bytes),
+            format_bytes(m.chain_budget_bytes.unwrap_or(0))
+        ),
+    };
+    println!(
+        "memory: weights {} + optimizer {} + EMA {}; {plan}; schedule of {} ops{}",
+        format_bytes(m.weights_bytes),
+        format_bytes(m.optimizer_bytes),
+        format_bytes(m.ema_bytes),
+        trainer.plan().schedule.len(),
+        m.predicted_chain_peak_bytes
+            .map(|p| format!(", predicted forward/backward peak {}", format_bytes(p)))
+            .unwrap_or_default()
+    );
+}
+
+/// Running totals for the end-of-run summary.
+#[derive(Debug, Default)]
+struct Summary {
+    losses: Vec<f64>,
+    seconds: f64,
+    peak_bytes: u64,
+    skipped: u64,
+}
+
+impl Summary {
+    fn add(&mut self, r: &StepReport) {
+        self.losses.push(r.loss);
+        self.seconds += r.step_s;
+        self.peak_bytes = self.peak_bytes.max(r.resident_bytes + r.step_peak_bytes);
+        self.skipped += u64::from(r.skipped);
+    }
+
+    fn print(&self) {
+        let n = self.losses.len();
+        if n == 0 {
+            return;
+        }
+        let window = (n / 10).max(1);
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        println!(
+            "{n} steps in {:.1} s ({:.3} s/step); loss {:.4} (first {window}) -> {:.4} (last \
+             {window}); peak memory {} (weights, optimizer, EMA and step){}",
+            self.seconds,
+            self.seconds / n as f64,
+            mean(&self.losses[..window]),
+            mean(&self.losses[n - window..]),
+            format_bytes(self.peak_bytes),
+            if self.skipped > 0 {
+                format!("; {} steps skipped (f16 overflow)", self.skipped)
+            } else {
+                String::new()
+            }
+        );
+    }
+}

@@ -1,0 +1,1239 @@
+//! Training and fine-tuning: the loop as a library, under a memory plan.
+//!
+//! One optimiser step (see [`Trainer::train_step`]):
+//!
+//! 1. for each of `grad_accum` micro-batches: draw the batch, its timesteps
+//!    `t ~ U{0, …, T−1}`, the noise ε and the caption dropout (to the null, all-zero
+//!    embedding, for classifier-free guidance) from a generator seeded by
+//!    `(seed, step, micro-batch)`; run the model forward and backward through `remat`'s
+//!    executor under the planned schedule with the gradient of the
+//!    [diffusion loss](crate::diffusion) w.r.t. the output; accumulate the parameter
+//!    gradients in f32;
+//! 2. unscale (f16), clip by global norm, AdamW (f32 master weights in low precision),
+//!    EMA of the weights.
+//!
+//! Because every random draw is a function of `(seed, step, micro-batch)` and the data
+//! order a function of `(seed, position)`, a run resumed from a checkpoint continues
+//! bitwise as if it had never stopped (CPU f32).
+//!
+//! With [`MemoryPlan::Budget`], the budget covers the whole step: weights, optimiser
+//! state (Adam moments, f32 master weights) and the EMA are subtracted first, then the
+//! f32 gradient buffer and the step's own inputs and loss, and the remaining bytes are
+//! given to the checkpoint planner, whose costs already include the parameter gradients.
+//!
+//! # Checkpoints
+//!
+//! `<out>/checkpoint-<step>/` holds `transformer/` (diffusers layout, the training
+//! precision), `ema/` (diffusers layout, f32), `optimizer.safetensors` (`exp_avg.<name>`,
+//! `exp_avg_sq.<name>`, and `master.<name>` when training in bf16/f16) and `state.json`
+//! ([`TrainState`]). It is written to a temporary directory and renamed; `<out>/latest`
+//! names the newest. Every step appends one JSON object ([`StepReport`]) to
+//! `<out>/metrics.jsonl`.
+
+use crate::config::{LatteConfig, LatteConfigFile};
+use crate::data::shards::ShardDirectory;
+use crate::data::synthetic::SyntheticVideos;
+use crate::data::{Batch, ClipShape, DataError, Dataset, Loader};
+use crate::diffusion::{LossTarget, NoiseSchedule};
+use crate::model::{Latte, LatteInputs};
+use crate::optim::{
+    clip_grad_norm, global_grad_norm, sorted_params, warmup_lr, AdamW, AdamWConfig, Ema,
+    GradAccumulator, LossScaler,
+};
+use crate::random::{normal_values, rng_for};
+use crate::weights::{ModelDir, WeightsError};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::Rng;
+use remat::meter::{format_bytes, CpuMeter, MemoryMeter, Recorder};
+use remat::planner::PlanError;
+use remat::policy::Policy;
+use remat::profile::{resolve_policy, ResolveError, ResolvedPlan};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// File of per-step metrics in the output directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// File naming the newest checkpoint in the output directory.
+pub const LATEST_FILE: &str = "latest";
+/// Training state file of a checkpoint.
+pub const STATE_FILE: &str = "state.json";
+/// Optimiser state file of a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Version of the checkpoint layout.
+const STATE_FORMAT: u32 = 1;
+/// Batches the background loader reads ahead (shard data).
+const PREFETCH_BATCHES: usize = 2;
+
+/// Errors that stop training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A setting is out of range.
+    #[error("invalid training setting: {0}")]
+    Config(String),
+    /// The model could not be loaded or saved.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The data could not be read or does not fit the model.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The output directory cannot be written.
+    #[error("cannot write to output directory {path}: {cause}")]
+    Output { path: String, cause: std::io::Error },
+    /// The budget does not even hold the weights and the optimiser state.
+    #[error(
+        "memory budget {} is below what the weights and optimizer state alone need: \
+         weights {} + optimizer state {} ({}) + EMA {} = {}",
+        format_bytes(*budget_bytes),
+        format_bytes(*weights_bytes),
+        format_bytes(*optimizer_bytes),
+        optimizer_parts,
+        format_bytes(*ema_bytes),
+        format_bytes(weights_bytes + optimizer_bytes + ema_bytes)
+    )]
+    BudgetBelowState {
+        budget_bytes: u64,
+        weights_bytes: u64,
+        optimizer_bytes: u64,
+        optimizer_parts: &'static str,
+        ema_bytes: u64,
+    },
+    /// What the budget leaves for activations fits no schedule.
+    #[error(
+        "memory budget {} leaves {} for activations after weights, optimizer state, EMA, \
+         gradient buffer and step inputs ({} in all), but the smallest schedule needs {}: \
+         use a budget of at least {}",
+        format_bytes(*budget_bytes),
+        format_bytes(budget_bytes.saturating_sub(*fixed_bytes)),
+        format_bytes(*fixed_bytes),
+        format_bytes(*min_chain_bytes),
+        format_bytes(fixed_bytes + min_chain_bytes)
+    )]
+    BudgetInfeasible {
+        budget_bytes: u64,
+        fixed_bytes: u64,
+        min_chain_bytes: u64,
+    },
+    /// Planning the checkpoint schedule failed.
+    #[error("cannot plan the checkpoint schedule: {0}")]
+    Plan(#[from] ResolveError),
+    /// The loss is NaN or infinite; the weights were not updated.
+    #[error(
+        "non-finite loss ({loss}) at step {step} (samples: {samples}); training stopped \
+         before updating the weights; last good checkpoint: {}",
+        last_checkpoint.as_ref().map_or_else(|| "none written yet".to_string(), |p| p.display().to_string())
+    )]
+    NonFiniteLoss {
+        step: u64,
+        loss: f64,
+        samples: String,
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// The gradients are NaN or infinite (outside f16 loss scaling).
+    #[error(
+        "non-finite gradient norm ({norm}) at step {step}; training stopped before updating \
+         the weights; last good checkpoint: {}",
+        last_checkpoint.as_ref().map_or_else(|| "none written yet".to_string(), |p| p.display().to_string())
+    )]
+    NonFiniteGradients {
+        step: u64,
+        norm: f64,
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// A checkpoint could not be read.
+    #[error("cannot resume from {path}: {message}")]
+    Resume { path: String, message: String },
+}
+
+/// Precision the model computes in. Optimiser state is always f32; with `bf16`/`f16`
+/// the optimiser keeps f32 master weights, and `f16` uses dynamic loss scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    /// The candle dtype of weights and activations.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+
+    /// Whether f32 master weights are kept.
+    pub fn uses_master_weights(self) -> bool {
+        self != Precision::F32
+    }
+}
+
+/// How activation memory is managed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryPlan {
+    /// A checkpoint policy for the forward/backward alone (`budget:SIZE` there budgets
+    /// the activations and gradients, not the weights or optimiser).
+    Checkpoint(Policy),
+    /// A budget in bytes for the whole step: weights, optimiser state, EMA, gradients and
+    /// activations.
+    Budget(u64),
+}
+
+/// Hyper-parameters of a run; stored in every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Train until this many optimiser steps have been taken (in total, across resumes).
+    pub steps: u64,
+    /// Clips per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    /// AdamW hyper-parameters (`lr` is the peak learning rate).
+    pub optimizer: AdamWConfig,
+    /// Steps of linear learning-rate warm-up.
+    pub warmup_steps: u64,
+    /// Clip gradients to this global L2 norm.
+    pub clip_grad_norm: Option<f64>,
+    /// Decay of the weights' moving average.
+    pub ema_decay: f64,
+    /// Probability of replacing a clip's caption with the null (zero) embedding.
+    pub caption_dropout: f64,
+    /// Precision of the model's computation.
+    pub precision: Precision,
+    /// How activation memory is managed.
+    pub memory: MemoryPlan,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub save_every: u64,
+    /// Seed of every random draw of the run (noise, timesteps, dropout, data order).
+    pub seed: u64,
+    /// Run the temporal blocks (false: diffusers' `enable_temporal_attentions=False`).
+    pub temporal: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            batch_size: 4,
+            grad_accum: 1,
+            optimizer: AdamWConfig {
+                lr: 1e-3,
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+            warmup_steps: 20,
+            clip_grad_norm: Some(1.0),
+            ema_decay: 0.9999,
+            caption_dropout: 0.1,
+            precision: Precision::F32,
+            memory: MemoryPlan::Checkpoint(Policy::None),
+            save_every: 100,
+            seed: 0,
+            temporal: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the ranges of the settings.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let fail = |m: String| Err(TrainError::Config(m));
+        let o = &self.optimizer;
+        if self.batch_size == 0 {
+            return fail("batch size must be at least 1".into());
+        }
+        if self.grad_accum == 0 {
+            return fail("gradient accumulation must be at least 1 micro-batch".into());
+        }
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return fail(format!("learning rate {} must be positive", o.lr));
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            return fail(format!(
+                "betas ({}, {}) must lie in [0, 1)",
+                o.beta1, o.beta2
+            ));
+        }
+        if o.eps.is_nan() || o.eps <= 0.0 || o.weight_decay.is_nan() || o.weight_decay < 0.0 {
+            return fail("eps must be positive and weight decay non-negative".into());
+        }
+        if let Some(clip) = self.clip_grad_norm {
+            if clip.is_nan() || clip <= 0.0 {
+                return fail(format!("gradient clipping norm {clip} must be positive"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.ema_decay) {
+            return fail(format!("EMA decay {} must lie in [0, 1]", self.ema_decay));
+        }
+        if !(0.0..=1.0).contains(&self.caption_dropout) {
+            return fail(format!(
+                "caption dropout {} must lie in [0, 1]",
+                self.caption_dropout
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the initial weights come from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// Fresh weights for `config`, initialised from `seed`.
+    Fresh { config: LatteConfig, seed: u64 },
+    /// A diffusers model directory (fine-tuning).
+    Directory(PathBuf),
+}
+
+/// Where the clips come from; stored in every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// The built-in synthetic videos of this shape.
+    Synthetic(ClipShape),
+    /// A directory of clip files (see [`crate::data::shards`]).
+    Shards(PathBuf),
+}
+
+impl DataSource {
+    /// Opens the dataset for a model; checks that its clips fit.
+    pub fn open(
+        &self,
+        config: &LatteConfig,
+        temporal: bool,
+        seed: u64,
+    ) -> Result<Arc<dyn Dataset>, TrainError> {
+        match self {
+            DataSource::Shards(dir) => Ok(Arc::new(ShardDirectory::open(dir, config, temporal)?)),
+            DataSource::Synthetic(shape) => {
+                let p = config.patch_size;
+                let frames_fit =
+                    !temporal || shape.frames == 1 || shape.frames == config.video_length;
+                if shape.channels != config.in_channels
+                    || shape.caption_channels != config.caption_channels
+                    || shape.height % p != 0
+                    || shape.width % p != 0
+                    || !frames_fit
+                {
+                    return Err(DataError::Unsupported(format!(
+                        "synthetic clips {shape:?} do not fit the model: channels must be \
+                         in_channels = {}, caption_channels {}, frames video_length = {} (or 1), \
+                         height and width divisible by patch_size = {p}",
+                        config.in_channels, config.caption_channels, config.video_length
+                    ))
+                    .into());
+                }
+                Ok(Arc::new(SyntheticVideos::new(*shape, seed)?))
+            }
+        }
+    }
+
+    /// Batches the loader reads ahead on a background thread for this source.
+    fn prefetch(&self) -> usize {
+        match self {
+            DataSource::Synthetic(_) => 0,
+            DataSource::Shards(_) => PREFETCH_BATCHES,
+        }
+    }
+}
+
+/// The state of a run at a checkpoint (`state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Layout version.
+    pub format: u32,
+    /// Steps taken (including steps skipped by f16 overflow).
+    pub step: u64,
+    /// Optimiser steps taken (bias-correction count).
+    pub optimizer_steps: u64,
+    /// EMA updates taken.
+    pub ema_updates: u64,
+    /// Data cursor: clips drawn so far (the next draw position).
+    pub samples_seen: u64,
+    /// Loss-scaling state.
+    pub loss_scaler: LossScaler,
+    /// The run's settings.
+    pub config: TrainConfig,
+    /// The run's data.
+    pub data: DataSource,
+    /// How randomness is derived: nothing else needs restoring.
+    pub rng: String,
+}
+
+/// What one step did; one line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Steps taken after this one (1 for the first step).
+    pub step: u64,
+    /// Mean loss over the micro-batches (ε-MSE + variational term).
+    pub loss: f64,
+    /// Mean ε-prediction MSE.
+    pub mse: f64,
+    /// Mean variational-bound term (bits/dim), for learned-variance models.
+    pub vb: Option<f64>,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Loss scale used (1 unless f16).
+    pub loss_scale: f64,
+    /// Whether the update was skipped (f16 overflow).
+    pub skipped: bool,
+    /// Peak bytes allocated during the step above what was live at its start.
+    pub step_peak_bytes: u64,
+    /// Bytes of weights, optimiser state and EMA (live across steps).
+    pub resident_bytes: u64,
+    /// Wall-clock seconds of the step.
+    pub step_s: f64,
+    /// Clips drawn so far.
+    pub samples_seen: u64,
+}
+
+/// How the memory of a step is accounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MemoryAccount {
+    /// Model weights in the compute dtype.
+    pub weights_bytes: u64,
+    /// Adam moments and f32 master weights.
+    pub optimizer_bytes: u64,
+    /// EMA weights (f32).
+    pub ema_bytes: u64,
+    /// The f32 gradient buffer, when distinct from the backward's own gradients.
+    pub grad_buffer_bytes: u64,
+    /// A step's inputs, loss and prefetched data, measured once.
+    pub step_overhead_bytes: u64,
+    /// What the checkpoint planner was given (budget plans only).
+    pub chain_budget_bytes: Option<u64>,
+    /// The planner's predicted peak for the forward/backward (budget policies only).
+    pub predicted_chain_peak_bytes: Option<u64>,
+}
+
+impl MemoryAccount {
+    /// Bytes live across steps: weights, optimiser state, EMA.
+    pub fn resident_bytes(&self) -> u64 {
+        self.weights_bytes + self.optimizer_bytes + self.ema_bytes
+    }
+}
+
+/// How a call to [`Trainer::run`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    /// All steps were taken; the final checkpoint.
+    Finished { step: u64, checkpoint: PathBuf },
+    /// The callback asked to stop; the checkpoint written then.
+    Interrupted { step: u64, checkpoint: PathBuf },
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    config: TrainConfig,
+    model_config: LatteConfig,
+    config_file: LatteConfigFile,
+    model: Latte,
+    varmap: VarMap,
+    params: Vec<(String, Var)>,
+    optimizer: AdamW,
+    ema: Ema,
+    scaler: LossScaler,
+    noise_schedule: NoiseSchedule,
+    plan: ResolvedPlan,
+    memory: MemoryAccount,
+    data: DataSource,
+    loader: Loader,
+    device: Device,
+    steps_done: u64,
+    out_dir: PathBuf,
+    metrics: std::fs::File,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .field("step", &self.steps_done)
+            .field("out_dir", &self.out_dir)
+            .finish()
+    }
+}
+
+/// f32 weights, by name, sorted.
+type NamedTensors = Vec<(String, Tensor)>;
+
+/// A trainable model in `dtype` whose variables hold `weights`.
+fn trainable_from(
+    config: &LatteConfig,
+    weights: &[(String, Tensor)],
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Latte, VarMap)> {
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("parameter map poisoned".into()))?;
+        for (name, w) in weights {
+            let t = w.to_dtype(dtype)?.to_device(device)?.copy()?;
+            data.insert(name.clone(), Var::from_tensor(&t)?);
+        }
+    }
+    let model = Latte::new(config, VarBuilder::from_varmap(&varmap, dtype, device))?;
+    Ok((model, varmap))
+}
+
+fn named_tensors(varmap: &VarMap) -> candle_core::Result<NamedTensors> {
+    Ok(sorted_params(varmap)?
+        .into_iter()
+        .map(|(name, var)| (name, var.as_detached_tensor()))
+        .collect())
+}
+
+fn output_error(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |cause| TrainError::Output {
+        path: path.display().to_string(),
+        cause,
+    }
+}
+
+/// The checkpoint a `--resume` path means: a checkpoint directory itself, or a run's
+/// output directory (its `latest` checkpoint, else the highest-numbered one).
+pub fn find_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
+    let fail = |message: String| TrainError::Resume {
+        path: path.display().to_string(),
+        message,
+    };
+    if path.join(STATE_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        return Err(fail("no such directory".into()));
+    }
+    if let Ok(name) = std::fs::read_to_string(path.join(LATEST_FILE)) {
+        let candidate = path.join(name.trim());
+        if candidate.join(STATE_FILE).is_file() {
+            return Ok(candidate);
+        }
+    }
+    let mut best: Option<(u64, PathBuf)> = None;
+    let entries = std::fs::read_dir(path).map_err(|e| fail(e.to_string()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|(s, _)| step > *s) {
+            best = Some((step, entry.path()));
+        }
+    }
+    best.map(|(_, p)| p).ok_or_else(|| {
+        fail(format!(
+            "neither a checkpoint (no {STATE_FILE}) nor a run directory holding checkpoint-<step>/"
+        ))
+    })
+}
+
+/// What a run starts from.
+struct Start {
+    weights: NamedTensors,
+    config_file: LatteConfigFile,
+    config: TrainConfig,
+    data: DataSource,
+    resumed: Option<Resumed>,
+}
+
+/// Saved optimiser state to restore.
+struct Resumed {
+    dir: PathBuf,
+    state: TrainState,
+    optimizer: HashMap<String, Tensor>,
+    ema: HashMap<String, Tensor>,
+}
+
+impl Trainer {
+    /// Starts a new run writing to `out_dir` (created; an existing `metrics.jsonl` there
+    /// is replaced).
+    pub fn new(
+        model: ModelSource,
+        data: DataSource,
+        config: TrainConfig,
+        out_dir: &Path,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        config.validate()?;
+        let (weights, config_file) = match model {
+            ModelSource::Fresh { config, seed } => {
+                let (_, varmap) =
+                    crate::weights::fresh_trainable(&config, seed, DType::F32, device)?;
+                (
+                    named_tensors(&varmap)?,
+                    LatteConfigFile::from_config(&config),
+                )
+            }
+            ModelSource::Directory(dir) => {
+                let opened = ModelDir::open(&dir)?;
+                let (_, varmap) = opened.load_trainable(DType::F32, device)?;
+                (named_tensors(&varmap)?, opened.config_file().clone())
+            }
+        };
+        Self::assemble(
+            Start {
+                weights,
+                config_file,
+                config,
+                data,
+                resumed: None,
+            },
+            out_dir,
+            device,
+        )
+    }
+
+    /// Continues the run saved in `checkpoint` (a checkpoint, or a run directory: see
+    /// [`find_checkpoint`]), writing to `out_dir`. `adjust` may change the settings (more
+    /// steps, another save interval; anything else breaks exact continuation) and the
+    /// data location. Lines of `out_dir/metrics.jsonl` after the checkpoint's step are
+    /// dropped.
+    pub fn resume(
+        checkpoint: &Path,
+        out_dir: &Path,
+        device: &Device,
+        adjust: impl FnOnce(&mut TrainConfig, &mut DataSource),
+    ) -> Result<Self, TrainError> {
+        let dir = find_checkpoint(checkpoint)?;
+        let fail = |message: String| TrainError::Resume {
+            path: dir.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(dir.join(STATE_FILE))
+            .map_err(|e| fail(format!("{STATE_FILE}: {e}")))?;
+        let state: TrainState =
+            serde_json::from_str(&text).map_err(|e| fail(format!("{STATE_FILE}: {e}")))?;
+        if state.format != STATE_FORMAT {
+            return Err(fail(format!(
+                "checkpoint format {} is not supported (expected {STATE_FORMAT})",
+                state.format
+            )));
+        }
+        let transformer = ModelDir::open(&dir.join("transformer"))?;
+        let (_, varmap) = transformer.load_trainable(DType::F32, device)?;
+        let mut weights = named_tensors(&varmap)?;
+        let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), device)
+            .map_err(|e| fail(format!("{OPTIMIZER_FILE}: {e}")))?;
+        // Master weights are the exact f32 values of a low-precision run.
+        for (name, w) in &mut weights {
+            if let Some(master) = optimizer.get(&format!("master.{name}")) {
+                *w = master.clone();
+            }
+        }
+        let ema_file = dir.join("ema").join(crate::weights::WEIGHTS_FILE);
+        let ema = candle_core::safetensors::load(&ema_file, device)
+            .map_err(|e| fail(format!("{}: {e}", ema_file.display())))?;
+        let mut config = state.config.clone();
+        let mut data = state.data.clone();
+        adjust(&mut config, &mut data);
+        config.validate()?;
+        Self::assemble(
+            Start {
+                weights,
+                config_file: transformer.config_file().clone(),
+                config,
+                data,
+                resumed: Some(Resumed {
+                    dir: dir.clone(),
+                    state,
+                    optimizer,
+                    ema,
+                }),
+            },
+            out_dir,
+            device,
+        )
+    }
+
+    fn assemble(start: Start, out_dir: &Path, device: &Device) -> Result<Self, TrainError> {
+        let Start {
+            weights,
+            config_file,
+            config,
+            data,
+            resumed,
+        } = start;
+        let model_config = config_file.resolve().map_err(WeightsError::from)?;
+        let steps_done = resumed.as_ref().map_or(0, |r| r.state.step);
+        std::fs::create_dir_all(out_dir).map_err(output_error(out_dir))?;
+
+        let dtype = config.precision.dtype();
+        let (model, varmap) = trainable_from(&model_config, &weights, dtype, device)?;
+        let params = sorted_params(&varmap)?;
+        let masters = config.precision.uses_master_weights();
+        let mut optimizer = AdamW::new(
+            &params,
+            config.optimizer,
+            masters.then_some(weights.as_slice()),
+        )?;
+        let mut ema = Ema::new(&weights, config.ema_decay)?;
+        drop(weights);
+        let mut scaler = if config.precision == Precision::F16 {
+            LossScaler::dynamic()
+        } else {
+            LossScaler::disabled()
+        };
+        let mut samples_seen = 0;
+        let mut last_checkpoint = None;
+        if let Some(r) = &resumed {
+            optimizer.load_state(&r.optimizer, r.state.optimizer_steps)?;
+            ema.load(&r.ema, r.state.ema_updates)?;
+            if r.state.config.precision == config.precision {
+                scaler = r.state.loss_scaler;
+            }
+            samples_seen = r.state.samples_seen;
+            last_checkpoint = Some(r.dir.clone());
+        }
+
+        let dataset = data.open(&model_config, config.temporal, config.seed)?;
+        // Only now that the model and the data are good is the metrics file touched.
+        let metrics = open_metrics(out_dir, steps_done, resumed.is_some())?;
+        let loader = Loader::new(
+            dataset.clone(),
+            config.seed,
+            config.batch_size,
+            samples_seen,
+            data.prefetch(),
+        );
+        let mut trainer = Self {
+            model_config,
+            config_file,
+            model,
+            varmap,
+            params,
+            optimizer,
+            ema,
+            scaler,
+            noise_schedule: NoiseSchedule::latte(),
+            plan: ResolvedPlan {
+                schedule: remat::schedule::Schedule::new(Vec::new()),
+                predicted_peak_bytes: None,
+                costs: None,
+            },
+            memory: MemoryAccount::default(),
+            data,
+            loader,
+            device: device.clone(),
+            steps_done,
+            out_dir: out_dir.to_path_buf(),
+            metrics,
+            last_checkpoint,
+            config,
+        };
+        trainer.plan_memory(dataset.as_ref())?;
+        Ok(trainer)
+    }
+
+    /// Accounts the resident memory and resolves the checkpoint schedule.
+    fn plan_memory(&mut self, dataset: &dyn Dataset) -> Result<(), TrainError> {
+        let precision = self.config.precision;
+        let weights_bytes = self.optimizer.weight_bytes();
+        let grad_buffer_bytes = if self.config.grad_accum > 1 || precision != Precision::F32 {
+            self.optimizer.num_scalars() as u64 * 4
+        } else {
+            0
+        };
+        self.memory = MemoryAccount {
+            weights_bytes,
+            optimizer_bytes: self.optimizer.state_bytes(),
+            ema_bytes: self.ema.bytes(),
+            grad_buffer_bytes,
+            ..MemoryAccount::default()
+        };
+        let example = self.example_batch(dataset.shape());
+        let prepared = self.prepare(&example, 0, 0)?;
+        self.model
+            .check_inputs(&prepared.inputs, self.config.temporal)?;
+        let inputs = prepared.inputs.to_vec();
+        drop(prepared);
+        let chain = self.model.chain(self.config.temporal);
+        let policy = match self.config.memory {
+            MemoryPlan::Checkpoint(policy) => policy,
+            MemoryPlan::Budget(budget_bytes) => {
+                let resident = self.memory.resident_bytes();
+                if budget_bytes < resident {
+                    return Err(TrainError::BudgetBelowState {
+                        budget_bytes,
+                        weights_bytes,
+                        optimizer_bytes: self.memory.optimizer_bytes,
+                        optimizer_parts: if precision.uses_master_weights() {
+                            "Adam moments and f32 master weights"
+                        } else {
+                            "Adam moments"
+                        },
+                        ema_bytes: self.memory.ema_bytes,
+                    });
+                }
+                if !self.device.is_cpu() {
+                    return Err(TrainError::Config(
+                        "a memory budget is measured with the host-heap meter, so it plans CPU \
+                         training only; on a GPU use a checkpoint policy"
+                            .into(),
+                    ));
+                }
+                if !CpuMeter.is_measuring() {
+                    return Err(TrainError::Config(
+                        "a memory budget needs the counting allocator to measure the model \
+                         (remat::install_counting_allocator!() in the binary)"
+                            .into(),
+                    ));
+                }
+                self.memory.step_overhead_bytes = self.measure_step_overhead(&example)?;
+                let fixed_bytes =
+                    resident + self.memory.grad_buffer_bytes + self.memory.step_overhead_bytes;
+                let chain_budget = budget_bytes.saturating_sub(fixed_bytes);
+                self.memory.chain_budget_bytes = Some(chain_budget);
+                Policy::Budget(chain_budget)
+            }
+        };
+        let plan = resolve_policy(&policy, &chain, &inputs, &[false, false, false], &CpuMeter);
+        let plan = match (plan, self.config.memory) {
+            (
+                Err(ResolveError::Plan(PlanError::Infeasible { min_bytes, .. })),
+                MemoryPlan::Budget(budget_bytes),
+            ) => {
+                return Err(TrainError::BudgetInfeasible {
+                    budget_bytes,
+                    fixed_bytes: self.memory.resident_bytes()
+                        + self.memory.grad_buffer_bytes
+                        + self.memory.step_overhead_bytes,
+                    min_chain_bytes: min_bytes,
+                })
+            }
+            (plan, _) => plan?,
+        };
+        self.memory.predicted_chain_peak_bytes = plan.predicted_peak_bytes;
+        tracing::info!(
+            schedule_ops = plan.schedule.len(),
+            predicted_peak = plan.predicted_peak_bytes,
+            "checkpoint schedule resolved"
+        );
+        self.plan = plan;
+        Ok(())
+    }
+
+    /// A zero batch of the data's shape (with a mask, to account for the largest case).
+    fn example_batch(&self, shape: ClipShape) -> Batch {
+        let b = self.config.batch_size;
+        Batch {
+            shape,
+            videos: vec![0.0; b * shape.video_len()],
+            captions: vec![0.0; b * shape.caption_len()],
+            mask: Some(vec![1.0; b * shape.positions()]),
+            labels: vec![String::new(); b],
+            position: 0,
+        }
+    }
+
+    /// Peak bytes of preparing a micro-batch and evaluating the loss on an output, plus
+    /// what the background loader holds.
+    fn measure_step_overhead(&self, example: &Batch) -> Result<u64, TrainError> {
+        let recorder = Recorder::start(CpuMeter);
+        {
+            let prepared = self.prepare(example, 0, 0)?;
+            let mut dims = prepared.x0.dims().to_vec();
+            dims[1] = self.model_config.out_channels;
+            let output = Tensor::zeros(dims, self.config.precision.dtype(), &self.device)?;
+            let loss = self.noise_schedule.training_loss(
+                &output,
+                &prepared.target(),
+                self.scaler.scale,
+            )?;
+            let _cast = loss.grad_output.to_dtype(self.config.precision.dtype())?;
+        }
+        let measured = recorder.finish().peak_bytes;
+        let batch_bytes = (example.videos.len() + example.captions.len()) as u64 * 4
+            + example.mask.as_ref().map_or(0, |m| m.len() as u64 * 4);
+        Ok(measured + self.data.prefetch() as u64 * 2 * batch_bytes)
+    }
+
+    /// Tensors for micro-batch `micro` of step `step`: timesteps, noise and caption
+    /// dropout from the generator of `(seed, step, micro)`.
+    fn prepare(&self, batch: &Batch, step: u64, micro: usize) -> Result<Prepared, TrainError> {
+        let shape = batch.shape;
+        let b = batch.len();
+        let mut rng = rng_for(
+            self.config.seed,
+            &format!("train/step-{step}/micro-{micro}"),
+        );
+        let timesteps: Vec<usize> = (0..b)
+            .map(|_| rng.random_range(0..self.noise_schedule.num_timesteps()))
+            .collect();
+        let dropped: Vec<bool> = (0..b)
+            .map(|_| rng.random::<f64>() < self.config.caption_dropout)
+            .collect();
+        let noise = normal_values(&mut rng, b * shape.video_len());
+        let video_dims = (b, shape.channels, shape.frames, shape.height, shape.width);
+        let dev = &self.device;
+        let x0 = Tensor::from_slice(&batch.videos, video_dims, dev)?;
+        let noise = Tensor::from_vec(noise, video_dims, dev)?;
+        let x_t = self.noise_schedule.add_noise(&x0, &noise, &timesteps)?;
+        let mut captions = batch.captions.clone();
+        for (i, _) in dropped.iter().enumerate().filter(|(_, d)| **d) {
+            let len = shape.caption_len();
+            captions[i * len..(i + 1) * len].fill(0.0);
+        }
+        let dtype = self.config.precision.dtype();
+        let captions = Tensor::from_vec(
+            captions,
+            (b, shape.caption_tokens, shape.caption_channels),
+            dev,
+        )?
+        .to_dtype(dtype)?;
+        let mask = match &batch.mask {
+            Some(m) => Some(Tensor::from_slice(
+                m,
+                (b, 1, shape.frames, shape.height, shape.width),
+                dev,
+            )?),
+            None => None,
+        };
+        let t_model: Vec<i64> = timesteps.iter().map(|&t| t as i64).collect();
+        Ok(Prepared {
+            inputs: LatteInputs {
+                hidden_states: x_t.to_dtype(dtype)?,
+                timestep: Tensor::new(t_model, dev)?,
+                encoder_hidden_states: captions,
+            },
+            x0,
+            x_t,
+            noise,
+            timesteps,
+            mask,
+        })
+    }
+
+    /// Takes one optimiser step (see the module doc) and appends its line to
+    /// `metrics.jsonl`. On a non-finite loss or gradient nothing is updated.
+    pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
+        let started = Instant::now();
+        let mut recorder = Recorder::start(CpuMeter);
+        let step = self.steps_done;
+        let accum = self.config.grad_accum;
+        let grad_scale = self.scaler.scale / accum as f64;
+        let chain = self.model.chain(self.config.temporal);
+        let mut accumulator = GradAccumulator::new();
+        let (mut loss_sum, mut mse_sum, mut vb_sum) = (0.0, 0.0, None::<f64>);
+        for micro in 0..accum {
+            let batch = self.loader.next_batch()?;
+            let prepared = self.prepare(&batch, step, micro)?;
+            let tape = remat::grads::forward(
+                &chain,
+                &prepared.inputs.to_vec(),
+                &[false, false, false],
+                &self.plan.schedule,
+                &mut recorder,
+            )?;
+            let loss =
+                self.noise_schedule
+                    .training_loss(tape.output(), &prepared.target(), grad_scale)?;
+            if !loss.loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: step + 1,
+                    loss: loss.loss,
+                    samples: batch.labels.join(", "),
+                    last_checkpoint: self.last_checkpoint.clone(),
+                });
+            }
+            loss_sum += loss.loss;
+            mse_sum += loss.mean_mse();
+            if let Some(vb) = loss.mean_vb() {
+                vb_sum = Some(vb_sum.unwrap_or(0.0) + vb);
+            }
+            let grads = tape.backward(&loss.grad_output, &mut recorder)?;
+            drop(loss);
+            accumulator.add(&self.params, &grads)?;
+        }
+        let mut grads = accumulator.finish(&self.params)?;
+        if self.scaler.scale != 1.0 {
+            let unscale = 1.0 / self.scaler.scale;
+            for g in grads.iter_mut() {
+                *g = g.affine(unscale, 0.0)?;
+            }
+        }
+        let grad_norm = match self.config.clip_grad_norm {
+            Some(max_norm) => clip_grad_norm(&mut grads, max_norm)?,
+            None => global_grad_norm(&grads)?,
+        };
+        let overflow = !grad_norm.is_finite();
+        if overflow && !self.scaler.dynamic {
+            return Err(TrainError::NonFiniteGradients {
+                step: step + 1,
+                norm: grad_norm,
+                last_checkpoint: self.last_checkpoint.clone(),
+            });
+        }
+        let loss_scale = self.scaler.scale;
+        let stepped = self.scaler.update(overflow);
+        let lr = warmup_lr(self.config.optimizer.lr, step, self.config.warmup_steps);
+        if stepped {
+            self.optimizer.step(&grads, lr)?;
+            drop(grads);
+            self.ema.update(&self.optimizer.weights_f32()?)?;
+        } else {
+            drop(grads);
+        }
+        let memory = recorder.finish();
+        self.steps_done += 1;
+        let report = StepReport {
+            step: self.steps_done,
+            loss: loss_sum / accum as f64,
+            mse: mse_sum / accum as f64,
+            vb: vb_sum.map(|v| v / accum as f64),
+            lr,
+            grad_norm,
+            loss_scale,
+            skipped: !stepped,
+            step_peak_bytes: memory.peak_bytes,
+            resident_bytes: self.memory.resident_bytes(),
+            step_s: started.elapsed().as_secs_f64(),
+            samples_seen: self.loader.position(),
+        };
+        let mut line = serde_json::to_string(&report)
+            .map_err(|e| TrainError::Config(format!("cannot encode metrics: {e}")))?;
+        line.push('\n');
+        let path = self.out_dir.join(METRICS_FILE);
+        self.metrics
+            .write_all(line.as_bytes())
+            .and_then(|()| self.metrics.flush())
+            .map_err(output_error(&path))?;
+        Ok(report)
+    }
+
+    /// Trains until `config.steps` steps are done, checkpointing every `save_every` steps
+    /// and at the end. `on_step` sees each step's report; returning `Break` saves a
+    /// checkpoint and stops (Ctrl-C).
+    pub fn run(
+        &mut self,
+        mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+    ) -> Result<RunOutcome, TrainError> {
+        while self.steps_done < self.config.steps {
+            let report = self.train_step()?;
+            let every = self.config.save_every;
+            if every > 0 && self.steps_done.is_multiple_of(every) {
+                self.save_checkpoint()?;
+            }
+            if on_step(&report).is_break() {
+                let checkpoint = self.checkpoint_now()?;
+                return Ok(RunOutcome::Interrupted {
+                    step: self.steps_done,
+                    checkpoint,
+                });
+            }
+        }
+        let checkpoint = self.checkpoint_now()?;
+        Ok(RunOutcome::Finished {
+            step: self.steps_done,
+            checkpoint,
+        })
+    }
+
+    /// The checkpoint of the current step, written unless it already exists.
+    fn checkpoint_now(&mut self) -> Result<PathBuf, TrainError> {
+        let current = self.out_dir.join(checkpoint_name(self.steps_done));
+        if self.last_checkpoint.as_ref() == Some(&current) {
+            return Ok(current);
+        }
+        self.save_checkpoint()
+    }
+
+    /// Writes `<out>/checkpoint-<step>/` (through a temporary directory) and points
+    /// `<out>/latest` at it.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
+        let name = checkpoint_name(self.steps_done);
+        let target = self.out_dir.join(&name);
+        let tmp = self.out_dir.join(format!(".{name}.tmp"));
+        let result = self.write_checkpoint(&tmp).and_then(|()| {
+            if target.exists() {
+                std::fs::remove_dir_all(&target).map_err(output_error(&target))?;
+            }
+            std::fs::rename(&tmp, &target).map_err(output_error(&target))?;
+            crate::io::write_atomically(&self.out_dir.join(LATEST_FILE), name.as_bytes())
+                .map_err(output_error(&self.out_dir))
+        });
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        tracing::info!(checkpoint = %target.display(), "checkpoint written");
+        self.last_checkpoint = Some(target.clone());
+        Ok(target)
+    }
+
+    fn write_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(output_error(dir))?;
+        }
+        std::fs::create_dir_all(dir).map_err(output_error(dir))?;
+        let weights = named_tensors(&self.varmap)?;
+        crate::weights::save_model_dir(
+            &dir.join("transformer"),
+            &self.config_file,
+            &weights,
+            self.config.precision.dtype(),
+        )?;
+        crate::weights::save_model_dir(
+            &dir.join("ema"),
+            &self.config_file,
+            self.ema.weights(),
+            DType::F32,
+        )?;
+        crate::io::save_safetensors(&self.optimizer.state_tensors(), &dir.join(OPTIMIZER_FILE))?;
+        let state = TrainState {
+            format: STATE_FORMAT,
+            step: self.steps_done,
+            optimizer_steps: self.optimizer.steps(),
+            ema_updates: self.ema.updates(),
+            samples_seen: self.loader.position(),
+            loss_scaler: self.scaler,
+            config: self.config.clone(),
+            data: self.data.clone(),
+            rng: "each micro-batch's timesteps, noise and caption dropout come from a \
+                  generator seeded by (config.seed, step, micro-batch); the data order \
+                  from (config.seed, epoch)"
+                .into(),
+        };
+        let json = serde_json::to_string_pretty(&state)
+            .map_err(|e| TrainError::Config(format!("cannot encode {STATE_FILE}: {e}")))?;
+        let path = dir.join(STATE_FILE);
+        crate::io::write_atomically(&path, json.as_bytes()).map_err(output_error(&path))
+    }
+
+    /// The run's settings.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The model's configuration.
+    pub fn model_config(&self) -> &LatteConfig {
+        &self.model_config
+    }
+
+    /// The model being trained (its weights are the variables of [`Trainer::varmap`]).
+    pub fn model(&self) -> &Latte {
+        &self.model
+    }
+
+    /// The model's variables.
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.steps_done
+    }
+
+    /// The f32 weights the optimiser updates, by name (sorted).
+    pub fn weights_f32(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
+        Ok(self.optimizer.weights_f32()?)
+    }
+
+    /// The EMA weights, by name (sorted).
+    pub fn ema_weights(&self) -> &[(String, Tensor)] {
+        self.ema.weights()
+    }
+
+    /// The memory accounting of a step.
+    pub fn memory(&self) -> &MemoryAccount {
+        &self.memory
+    }
+
+    /// The resolved checkpoint schedule.
+    pub fn plan(&self) -> &ResolvedPlan {
+        &self.plan
+    }
+
+    /// The loss-scaling state.
+    pub fn loss_scaler(&self) -> &LossScaler {
+        &self.scaler
+    }
+
+    /// The data being read.
+    pub fn dataset(&self) -> &dyn Dataset {
+        self.loader.dataset()
+    }
+
+    /// The newest checkpoint written by this trainer.
+    pub fn last_checkpoint(&self) -> Option<&Path> {
+        self.last_checkpoint.as_deref()
+    }
+
+    /// The output directory.
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+}
+
+/// `checkpoint-<step>`.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("checkpoint-{step}")
+}
+
+/// Opens `metrics.jsonl` in `out_dir` for appending: replaced for a new run, cut after
+/// `step` for a resumed one.
+fn open_metrics(out_dir: &Path, step: u64, resumed: bool) -> Result<std::fs::File, TrainError> {
+    let path = out_dir.join(METRICS_FILE);
+    let kept = if resumed {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect::<String>()
+    } else {
+        String::new()
+    };
+    crate::io::write_atomically(&path, kept.as_bytes()).map_err(output_error(out_dir))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(output_error(out_dir))
+}
+
+/// One micro-batch's tensors.
+struct Prepared {
+    inputs: LatteInputs,
+    x0: Tensor,
+    x_t: Tensor,
+    noise: Tensor,
+    timesteps: Vec<usize>,
+    mask: Option<Tensor>,
+}
+
+impl Prepared {
+    fn target(&self) -> LossTarget<'_> {
+        LossTarget {
+            x0: &self.x0,
+            x_t: &self.x_t,
+            noise: &self.noise,
+            timesteps: &self.timesteps,
+            mask: self.mask.as_ref(),
+        }
+    }
+}
