@@ -42,7 +42,8 @@ pub struct Args {
     /// Workload.
     #[arg(long, value_enum, default_value = "train")]
     mode: Mode,
-    /// Policies to compare, comma-separated (none, every:K, sqrt, budget:SIZE).
+    /// Policies to compare, comma-separated (none, every:K, sqrt, budget:SIZE); ignored by
+    /// `--mode fwd`, which keeps no graph.
     #[arg(long, value_delimiter = ',', default_value = "none,every:1")]
     policies: Vec<Policy>,
     /// Also plan budgets at these fractions of the measured `none` peak.
@@ -123,8 +124,13 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         warmup: args.warmup,
         repeats: args.repeats,
     };
-    let mut queue: VecDeque<Policy> = args.policies.iter().cloned().collect();
-    let mut fractions = args.budget_fractions.clone();
+    let (mut queue, mut fractions): (VecDeque<Policy>, Vec<f64>) = match args.mode {
+        Mode::Fwd => (VecDeque::from([Policy::None]), Vec::new()),
+        _ => (
+            args.policies.iter().cloned().collect(),
+            args.budget_fractions.clone(),
+        ),
+    };
     let mut none_peak = None;
     while let Some(policy) = queue.pop_front() {
         let row = bench_policy(&model, &inputs, &grad_sample, args.mode, &policy, steps)?;
@@ -215,7 +221,10 @@ fn bench_policy(
     times.sort_by(f64::total_cmp);
     Ok(Row {
         mode,
-        policy: policy.to_string(),
+        policy: match mode {
+            Mode::Fwd => "forward".to_string(),
+            _ => policy.to_string(),
+        },
         step_s_median: times[times.len() / 2],
         step_s_min: times[0],
         peak_bytes,
