@@ -30,6 +30,12 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Train or fine-tune within a checkpoint policy or a memory budget.
     Train(cmd::train::Args),
+    /// Sample a video (DDIM, classifier-free and gradient guidance under a memory plan).
+    Sample(cmd::sample::Args),
+    /// The cheapest checkpoint policy, batch and precision that fit a memory budget.
+    Plan(cmd::plan::Args),
+    /// Run the chosen plan a few steps and plot its memory timeline (JSON, SVG, PNG).
+    Profile(cmd::profile::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +46,9 @@ fn main() -> std::process::ExitCode {
         Command::Forward(args) => cmd::forward::run(args, &cli.global),
         Command::Bench(args) => cmd::bench::run(args, &cli.global),
         Command::Train(args) => cmd::train::run(args, &cli.global),
+        Command::Sample(args) => cmd::sample::run(args, &cli.global),
+        Command::Plan(args) => cmd::plan::run(args, &cli.global),
+        Command::Profile(args) => cmd::profile::run(args, &cli.global),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -46,14 +46,84 @@ impl GlobalOptions {
                         .with_context(|| format!("--device {spec}: bad GPU index"))?,
                     None => 0,
                 };
-                Device::new_cuda(ordinal).with_context(|| {
-                    format!("--device {spec}: this build has no usable CUDA device")
-                })?
+                cuda_device(spec, ordinal)?
             }
             other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
         };
         Ok(device)
     }
+}
+
+/// Opens GPU `ordinal`, after checking that the CUDA libraries load: cudarc loads them
+/// on first use and panics, rather than failing, when one is missing.
+#[cfg(feature = "cuda")]
+fn cuda_device(spec: &str, ordinal: usize) -> Result<Device> {
+    use candle_core::cuda_backend::cudarc::{cublas, curand, driver};
+    // SAFETY: each call only tries to dlopen the library under its usual names.
+    let libraries = unsafe {
+        [
+            (
+                "libcuda.so (the NVIDIA driver)",
+                driver::sys::is_culib_present(),
+            ),
+            ("libcublas.so (cuBLAS)", cublas::sys::is_culib_present()),
+            ("libcurand.so (cuRAND)", curand::sys::is_culib_present()),
+        ]
+    };
+    let missing: Vec<&str> = libraries
+        .iter()
+        .filter(|(_, present)| !present)
+        .map(|(name, _)| *name)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "--device {spec}: cannot load {}. The GPU build needs the NVIDIA driver and the \
+             CUDA 13 (or 12) cuBLAS and cuRAND libraries on the loader path, e.g. \
+             LD_LIBRARY_PATH=<site-packages>/nvidia/cu13/lib from the nvidia-cublas and \
+             nvidia-curand wheels, or /usr/local/cuda/lib64",
+            missing.join(", ")
+        );
+    }
+    let device = Device::new_cuda(ordinal)
+        .with_context(|| format!("--device {spec}: cannot open GPU {ordinal}"))?;
+    keep_freed_memory(&device)
+        .with_context(|| format!("--device {spec}: cannot configure the memory pool"))?;
+    Ok(device)
+}
+
+/// Lets the device's memory pool (which candle's stream-ordered allocations draw from)
+/// keep the memory freed to it. Its default release threshold, 0, hands every freed byte
+/// back to the driver at each synchronisation, so that every step would map its memory
+/// afresh; PyTorch's caching allocator keeps it too. `used` memory, which the meter
+/// reads, is unaffected.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let context = device.as_cuda_device()?.cuda_stream().context().clone();
+    if !context.has_async_alloc() {
+        return Ok(()); // no pools: cudarc allocates with cuMemAlloc
+    }
+    context.bind_to_thread()?;
+    // SAFETY: the device of a live context; RELEASE_THRESHOLD is a `cuuint64_t`.
+    unsafe {
+        let pool = result::device::get_mem_pool(context.cu_device())?;
+        let mut keep_all = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep_all as *mut u64).cast(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Without the `cuda` feature there is no GPU backend to open.
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(spec: &str, _ordinal: usize) -> Result<Device> {
+    bail!(
+        "--device {spec}: this `latte` binary was built without CUDA; rebuild it with \
+         `--features cuda` (tools/build-cuda.sh)"
+    )
 }
 
 /// Floating-point precision of weights and activations.
@@ -71,6 +141,42 @@ impl Precision {
             Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,
             Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        global: GlobalOptions,
+    }
+
+    fn on(device: &str) -> GlobalOptions {
+        <Cli as clap::Parser>::parse_from(["latte", "--device", device]).global
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert!(on("cpu").device().expect("cpu").is_cpu());
+        let bad = on("tpu").device().expect_err("no tpu");
+        assert!(
+            bad.to_string().contains("expected cpu, cuda or cuda:N"),
+            "{bad}"
+        );
+        let index = on("cuda:x").device().expect_err("bad index");
+        assert!(index.to_string().contains("bad GPU index"), "{index}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_says_the_binary_has_none() {
+        for spec in ["cuda", "cuda:1"] {
+            let e = on(spec).device().expect_err("no CUDA in this build");
+            assert!(e.to_string().contains("built without CUDA"), "{e}");
         }
     }
 }

@@ -10,15 +10,21 @@
 //! - [`diffusion`]: the noise schedule and the training loss; [`optim`]: AdamW, clipping,
 //!   loss scaling, EMA; [`data`]: synthetic videos and pre-encoded clips; [`train`]: the
 //!   training loop under a memory plan, with exact resume.
+//! - [`scheduler`]: diffusers-compatible DDIM and DDPM samplers; [`guide`]: objectives on
+//!   the predicted clean video; [`sampling`]: guided, memory-planned text-to-video sampling.
 
 pub mod config;
+pub mod costs;
 pub mod data;
 pub mod diffusion;
+pub mod guide;
 pub mod io;
 pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod random;
+pub mod sampling;
+pub mod scheduler;
 pub mod train;
 pub mod vjp;
 pub mod weights;

@@ -444,6 +444,21 @@ impl CustomOp1 for InjectGrad {
         Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        _layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = storage.device().clone();
+        let zero = device.alloc_zeros::<f32>(1)?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(zero, device),
+            Shape::from(()),
+        ))
+    }
+
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.grad.clone()))
     }

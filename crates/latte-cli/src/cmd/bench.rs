@@ -3,19 +3,20 @@
 //!
 //! Modes: `fwd` (forward without gradients), `train` (VJP w.r.t. every parameter and the
 //! latents), `guide` (VJP w.r.t. the latents only, frozen weights). Peaks are live bytes
-//! above weights and inputs (counting allocator), the same measure as
-//! `tools/bench_torch.py` takes from PyTorch's allocator.
+//! above weights and inputs (the counting allocator on CPU, the device's memory pool on
+//! CUDA), the same measure as `tools/bench_torch.py` takes from PyTorch's allocator. On
+//! CUDA every step is timed between two device synchronisations.
 
 use crate::cmd::model_source::ModelSource;
 use crate::options::{GlobalOptions, Precision};
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use clap::{Args as ClapArgs, ValueEnum};
 use latte::model::{Latte, LatteInputs};
 use latte::random::{randn, rng_for};
 use latte::weights::{fresh_trainable, frozen};
 use remat::grads;
-use remat::meter::{format_bytes, CpuMeter, NoPhases, Recorder};
+use remat::meter::{format_bytes, meter_for, MemoryMeter, NoPhases, Recorder};
 use remat::policy::Policy;
 use remat::profile::{resolve_policy, ResolvedPlan};
 use serde::Serialize;
@@ -58,6 +59,13 @@ pub struct Args {
     /// Precision of weights and activations.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Precision,
+    /// Batch size instead of the preset's (2 for a classifier-free guidance step).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Latent height and width instead of the preset's (32 for 256×256 video, 64 for
+    /// 512×512, with an 8× VAE).
+    #[arg(long, value_name = "N")]
+    latent_size: Option<usize>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -80,9 +88,15 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     let device = global.device()?;
     let dtype = args.dtype.dtype();
     let resolved = args.source.resolve()?;
-    let geometry = resolved
+    let mut geometry = resolved
         .geometry
         .context("latte bench needs --preset (it draws inputs of the preset's geometry)")?;
+    if let Some(batch) = args.batch {
+        geometry.batch = batch;
+    }
+    if let Some(size) = args.latent_size {
+        (geometry.height, geometry.width) = (size, size);
+    }
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
@@ -131,13 +145,32 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
             args.budget_fractions.clone(),
         ),
     };
+    let meter = meter_for(&device)?;
+    let bench = Bench {
+        model: &model,
+        inputs: &inputs,
+        grad_sample: &grad_sample,
+        mode: args.mode,
+        device: &device,
+        meter: meter.as_ref(),
+    };
     let mut none_peak = None;
+    let mut failed = 0;
     while let Some(policy) = queue.pop_front() {
-        let row = bench_policy(&model, &inputs, &grad_sample, args.mode, &policy, steps)?;
-        if policy == Policy::None {
-            none_peak = Some(row.peak_bytes);
+        // A policy that fails (out of device memory, an infeasible budget) is reported
+        // and the next one runs.
+        match bench_policy(&bench, &policy, steps) {
+            Ok(row) => {
+                if policy == Policy::None {
+                    none_peak = Some(row.peak_bytes);
+                }
+                report(&row, args.json)?;
+            }
+            Err(e) => {
+                failed += 1;
+                report_failure(&policy, &e, args.json)?;
+            }
         }
-        report(&row, args.json)?;
         // Budgets relative to `none` join the queue once everything else has run.
         if queue.is_empty() && !fractions.is_empty() {
             let base = none_peak.context("--budget-fractions needs `none` among --policies")?;
@@ -147,6 +180,19 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
                     .map(|fraction| Policy::Budget((base as f64 * fraction) as u64)),
             );
         }
+    }
+    if failed > 0 {
+        bail!("{failed} of the policies failed");
+    }
+    Ok(())
+}
+
+fn report_failure(policy: &Policy, error: &anyhow::Error, json: bool) -> Result<()> {
+    if json {
+        let row = serde_json::json!({"policy": policy.to_string(), "error": format!("{error:#}")});
+        println!("{row}");
+    } else {
+        println!("{:<18} failed: {error:#}", policy.to_string());
     }
     Ok(())
 }
@@ -186,14 +232,25 @@ struct Steps {
     repeats: usize,
 }
 
-fn bench_policy(
-    model: &Latte,
-    inputs: &LatteInputs,
-    grad_sample: &Tensor,
+/// One workload on one device, measured under any policy.
+struct Bench<'a> {
+    model: &'a Latte,
+    inputs: &'a LatteInputs,
+    grad_sample: &'a Tensor,
     mode: Mode,
-    policy: &Policy,
-    steps: Steps,
-) -> Result<Row> {
+    device: &'a Device,
+    meter: &'a dyn MemoryMeter,
+}
+
+fn bench_policy(bench: &Bench<'_>, policy: &Policy, steps: Steps) -> Result<Row> {
+    let Bench {
+        model,
+        inputs,
+        grad_sample,
+        mode,
+        device,
+        meter,
+    } = *bench;
     let chain = model.chain(true);
     let plan = match mode {
         Mode::Fwd => None,
@@ -202,15 +259,17 @@ fn bench_policy(
             &chain,
             &inputs.to_vec(),
             &wanted(mode),
-            &CpuMeter,
+            meter,
         )?),
     };
     let mut times = Vec::with_capacity(steps.repeats);
     let mut peak_bytes = 0;
     for step in 0..steps.warmup + steps.repeats {
-        let recorder = Recorder::start(CpuMeter);
+        device.synchronize()?;
+        let recorder = Recorder::start(meter);
         let started = Instant::now();
         step_once(model, inputs, grad_sample, mode, plan.as_ref())?;
+        device.synchronize()?;
         let elapsed = started.elapsed().as_secs_f64();
         let report = recorder.finish();
         if step >= steps.warmup {

@@ -16,7 +16,7 @@ use latte::config::InputGeometry;
 use latte::model::{Latte, LatteInputs};
 use latte::random::{randn, rng_for};
 use latte::vjp::vjp;
-use remat::meter::{format_bytes, CpuMeter, Recorder};
+use remat::meter::{format_bytes, meter_for, Recorder};
 use remat::policy::Policy;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -107,8 +107,14 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     match (grad_sample, varmap) {
         (Some(grad_sample), Some(varmap)) => {
             let chain = model.chain(temporal);
-            let plan = crate::cmd::plan_support::schedule_for(&args.checkpoint, &chain, &inputs)?;
-            let mut recorder = Recorder::start(CpuMeter);
+            let meter = meter_for(&device)?;
+            let plan = crate::cmd::plan_support::schedule_for(
+                &args.checkpoint,
+                &chain,
+                &inputs,
+                meter.as_ref(),
+            )?;
+            let mut recorder = Recorder::start(meter.as_ref());
             let result = vjp(
                 &model,
                 &varmap,
@@ -118,6 +124,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
                 &plan.schedule,
                 &mut recorder,
             )?;
+            device.synchronize()?;
             let report = recorder.finish();
             let elapsed = started.elapsed().as_secs_f64();
             println!(
@@ -145,6 +152,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         }
         _ => {
             let sample = model.forward(&inputs, temporal)?;
+            device.synchronize()?;
             let elapsed = started.elapsed().as_secs_f64();
             println!("forward: {elapsed:.3} s, output {:?}", sample.dims());
             insert_f32(&mut out, "sample", &sample)?;

@@ -5,9 +5,10 @@
 //! * **Meters** ([`MemoryMeter`]) read a live-bytes counter and its
 //!   high-water mark. [`CpuMeter`] reads the host heap through
 //!   [`CountingAllocator`], a counting global allocator installed with
-//!   [`install_counting_allocator!`](crate::install_counting_allocator); a
-//!   device meter (a CUDA pool's used / high-water counters) implements the same
-//!   trait. [`ManualMeter`] is driven by hand, for tests.
+//!   [`install_counting_allocator!`](crate::install_counting_allocator);
+//!   `CudaMeter` (feature `cuda`) reads a CUDA device's memory pool (used and
+//!   high-water bytes); [`meter_for`] picks the one of a candle `Device`.
+//!   [`ManualMeter`] is driven by hand, for tests.
 //! * **The recorder** ([`Recorder`]) cuts a run into named phases and takes, for
 //!   each, the live bytes at its start and end and its own peak. Code that
 //!   does not know whether anyone is recording marks phases through a
@@ -77,6 +78,8 @@
 #![warn(missing_docs)]
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod report;
 
 use std::borrow::Cow;
@@ -87,6 +90,29 @@ use std::time::Instant;
 
 pub use cpu::{is_installed, live_bytes, peak_bytes, reset_peak, CountingAllocator, CpuMeter};
 pub use report::{format_bytes, MemoryReport, Phase, PhaseTotals, ReportError};
+
+#[cfg(feature = "cuda")]
+pub use cuda::CudaMeter;
+
+/// The meter of `device`'s memory: [`CpuMeter`] (the host heap) for the CPU, and with
+/// the `cuda` feature `CudaMeter` (the device's memory pool) for a CUDA device.
+///
+/// # Errors
+/// A CUDA driver call failed, or the device has no meter in this build (CUDA without
+/// the `cuda` feature, Metal).
+pub fn meter_for(device: &candle_core::Device) -> candle_core::Result<Box<dyn MemoryMeter>> {
+    match device {
+        candle_core::Device::Cpu => Ok(Box::new(CpuMeter)),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(cuda) => Ok(Box::new(
+            CudaMeter::new(cuda).map_err(candle_core::Error::wrap)?,
+        )),
+        other => Err(candle_core::Error::Msg(format!(
+            "no memory meter for {:?} in this build",
+            other.location()
+        ))),
+    }
+}
 
 /// Installs [`CountingAllocator`](crate::meter::CountingAllocator) as the
 /// global allocator of the binary (or test binary) it is invoked in.
@@ -871,5 +897,12 @@ mod tests {
             Recorder::start(Arc::clone(&shared)).finish().meter,
             "shared"
         );
+    }
+
+    #[test]
+    fn the_cpu_gets_the_heap_meter() {
+        let meter = meter_for(&candle_core::Device::Cpu).expect("a CPU meter");
+        assert_eq!(meter.name(), CpuMeter::NAME);
+        assert!(meter.counts_host_heap());
     }
 }

@@ -1,0 +1,423 @@
+//! `latte sample`: DDIM text-to-video sampling with classifier-free guidance and optional
+//! gradient guidance under a memory plan (`latte::sampling`). Writes the latents as
+//! safetensors and, for pixel-space models, the video as an animated GIF and PNG frames.
+
+use crate::cmd::video_out::write_video;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args as ClapArgs;
+use indicatif::{ProgressBar, ProgressStyle};
+use latte::data::synthetic::{Scene, SyntheticVideos, COLOURS, DIRECTIONS, SHAPES};
+use latte::data::ClipShape;
+use latte::guide::parse_objective;
+use latte::model::Latte;
+use latte::sampling::{initial_noise, plan_guidance, sample, Guidance, SampleOptions};
+use latte::scheduler::{DdimConfig, TimestepSpacing};
+use latte::weights::ModelDir;
+use remat::meter::{format_bytes, CpuMeter, Recorder};
+use remat::policy::{ByteSize, Policy};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Arguments of `latte sample`.
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A transformer directory (config.json + weights), a pipeline directory holding
+    /// `transformer/`, or a `latte train` output directory (its latest checkpoint).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Text prompt (needs the pipeline's text_encoder/ and tokenizer/: not supported yet;
+    /// use --embeddings, --caption or --synthetic-caption).
+    #[arg(long, group = "cond")]
+    prompt: Option<String>,
+    /// Negative prompt (with --prompt).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// encoder_hidden_states as safetensors: `positive` (1, L, D) and optional `negative`,
+    /// or one tensor of shape (2, L, D) = [negative, positive] or (1, L, D) = positive.
+    #[arg(long, value_name = "FILE", group = "cond")]
+    embeddings: Option<PathBuf>,
+    /// A built-in synthetic caption for models trained on the built-in data:
+    /// COLOUR,DIRECTION,SHAPE, e.g. red,east,disc.
+    #[arg(long, value_name = "COLOUR,DIRECTION,SHAPE", group = "cond")]
+    caption: Option<String>,
+    /// The synthetic caption of scene INDEX (colour, direction, shape enumerated in order).
+    #[arg(long, value_name = "INDEX", group = "cond")]
+    synthetic_caption: Option<usize>,
+    /// Tokens of synthetic captions (as trained: 4 by default).
+    #[arg(long, default_value_t = 4)]
+    caption_tokens: usize,
+    /// Frames (default: the model's video_length).
+    #[arg(long)]
+    frames: Option<usize>,
+    /// Height in latent pixels (default: sample_size).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Width in latent pixels (default: sample_size).
+    #[arg(long)]
+    width: Option<usize>,
+    /// DDIM steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale (CFG is on above 1).
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    /// DDIM η (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// DDIM timestep spacing: leading, trailing or linspace.
+    #[arg(long, default_value = "leading")]
+    timestep_spacing: TimestepSpacing,
+    /// Do not clip the predicted clean video to [-1, 1].
+    #[arg(long)]
+    no_clip: bool,
+    /// Where to write the latents (safetensors, tensor `latents`); the GIF and PNG frames
+    /// go next to it.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Initial noise (safetensors, one tensor (1, C, F, H, W)) instead of drawing it.
+    #[arg(long, value_name = "FILE")]
+    init_noise: Option<PathBuf>,
+    /// Gradient guidance objective: reference:FILE[:MASK], smooth, color:R,G,B.
+    #[arg(long, value_name = "OBJECTIVE")]
+    guide: Option<String>,
+    /// Scale s of the guidance correction ε ← ε + s·√(1−ᾱ)·∇L.
+    #[arg(long, default_value_t = 1.0)]
+    guide_scale: f64,
+    /// Steps A..B (0-based, B exclusive) where guidance applies (default: all).
+    #[arg(long, value_name = "A..B")]
+    guide_steps: Option<String>,
+    /// Checkpoint policy of the guidance backward: none, every:K, sqrt, budget:SIZE.
+    #[arg(long, value_name = "POLICY", conflicts_with = "budget")]
+    checkpoint: Option<Policy>,
+    /// Memory budget of the guidance backward (same as --checkpoint budget:SIZE).
+    #[arg(long, value_name = "SIZE")]
+    budget: Option<ByteSize>,
+    /// Skip the temporal blocks.
+    #[arg(long)]
+    no_temporal: bool,
+    /// Write the memory report (peak above weights and inputs, timeline) as JSON.
+    #[arg(long, value_name = "FILE")]
+    memory_report: Option<PathBuf>,
+}
+
+/// Finds the transformer directory of `dir`.
+fn transformer_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.join("config.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    if dir.join("transformer/config.json").is_file() {
+        return Ok(dir.join("transformer"));
+    }
+    if let Ok(checkpoint) = latte::train::find_checkpoint(dir) {
+        return Ok(checkpoint.join("transformer"));
+    }
+    bail!(
+        "{} is not a model: expected config.json (a transformer directory), transformer/ (a \
+         pipeline) or checkpoint-<step>/ (a `latte train` output)",
+        dir.display()
+    )
+}
+
+/// Parses `A..B`.
+fn parse_range(text: &str, steps: usize) -> Result<Range<usize>> {
+    let (a, b) = text
+        .split_once("..")
+        .with_context(|| format!("--guide-steps {text:?}: expected A..B, e.g. 10..40"))?;
+    let a: usize = if a.is_empty() { 0 } else { a.parse()? };
+    let b: usize = if b.is_empty() { steps } else { b.parse()? };
+    if a >= b || b > steps {
+        bail!("--guide-steps {text:?}: need A < B <= --steps ({steps})");
+    }
+    Ok(a..b)
+}
+
+/// The synthetic caption of `colour,direction,shape`.
+fn scene_from_words(text: &str) -> Result<Scene> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let find = |names: Vec<&str>, word: &str, what: &str| -> Result<usize> {
+        names.iter().position(|n| *n == word).with_context(|| {
+            format!(
+                "unknown {what} {word:?} in --caption: use one of {}",
+                names.join(", ")
+            )
+        })
+    };
+    let [colour, direction, shape] = parts.as_slice() else {
+        bail!("--caption {text:?}: expected COLOUR,DIRECTION,SHAPE, e.g. red,east,disc");
+    };
+    Ok(Scene {
+        colour: find(COLOURS.iter().map(|c| c.0).collect(), colour, "colour")?,
+        direction: find(
+            DIRECTIONS.iter().map(|d| d.0).collect(),
+            direction,
+            "direction",
+        )?,
+        shape: find(SHAPES.to_vec(), shape, "shape")?,
+    })
+}
+
+/// `(negative, positive)` caption embeddings, each `(1, L, D)`.
+fn conditioning(
+    args: &Args,
+    model_dir: &Path,
+    model: &Latte,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let d = model.config().caption_channels;
+    if args.prompt.is_some() || args.negative_prompt.is_some() {
+        let root = model_dir.parent().unwrap_or(model_dir);
+        let missing: Vec<&str> = ["text_encoder", "tokenizer", "vae"]
+            .into_iter()
+            .filter(|c| !root.join(c).is_dir())
+            .collect();
+        bail!(
+            "--prompt needs a text encoder, which latte sample does not run yet{}; encode the \
+             prompt elsewhere and pass --embeddings FILE, or use --caption / \
+             --synthetic-caption with a model trained on the built-in data",
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!(" (and {} lacks {})", root.display(), missing.join(", "))
+            }
+        );
+    }
+    let scene = match (&args.caption, args.synthetic_caption) {
+        (Some(words), _) => Some(scene_from_words(words)?),
+        (None, Some(index)) => {
+            let count = COLOURS.len() * DIRECTIONS.len() * SHAPES.len();
+            if index >= count {
+                bail!("--synthetic-caption {index}: there are {count} scenes (0..{count})");
+            }
+            Some(Scene {
+                colour: index / (DIRECTIONS.len() * SHAPES.len()),
+                direction: (index / SHAPES.len()) % DIRECTIONS.len(),
+                shape: index % SHAPES.len(),
+            })
+        }
+        _ => None,
+    };
+    if let Some(scene) = scene {
+        let cfg = model.config();
+        let shape = ClipShape {
+            channels: cfg.in_channels,
+            frames: cfg.video_length,
+            height: cfg.sample_size.max(4),
+            width: cfg.sample_size.max(4),
+            caption_tokens: args.caption_tokens,
+            caption_channels: d,
+        };
+        let data = SyntheticVideos::new(shape, 0)?;
+        println!("caption: {}", scene.describe());
+        let positive = Tensor::from_vec(data.caption(&scene), (1, args.caption_tokens, d), device)?;
+        return Ok((positive.zeros_like()?, positive));
+    }
+    let Some(path) = &args.embeddings else {
+        bail!("give --embeddings FILE, --caption COLOUR,DIRECTION,SHAPE, --synthetic-caption INDEX or --prompt TEXT");
+    };
+    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("cannot read embeddings {}", path.display()))?;
+    let (negative, positive) = if let Some(p) = tensors.remove("positive") {
+        let n = match tensors.remove("negative") {
+            Some(n) => n,
+            None => p.zeros_like()?,
+        };
+        (n, p)
+    } else if tensors.len() == 1 {
+        let t = tensors
+            .into_values()
+            .next()
+            .context("empty embeddings file")?;
+        match t.dim(0)? {
+            2 => (t.narrow(0, 0, 1)?, t.narrow(0, 1, 1)?),
+            1 => (t.zeros_like()?, t),
+            b => {
+                bail!("embeddings of batch {b}: expected 1 (positive) or 2 ([negative, positive])")
+            }
+        }
+    } else {
+        bail!(
+            "{}: expected tensors `positive` (and `negative`), or a single tensor",
+            path.display()
+        );
+    };
+    for (name, t) in [("negative", &negative), ("positive", &positive)] {
+        match t.dims() {
+            [1, l, c] if *l > 0 && *c == d => {}
+            dims => {
+                bail!("{name} embeddings have shape {dims:?}; the model expects (1, tokens, {d})")
+            }
+        }
+    }
+    Ok((
+        negative.to_dtype(DType::F32)?,
+        positive.to_dtype(DType::F32)?,
+    ))
+}
+
+/// Runs `latte sample`.
+pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
+    let device = global.device()?;
+    let dir = transformer_dir(&args.model)?;
+    for path in [Some(&args.out), args.memory_report.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+    }
+    let opened = ModelDir::open(&dir)
+        .with_context(|| format!("cannot load model directory {}", dir.display()))?;
+    let model = opened.load_frozen(DType::F32, &device)?;
+    let cfg = model.config().clone();
+    let (negative, positive) = conditioning(&args, &dir, &model, &device)?;
+    let dims = (
+        1,
+        cfg.in_channels,
+        args.frames.unwrap_or(cfg.video_length),
+        args.height.unwrap_or(cfg.sample_size),
+        args.width.unwrap_or(cfg.sample_size),
+    );
+    let noise = match &args.init_noise {
+        Some(path) => {
+            let tensors = candle_core::safetensors::load(path, &device)
+                .with_context(|| format!("cannot read initial noise {}", path.display()))?;
+            let t = tensors
+                .into_values()
+                .next()
+                .context("the initial-noise file is empty")?;
+            let expected = [dims.0, dims.1, dims.2, dims.3, dims.4];
+            if t.dims() != expected {
+                bail!(
+                    "initial noise has shape {:?}; expected {expected:?}",
+                    t.dims()
+                );
+            }
+            t.to_dtype(DType::F32)?
+        }
+        None => initial_noise(global.seed, dims, &device)?,
+    };
+    let temporal = !args.no_temporal;
+    model.check_inputs(
+        &latte::model::LatteInputs {
+            hidden_states: noise.clone(),
+            timestep: Tensor::new(&[0i64], &device)?,
+            encoder_hidden_states: positive.clone(),
+        },
+        temporal,
+    )?;
+    let options = SampleOptions {
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        eta: args.eta,
+        seed: global.seed,
+        ddim: DdimConfig {
+            timestep_spacing: args.timestep_spacing,
+            clip_sample: !args.no_clip,
+            ..DdimConfig::default()
+        },
+        temporal,
+    };
+    let objective = match &args.guide {
+        Some(spec) => Some(parse_objective(spec, noise.dims(), &device)?),
+        None => None,
+    };
+    let policy = match (&args.checkpoint, args.budget) {
+        (Some(p), _) => *p,
+        (None, Some(b)) => Policy::Budget(b.0),
+        (None, None) => Policy::None,
+    };
+    let guide_steps = match &args.guide_steps {
+        Some(text) => parse_range(text, args.steps)?,
+        None => 0..args.steps,
+    };
+    let plan = match &objective {
+        Some(_) => Some(plan_guidance(
+            &policy,
+            &model,
+            &noise,
+            &negative,
+            &positive,
+            args.guidance_scale,
+            temporal,
+            &CpuMeter,
+        )?),
+        None => None,
+    };
+    if let Some(plan) = &plan {
+        print!(
+            "guidance backward: {policy}, schedule of {} ops",
+            plan.schedule.len()
+        );
+        match plan.predicted_peak_bytes {
+            Some(p) => println!(", predicted peak {}", format_bytes(p)),
+            None => println!(),
+        }
+    }
+    let guidance = match (&objective, &plan) {
+        (Some(o), Some(plan)) => Some(Guidance {
+            objective: o.as_ref(),
+            scale: args.guide_scale,
+            steps: guide_steps,
+            schedule: &plan.schedule,
+        }),
+        _ => None,
+    };
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let mut recorder = Recorder::start(CpuMeter);
+    let latents = sample(
+        &model,
+        &noise,
+        &negative,
+        &positive,
+        &options,
+        guidance.as_ref(),
+        &mut recorder,
+        &mut |report| {
+            if let Some(v) = report.objective {
+                bar.set_message(format!("objective {v:.4}"));
+            }
+            bar.inc(1);
+        },
+    )?;
+    let report = recorder.finish();
+    bar.finish();
+    println!(
+        "{} steps in {:.1} s; peak {} above weights and inputs",
+        args.steps,
+        started.elapsed().as_secs_f64(),
+        format_bytes(report.peak_bytes)
+    );
+    if let Some(o) = &objective {
+        let value = o.loss(&latents)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        println!("objective {} on the final video: {value:.4}", o.name());
+    }
+    if let Some(path) = &args.memory_report {
+        report.write_json(path)?;
+    }
+    let mut out = HashMap::new();
+    out.insert("latents".to_string(), latents.clone());
+    latte::io::save_safetensors(&out, &args.out)?;
+    println!("wrote latents to {}", args.out.display());
+    if cfg.in_channels == 3 {
+        let written = write_video(&latents, &args.out)?;
+        println!("wrote {}", written.display());
+    } else {
+        println!(
+            "latent model ({} channels): decoding needs the pipeline's vae/, which latte sample \
+             does not run yet; the latents are in {}",
+            cfg.in_channels,
+            args.out.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Writing a pixel-space video `(1, 3, F, H, W)` in [-1, 1] as an animated GIF and PNG
+//! frames next to a given path, upscaled (nearest neighbour) to at least 128 pixels.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+/// Smallest side of the written images, in pixels.
+const MIN_SIDE_PX: usize = 128;
+
+/// GIF frame delay, in hundredths of a second.
+const FRAME_DELAY_CS: u16 = 12;
+
+/// Writes `<stem>.gif` and `<stem>-frame-NNN.png` beside `out`; returns the GIF's path.
+pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
+    let (_, c, f, h, w) = video.dims5()?;
+    anyhow::ensure!(
+        c == 3,
+        "only 3-channel (RGB) videos can be written, got {c} channels"
+    );
+    let values = video
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let scale = MIN_SIDE_PX.div_ceil(h.min(w)).max(1);
+    let (hs, ws) = (h * scale, w * scale);
+    let frames: Vec<Vec<u8>> = (0..f)
+        .map(|frame| {
+            let mut rgb = vec![0u8; hs * ws * 3];
+            for y in 0..hs {
+                for x in 0..ws {
+                    for ch in 0..3 {
+                        let v = values[((ch * f + frame) * h + y / scale) * w + x / scale];
+                        rgb[(y * ws + x) * 3 + ch] =
+                            ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+                    }
+                }
+            }
+            rgb
+        })
+        .collect();
+    let stem = out.with_extension("");
+    let gif_path = stem.with_extension("gif");
+    let file =
+        File::create(&gif_path).with_context(|| format!("cannot create {}", gif_path.display()))?;
+    let mut encoder = gif::Encoder::new(BufWriter::new(file), ws as u16, hs as u16, &[])?;
+    encoder.set_repeat(gif::Repeat::Infinite)?;
+    for rgb in &frames {
+        let mut frame = gif::Frame::from_rgb_speed(ws as u16, hs as u16, rgb, 10);
+        frame.delay = FRAME_DELAY_CS;
+        encoder.write_frame(&frame)?;
+    }
+    for (i, rgb) in frames.iter().enumerate() {
+        let path = PathBuf::from(format!("{}-frame-{i:03}.png", stem.display()));
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut encoder = png::Encoder::new(BufWriter::new(file), ws as u32, hs as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.write_header()?.write_image_data(rgb)?;
+    }
+    Ok(gif_path)
+}

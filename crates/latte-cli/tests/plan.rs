@@ -1,0 +1,323 @@
+//! `latte plan` end to end: impossible requests are clear errors, the Latte-1 plans the
+//! README quotes, `--batch auto`, `--budget auto` and the cache of `--measure`.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn latte(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_latte"))
+        .args(args)
+        .output()
+        .expect("run latte")
+}
+
+/// Runs a plan expected to fail with every `needle` in its error.
+fn assert_fails(args: &[&str], needles: &[&str]) {
+    let output = latte(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: `{needle}` not in: {stderr}"
+        );
+    }
+}
+
+/// Runs a plan with `--json` and returns its report.
+fn plan_json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let output = latte(&all);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{all:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn chosen(report: &Value) -> &Value {
+    let index = report["chosen"].as_u64().expect("a chosen candidate") as usize;
+    &report["candidates"][index]
+}
+
+fn row<'a>(report: &'a Value, policy: &str) -> &'a Value {
+    report["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["policy"] == policy)
+        .unwrap_or_else(|| panic!("no `{policy}` row"))
+}
+
+const GIB: u64 = 1 << 30;
+
+const LATTE_1: [&str; 14] = [
+    "plan",
+    "--preset",
+    "latte-1",
+    "--frames",
+    "16",
+    "--height",
+    "512",
+    "--width",
+    "512",
+    "--mode",
+    "guide",
+    "--cfg",
+    "--precision",
+    "bf16",
+];
+
+#[test]
+fn latte_1_fits_24_gib_with_recomputation_and_none_needs_far_more_than_80() {
+    let mut args = LATTE_1.to_vec();
+    args.extend(["--budget", "24GiB"]);
+    let report = plan_json(&args);
+    let best = chosen(&report);
+    assert_eq!(best["fits"], true);
+    assert!(best["total_peak_bytes"].as_u64().unwrap() <= 24 * GIB);
+    assert_eq!(best["effective_batch"], 2, "CFG doubles the batch");
+    assert!(best["overhead_pct"].as_f64().unwrap() > 0.0);
+
+    let mut args = LATTE_1.to_vec();
+    args.extend(["--budget", "80GiB"]);
+    let report = plan_json(&args);
+    let none = row(&report, "none");
+    assert_eq!(none["fits"], false);
+    assert!(none["total_peak_bytes"].as_u64().unwrap() > 2 * 80 * GIB);
+    let best = chosen(&report);
+    assert!(best["total_peak_bytes"].as_u64().unwrap() <= 80 * GIB);
+    // More memory never makes the chosen plan slower.
+    let overhead_80 = best["overhead_pct"].as_f64().unwrap();
+    let mut args = LATTE_1.to_vec();
+    args.extend(["--budget", "24GiB"]);
+    let overhead_24 = chosen(&plan_json(&args))["overhead_pct"].as_f64().unwrap();
+    assert!(overhead_80 <= overhead_24, "{overhead_80} > {overhead_24}");
+
+    // The table names the chosen row.
+    let mut args = LATTE_1.to_vec();
+    args.extend(["--budget", "24GiB"]);
+    let table = String::from_utf8_lossy(&latte(&args).stdout).to_string();
+    assert!(table.contains("<- chosen"), "{table}");
+    assert!(table.contains("512x512 px (latents 64x64)"), "{table}");
+}
+
+#[test]
+fn impossible_requests_are_errors_that_name_the_fix() {
+    let small = [
+        "plan",
+        "--preset",
+        "small",
+        "--mode",
+        "train",
+        "--precision",
+        "f32",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut args = small.to_vec();
+        args.extend_from_slice(extra);
+        args
+    };
+    // Weights 58.8 MiB + AdamW state 117.7 MiB do not fit 100 MiB.
+    assert_fails(
+        &with(&["--budget", "100MiB"]),
+        &[
+            "below the weights",
+            "optimizer state",
+            "smallest feasible budget",
+        ],
+    );
+    // Above weights and optimizer state, below anything the planner can do.
+    assert_fails(
+        &with(&["--budget", "200MiB"]),
+        &["no configuration fits", "smallest feasible budget"],
+    );
+    assert_fails(
+        &with(&["--budget", "1GiB", "--frames", "0"]),
+        &["--frames 0"],
+    );
+    assert_fails(
+        &with(&["--budget", "1GiB", "--frames", "8"]),
+        &["--frames 8", "video_length = 16"],
+    );
+    assert_fails(
+        &with(&["--budget", "1GiB", "--height", "500"]),
+        &["--height 500 px", "multiple of 16 px", "VAE"],
+    );
+    assert_fails(
+        &with(&["--budget", "1GiB", "--cfg"]),
+        &["--cfg", "--mode guide"],
+    );
+    assert_fails(&with(&["--budget", "lots"]), &["--budget"]);
+    assert_fails(
+        &with(&["--budget", "1GiB", "--batch", "0"]),
+        &["at least 1"],
+    );
+    assert_fails(
+        &with(&["--budget", "auto", "--device", "cuda"]),
+        &["--budget auto", "GPU"],
+    );
+    // A pixel-space model takes latent sizes: 16 is fine, 15 is not a multiple of 2.
+    assert_fails(
+        &[
+            "plan", "--preset", "tiny", "--mode", "guide", "--budget", "1GiB", "--width", "15",
+        ],
+        &["--width 15", "multiple of 2"],
+    );
+}
+
+#[test]
+fn batch_auto_takes_the_largest_batch_that_fits() {
+    let args = [
+        "plan",
+        "--preset",
+        "tiny",
+        "--mode",
+        "train",
+        "--precision",
+        "f32",
+        "--batch",
+        "auto",
+        "--budget",
+        "64MiB",
+    ];
+    let report = plan_json(&args);
+    let best = chosen(&report);
+    let batch = best["batch"].as_u64().unwrap();
+    assert!(batch > 1, "{best}");
+    // One more video does not fit.
+    let more = (batch + 1).to_string();
+    let fixed = [
+        "plan",
+        "--preset",
+        "tiny",
+        "--mode",
+        "train",
+        "--precision",
+        "f32",
+        "--batch",
+        &more,
+        "--budget",
+        "64MiB",
+    ];
+    let output = latte(&fixed);
+    assert!(!output.status.success(), "batch {more} fits 64 MiB too");
+}
+
+#[test]
+fn budget_auto_states_the_available_memory_and_margin() {
+    let output = latte(&[
+        "plan", "--preset", "tiny", "--mode", "guide", "--budget", "auto",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("auto: MemAvailable"), "{stdout}");
+    assert!(stdout.contains("10 % margin"), "{stdout}");
+}
+
+#[test]
+fn measured_costs_are_cached() {
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("plan-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_latte"))
+            .args([
+                "plan",
+                "--preset",
+                "tiny",
+                "--mode",
+                "train",
+                "--precision",
+                "f32",
+                "--budget",
+                "64MiB",
+                "--measure",
+                "--json",
+            ])
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .expect("run latte")
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("measuring the stages"));
+    let files: Vec<_> = std::fs::read_dir(cache.join("latte-rs")).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let second = run();
+    assert!(!String::from_utf8_lossy(&second.stderr).contains("measuring the stages"));
+    let report: Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(chosen(&report)["costs"], "measured");
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
+fn profile_writes_the_timeline_and_both_plots() {
+    let out =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("profile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let output = latte(&[
+        "profile",
+        "--preset",
+        "tiny",
+        "--mode",
+        "guide",
+        "--precision",
+        "f32",
+        "--budget",
+        "64MiB",
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("profile.json")).unwrap()).unwrap();
+    let predicted = summary["predicted_activation_peak_bytes"].as_f64().unwrap();
+    let measured = summary["measured_activation_peak_bytes"].as_f64().unwrap();
+    assert!(
+        (predicted - measured).abs() <= 0.1 * measured,
+        "{predicted} vs {measured}"
+    );
+    let timeline: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("timeline.json")).unwrap()).unwrap();
+    let names: Vec<&str> = timeline["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"step 1/forward"), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with("step 1/backward spatial")),
+        "{names:?}"
+    );
+    let png = std::fs::read(out.join("profile.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let svg = std::fs::read_to_string(out.join("profile.svg")).unwrap();
+    assert!(
+        svg.contains("predicted peak") && svg.contains("measured"),
+        "SVG without labels"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

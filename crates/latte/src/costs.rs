@@ -1,0 +1,1997 @@
+//! Analytic cost model of the Latte chain: what `remat::profile::profile` would measure
+//! for every scheduled stage (spatial blocks, temporal blocks, the tail) and for the head,
+//! computed from shapes and dtypes alone, without allocating a tensor.
+//!
+//! # How the bytes are derived
+//! The model code is replayed on *virtual tensors* ([`vt`]): values with a shape, strides,
+//! a dtype and a reference-counted storage, but no data. Every virtual op allocates and
+//! frees exactly what the candle op it stands for does on the CPU backend (a new storage
+//! for a binary op, a matmul, a reduction, a dtype conversion or a copy; none for a view;
+//! a copy for `reshape` and `contiguous` of a strided input), and records its inputs when
+//! one of them takes part in the graph, as candle's `BackpropOp` does — so what a stage's
+//! graph keeps alive follows from the same rules: `Linear` keeps the matmul output and
+//! the bias-add output, `layer_norm` keeps the centred, squared and normalised tensors
+//! (and its small per-row statistics), the fused softmax keeps the scores and the
+//! probabilities, the fused GELU its input and output, the stage input is copied to a
+//! leaf, and so on. The backward pass is replayed with the vendored candle's reverse-mode
+//! loop (`vendor/candle-core/src/backprop.rs`: node order, gradient accumulation without
+//! zero-filled accumulators, no gradients for constants, and gradients that hold on to
+//! the graph nodes they were computed from), which gives the transient peak of every
+//! stage's backward. The replay functions below mirror `nn/*.rs` and `model.rs` line by
+//! line; a change there must be mirrored here (`tests/costs_grid.rs` compares both).
+//!
+//! Two kernel sets exist: the CPU build uses latte-rs's fused softmax and GELU
+//! ([`Kernels::Fused`]); other devices use candle's composed operations
+//! ([`Kernels::Composed`]), which keep more for the backward pass.
+//!
+//! # Time
+//! Every virtual op also counts its work: `2·m·n·k` FLOPs for a matrix product, and the
+//! bytes read and written for everything else. [`Throughput`] turns work into seconds;
+//! its constants can be calibrated against measured costs ([`Throughput::calibrate`]).
+//!
+//! # What is reported separately
+//! The chain costs cover activations and transients (and the parameter gradients each
+//! stage's backward allocates). Weights, all parameter gradients, the optimizer state
+//! (AdamW's two f32 moments, plus f32 master weights when computing in half precision)
+//! and the inputs are in [`StaticMemory`].
+
+use crate::config::{InputGeometry, LatteConfig};
+use crate::weights::parameter_specs;
+use candle_core::DType;
+use remat::costs::ChainCosts;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// What a step differentiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Training: gradients for every parameter (trainable `Var`s), the latents and the
+    /// captions.
+    Train,
+    /// Guidance: gradients for the latents only, weights frozen.
+    Guide,
+}
+
+impl Mode {
+    /// Gradient flags for the inputs `[hidden_states, timestep, encoder_hidden_states]`.
+    pub fn wants_input_grad(self) -> [bool; 3] {
+        match self {
+            Mode::Train => [true, false, true],
+            Mode::Guide => [true, false, false],
+        }
+    }
+
+    /// Whether the parameters are trainable `Var`s.
+    pub fn trains_parameters(self) -> bool {
+        self == Mode::Train
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Train => "train",
+            Mode::Guide => "guide",
+        })
+    }
+}
+
+impl FromStr for Mode {
+    type Err = CostsError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "train" => Ok(Mode::Train),
+            "guide" => Ok(Mode::Guide),
+            other => Err(CostsError::Unsupported(format!(
+                "mode `{other}`: expected train or guide"
+            ))),
+        }
+    }
+}
+
+/// Which implementation of softmax and GELU the model runs (see `nn/ops.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// The CPU build: latte-rs's fused kernels with their own backward.
+    Fused,
+    /// Other devices: candle's composed operations.
+    Composed,
+}
+
+impl Kernels {
+    /// The kernels a device runs, from its command-line name (`cpu`, `cuda`, `cuda:1`).
+    pub fn for_device_name(device: &str) -> Self {
+        if device == "cpu" {
+            Kernels::Fused
+        } else {
+            Kernels::Composed
+        }
+    }
+}
+
+/// Why costs cannot be computed for a request; each message names what to change.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CostsError {
+    /// A dimension of the input is zero.
+    #[error("{what} is 0: every input dimension must be at least 1")]
+    ZeroSize {
+        /// The offending dimension.
+        what: &'static str,
+    },
+    /// The latent height or width is not a multiple of the patch size.
+    #[error(
+        "latent size {height}x{width} is not divisible by the model's patch_size {patch}: \
+         use a height and width that are multiples of {patch} latents"
+    )]
+    NotDivisible {
+        /// Latent height.
+        height: usize,
+        /// Latent width.
+        width: usize,
+        /// The model's patch size.
+        patch: usize,
+    },
+    /// Several frames, but not as many as the temporal position embedding covers.
+    #[error(
+        "{frames} frames, but the model's temporal position embedding covers \
+         video_length = {video_length}: use {video_length} frames or a single frame"
+    )]
+    Frames {
+        /// Frames asked for.
+        frames: usize,
+        /// The model's `video_length`.
+        video_length: usize,
+    },
+    /// A dtype or mode the model does not compute in.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A replay rule is missing (a bug of this module).
+    #[error("cost model bug: {0}")]
+    Internal(String),
+}
+
+/// Checks an input geometry against a model: no empty dimension, latents divisible by the
+/// patch size, and a single frame or exactly `video_length` frames.
+pub fn check_geometry(config: &LatteConfig, geometry: &InputGeometry) -> Result<(), CostsError> {
+    for (what, value) in [
+        ("batch", geometry.batch),
+        ("frames", geometry.frames),
+        ("height", geometry.height),
+        ("width", geometry.width),
+        ("caption tokens", geometry.caption_tokens),
+    ] {
+        if value == 0 {
+            return Err(CostsError::ZeroSize { what });
+        }
+    }
+    let patch = config.patch_size;
+    if !geometry.height.is_multiple_of(patch) || !geometry.width.is_multiple_of(patch) {
+        return Err(CostsError::NotDivisible {
+            height: geometry.height,
+            width: geometry.width,
+            patch,
+        });
+    }
+    if geometry.frames > 1 && geometry.frames != config.video_length {
+        return Err(CostsError::Frames {
+            frames: geometry.frames,
+            video_length: config.video_length,
+        });
+    }
+    Ok(())
+}
+
+/// Work of one pass of a stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Work {
+    /// Floating-point operations of matrix products (`2·m·n·k` each).
+    pub matmul_flops: f64,
+    /// Bytes read and written by every other operation.
+    pub moved_bytes: f64,
+}
+
+/// Work of a scheduled stage's forward and backward passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageWork {
+    /// One forward run.
+    pub forward: Work,
+    /// One backward run.
+    pub backward: Work,
+}
+
+/// Converts work into seconds: matrix products at `matmul_flop_per_s`, everything else at
+/// `memory_bytes_per_s`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    /// FLOP/s of matrix products.
+    pub matmul_flop_per_s: f64,
+    /// Bytes/s of the memory-bound operations.
+    pub memory_bytes_per_s: f64,
+}
+
+impl Throughput {
+    /// Rough defaults: two busy CPU cores running candle's kernels (calibrated with
+    /// `latte plan --measure` on the `small` preset), or an H100-class GPU (dense
+    /// tensor-core rates in half precision; not calibrated).
+    pub fn default_for(kernels: Kernels, dtype: DType) -> Self {
+        let half = dtype != DType::F32;
+        match (kernels, half) {
+            (Kernels::Fused, false) => Self {
+                matmul_flop_per_s: 45e9,
+                memory_bytes_per_s: 6e9,
+            },
+            (Kernels::Fused, true) => Self {
+                matmul_flop_per_s: 40e9,
+                memory_bytes_per_s: 1.8e9,
+            },
+            (Kernels::Composed, false) => Self {
+                matmul_flop_per_s: 50e12,
+                memory_bytes_per_s: 2.5e12,
+            },
+            (Kernels::Composed, true) => Self {
+                matmul_flop_per_s: 400e12,
+                memory_bytes_per_s: 2.5e12,
+            },
+        }
+    }
+
+    /// Seconds `work` takes.
+    pub fn time_s(&self, work: &Work) -> f64 {
+        work.matmul_flops / self.matmul_flop_per_s + work.moved_bytes / self.memory_bytes_per_s
+    }
+
+    /// The throughput that best explains measured stage times (least squares over every
+    /// stage's forward and backward time), or `None` when the measurements cannot
+    /// determine it (no positive time, or a mismatched number of stages).
+    pub fn calibrate(work: &[StageWork], measured: &ChainCosts) -> Option<Self> {
+        if work.len() != measured.stages.len() {
+            return None;
+        }
+        let samples: Vec<(Work, f64)> = work
+            .iter()
+            .zip(&measured.stages)
+            .flat_map(|(w, m)| [(w.forward, m.fwd_s), (w.backward, m.bwd_s)])
+            .filter(|(_, t)| t.is_finite() && *t > 0.0)
+            .collect();
+        // time = a·flops + b·bytes, solved by the 2×2 normal equations.
+        let (mut ff, mut fb, mut bb, mut ft, mut bt) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for (w, t) in &samples {
+            ff += w.matmul_flops * w.matmul_flops;
+            fb += w.matmul_flops * w.moved_bytes;
+            bb += w.moved_bytes * w.moved_bytes;
+            ft += w.matmul_flops * t;
+            bt += w.moved_bytes * t;
+        }
+        let det = ff * bb - fb * fb;
+        if det.abs() > 1e-12 * ff * bb {
+            let a = (ft * bb - bt * fb) / det;
+            let b = (bt * ff - ft * fb) / det;
+            if a > 0.0 && b > 0.0 {
+                return Some(Self {
+                    matmul_flop_per_s: 1.0 / a,
+                    memory_bytes_per_s: 1.0 / b,
+                });
+            }
+        }
+        // Degenerate fit: keep the default ratio and scale both rates.
+        let base = Self::default_for(Kernels::Fused, DType::F32);
+        let predicted: f64 = samples.iter().map(|(w, _)| base.time_s(w)).sum();
+        let actual: f64 = samples.iter().map(|(_, t)| t).sum();
+        (predicted > 0.0 && actual > 0.0).then(|| Self {
+            matmul_flop_per_s: base.matmul_flop_per_s * predicted / actual,
+            memory_bytes_per_s: base.memory_bytes_per_s * predicted / actual,
+        })
+    }
+}
+
+/// Memory that does not depend on the checkpoint schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaticMemory {
+    /// The weights in the compute dtype.
+    pub weights_bytes: u64,
+    /// Gradients of every parameter (train; 0 in guide mode). The stages' share is also
+    /// inside the chain costs (`param_grad_bytes`), allocated as the backward runs.
+    pub param_grad_bytes: u64,
+    /// Gradients of the head's parameters (patch embedding, timestep embedding, caption
+    /// projection), allocated after the chain's backward (train; 0 in guide mode).
+    pub head_param_grad_bytes: u64,
+    /// AdamW's two f32 moments, plus f32 master weights when the compute dtype is not f32
+    /// (train; 0 in guide mode).
+    pub optimizer_bytes: u64,
+    /// The inputs: latents, timesteps and captions.
+    pub input_bytes: u64,
+    /// Number of parameters.
+    pub parameter_count: u64,
+}
+
+impl StaticMemory {
+    /// Bytes held outside the chain's activation peak: weights, optimizer state, inputs
+    /// and the head's parameter gradients.
+    pub fn outside_chain_bytes(&self) -> u64 {
+        self.weights_bytes + self.optimizer_bytes + self.input_bytes + self.head_param_grad_bytes
+    }
+}
+
+/// Whether a parameter belongs to the head (it gets its gradient after the chain).
+fn is_head_parameter(name: &str) -> bool {
+    ["pos_embed.", "adaln_single.", "caption_projection."]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
+/// Weights, gradients, optimizer state and inputs of a workload.
+pub fn static_memory(
+    config: &LatteConfig,
+    geometry: &InputGeometry,
+    dtype: DType,
+    mode: Mode,
+) -> Result<StaticMemory, CostsError> {
+    let specs = parameter_specs(config).map_err(|e| CostsError::Internal(e.to_string()))?;
+    let elem = dtype.size_in_bytes() as u64;
+    let count: u64 = specs.iter().map(|s| s.numel() as u64).sum();
+    let head_count: u64 = specs
+        .iter()
+        .filter(|s| is_head_parameter(&s.name))
+        .map(|s| s.numel() as u64)
+        .sum();
+    let train = mode.trains_parameters();
+    let master = if dtype == DType::F32 { 0 } else { 4 * count };
+    let g = geometry;
+    let latents = (g.batch * config.in_channels * g.frames * g.height * g.width) as u64;
+    let captions = (g.batch * g.caption_tokens * config.caption_channels) as u64;
+    Ok(StaticMemory {
+        weights_bytes: count * elem,
+        param_grad_bytes: if train { count * elem } else { 0 },
+        head_param_grad_bytes: if train { head_count * elem } else { 0 },
+        optimizer_bytes: if train { 8 * count + master } else { 0 },
+        input_bytes: (latents + captions) * elem + 8 * g.batch as u64,
+        parameter_count: count,
+    })
+}
+
+/// The analytic costs of one workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatteCosts {
+    /// Per scheduled stage (spatial and temporal blocks in order, the tail last); the
+    /// head's graph, context and context gradients are `reserved_bytes`.
+    pub chain: ChainCosts,
+    /// The work behind each stage's `fwd_s` and `bwd_s`.
+    pub work: Vec<StageWork>,
+    /// Weights, gradients, optimizer state and inputs.
+    pub memory: StaticMemory,
+}
+
+impl LatteCosts {
+    /// Recomputes every stage's `fwd_s` and `bwd_s` with another throughput.
+    pub fn retime(&mut self, throughput: &Throughput) {
+        for (stage, work) in self.chain.stages.iter_mut().zip(&self.work) {
+            stage.fwd_s = throughput.time_s(&work.forward);
+            stage.bwd_s = throughput.time_s(&work.backward);
+        }
+    }
+}
+
+/// The analytic costs of running `config` on inputs of `geometry` (latent sizes) in
+/// `dtype`, differentiated as `mode` says, with the kernels of a device, timed with
+/// `throughput`.
+pub fn analytic_costs(
+    config: &LatteConfig,
+    geometry: &InputGeometry,
+    dtype: DType,
+    mode: Mode,
+    kernels: Kernels,
+    throughput: &Throughput,
+) -> Result<LatteCosts, CostsError> {
+    check_geometry(config, geometry)?;
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(CostsError::Unsupported(format!(
+            "dtype {dtype:?}: the model computes in f32, f16 or bf16"
+        )));
+    }
+    let memory = static_memory(config, geometry, dtype, mode)?;
+    let replay = replay::Replay::new(config, geometry, dtype, mode, kernels);
+    let (stages, work, output_bytes, reserved_bytes) = replay.run()?;
+    let stages = stages
+        .into_iter()
+        .zip(&work)
+        .map(|(mut stage, work)| {
+            stage.fwd_s = throughput.time_s(&work.forward);
+            stage.bwd_s = throughput.time_s(&work.backward);
+            stage
+        })
+        .collect();
+    Ok(LatteCosts {
+        chain: ChainCosts::new(stages, output_bytes, reserved_bytes),
+        work,
+        memory,
+    })
+}
+
+/// Virtual tensors: shapes, strides, dtypes and reference-counted storages without data,
+/// with candle's allocation, view and autograd-retention rules.
+mod vt {
+    use super::{CostsError, Kernels, Work};
+    use candle_core::DType;
+    use std::cell::Cell;
+    use std::collections::HashMap;
+    use std::rc::Rc;
+
+    /// Heap bytes of one tensor handle besides its elements (candle's `Tensor_` in its
+    /// `Arc`, the shape and stride vectors, the storage's `Arc<RwLock<…>>`), as the
+    /// counting allocator sees them; calibrated against `remat::profile` on small models.
+    const NODE_OVERHEAD_BYTES: u64 = 232;
+
+    /// Live bytes, their high-water mark and the work done, of one replay.
+    #[derive(Debug, Default)]
+    pub(super) struct Meter {
+        live: Cell<u64>,
+        peak: Cell<u64>,
+        next_id: Cell<usize>,
+        matmul_flops: Cell<f64>,
+        moved_bytes: Cell<f64>,
+        /// The memory measured is the host heap (CPU): tensor handles and the autograd's
+        /// node lists count, and bf16 matrix products widen their operands to f32.
+        host: bool,
+    }
+
+    impl Meter {
+        /// A meter for the memory the kernels allocate from.
+        pub(super) fn new(kernels: Kernels) -> Self {
+            Self {
+                host: kernels == Kernels::Fused,
+                ..Self::default()
+            }
+        }
+
+        /// Bytes of host bookkeeping, counted only when the host heap is measured.
+        fn host_bytes(&self, bytes: u64) -> u64 {
+            if self.host {
+                bytes
+            } else {
+                0
+            }
+        }
+
+        pub(super) fn alloc(&self, bytes: u64) {
+            let live = self.live.get() + bytes;
+            self.live.set(live);
+            if live > self.peak.get() {
+                self.peak.set(live);
+            }
+        }
+
+        pub(super) fn free(&self, bytes: u64) {
+            self.live.set(self.live.get().saturating_sub(bytes));
+        }
+
+        /// Bytes live now.
+        pub(super) fn live(&self) -> u64 {
+            self.live.get()
+        }
+
+        /// Highest live bytes since the last reset.
+        pub(super) fn peak(&self) -> u64 {
+            self.peak.get()
+        }
+
+        /// Starts a new high-water mark at the live bytes.
+        pub(super) fn reset_peak(&self) {
+            self.peak.set(self.live.get());
+        }
+
+        /// The work counted since the last call.
+        pub(super) fn take_work(&self) -> Work {
+            Work {
+                matmul_flops: self.matmul_flops.replace(0.0),
+                moved_bytes: self.moved_bytes.replace(0.0),
+            }
+        }
+
+        fn next_id(&self) -> usize {
+            let id = self.next_id.get();
+            self.next_id.set(id + 1);
+            id
+        }
+
+        fn count_moved(&self, bytes: u64) {
+            self.moved_bytes.set(self.moved_bytes.get() + bytes as f64);
+        }
+    }
+
+    /// A storage: its bytes are freed when the last handle goes.
+    #[derive(Debug)]
+    struct Storage {
+        /// Counted bytes (0 for what existed before the measurement).
+        bytes: u64,
+        /// Elements, counted or not.
+        elems: usize,
+        meter: Rc<Meter>,
+    }
+
+    impl Drop for Storage {
+        fn drop(&mut self) {
+            self.meter.free(self.bytes);
+        }
+    }
+
+    /// The operation that made a tracked tensor, holding its inputs (candle's `Op`).
+    #[derive(Debug)]
+    enum Op {
+        Add(V, V),
+        Sub(V, V),
+        Mul(V, V),
+        Div(V, V),
+        Matmul(V, V),
+        Broadcast(V),
+        Reshape(V),
+        Transpose(V, usize, usize),
+        Permute(V, Vec<usize>),
+        Copy(V),
+        Narrow(V, usize, usize, usize),
+        Cat(Vec<V>, usize),
+        Affine(V, f64),
+        Sum(V),
+        Unary(V, Unary),
+        ToDType(V),
+        Fused(V, Fused),
+    }
+
+    /// Element-wise functions with a backward rule.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Unary {
+        Sqr,
+        Sqrt,
+        Recip,
+        Exp,
+        Neg,
+        Tanh,
+        Silu,
+        Gelu,
+        /// `cos`, `sin`, `powf`, `max`: only on constants or inside backward rules.
+        NoBackward,
+    }
+
+    /// latte-rs's fused kernels (`nn/ops.rs`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Fused {
+        Gelu,
+        Softmax,
+    }
+
+    /// A virtual tensor handle (candle's `Tensor`: cheap to clone).
+    #[derive(Debug, Clone)]
+    pub(super) struct V(Rc<Node>);
+
+    #[derive(Debug)]
+    struct Node {
+        id: usize,
+        dims: Vec<usize>,
+        strides: Vec<usize>,
+        dtype: DType,
+        storage: Rc<Storage>,
+        op: Option<Op>,
+        var: bool,
+        meter: Rc<Meter>,
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            self.meter.free(self.meter.host_bytes(NODE_OVERHEAD_BYTES));
+        }
+    }
+
+    fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
+        let mut strides = vec![1; dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * dims[i + 1];
+        }
+        strides
+    }
+
+    fn numel(dims: &[usize]) -> usize {
+        dims.iter().product()
+    }
+
+    fn bytes_of(dims: &[usize], dtype: DType) -> u64 {
+        (numel(dims) * dtype.size_in_bytes()) as u64
+    }
+
+    /// Numpy broadcasting of two shapes.
+    fn broadcast_shape(a: &[usize], b: &[usize]) -> Vec<usize> {
+        let rank = a.len().max(b.len());
+        (0..rank)
+            .map(|i| {
+                let da = (i + a.len()).checked_sub(rank).map_or(1, |j| a[j]);
+                let db = (i + b.len()).checked_sub(rank).map_or(1, |j| b[j]);
+                da.max(db)
+            })
+            .collect()
+    }
+
+    impl V {
+        /// A tensor that exists before the measurement (weights, inputs): its storage is not
+        /// counted. `var` makes it a trainable leaf.
+        pub(super) fn existing(meter: &Rc<Meter>, dims: &[usize], dtype: DType, var: bool) -> V {
+            let storage = Rc::new(Storage {
+                bytes: 0,
+                elems: numel(dims),
+                meter: meter.clone(),
+            });
+            V::node(meter, dims.to_vec(), None, dtype, storage, None, var)
+        }
+
+        /// A new counted storage of `dims` in `dtype`, without graph (`Tensor::zeros`,
+        /// `Tensor::from_vec`).
+        pub(super) fn zeros(meter: &Rc<Meter>, dims: &[usize], dtype: DType) -> V {
+            let storage = V::storage(meter, numel(dims), dtype);
+            V::node(meter, dims.to_vec(), None, dtype, storage, None, false)
+        }
+
+        fn storage(meter: &Rc<Meter>, elems: usize, dtype: DType) -> Rc<Storage> {
+            let bytes = (elems * dtype.size_in_bytes()) as u64;
+            meter.alloc(bytes);
+            Rc::new(Storage {
+                bytes,
+                elems,
+                meter: meter.clone(),
+            })
+        }
+
+        fn node(
+            meter: &Rc<Meter>,
+            dims: Vec<usize>,
+            strides: Option<Vec<usize>>,
+            dtype: DType,
+            storage: Rc<Storage>,
+            op: Option<Op>,
+            var: bool,
+        ) -> V {
+            meter.alloc(meter.host_bytes(NODE_OVERHEAD_BYTES));
+            let strides = strides.unwrap_or_else(|| contiguous_strides(&dims));
+            V(Rc::new(Node {
+                id: meter.next_id(),
+                dims,
+                strides,
+                dtype,
+                storage,
+                op,
+                var,
+                meter: meter.clone(),
+            }))
+        }
+
+        fn meter(&self) -> &Rc<Meter> {
+            &self.0.meter
+        }
+
+        pub(super) fn id(&self) -> usize {
+            self.0.id
+        }
+
+        pub(super) fn dims(&self) -> &[usize] {
+            &self.0.dims
+        }
+
+        pub(super) fn dtype(&self) -> DType {
+            self.0.dtype
+        }
+
+        pub(super) fn numel(&self) -> usize {
+            numel(&self.0.dims)
+        }
+
+        /// Bytes of the elements (candle's `elem_count · size_in_bytes`).
+        pub(super) fn bytes(&self) -> u64 {
+            bytes_of(&self.0.dims, self.0.dtype)
+        }
+
+        /// candle's `track_op`: a variable, or made by an op on tracked inputs.
+        pub(super) fn tracked(&self) -> bool {
+            self.0.var || self.0.op.is_some()
+        }
+
+        pub(super) fn is_var(&self) -> bool {
+            self.0.var
+        }
+
+        pub(super) fn is_contiguous(&self) -> bool {
+            let mut acc = 1;
+            for (&stride, &dim) in self.0.strides.iter().zip(&self.0.dims).rev() {
+                if dim > 1 && stride != acc {
+                    return false;
+                }
+                acc *= dim;
+            }
+            true
+        }
+
+        /// A result in a new storage; the op is recorded when an input is tracked.
+        fn fresh(
+            &self,
+            dims: Vec<usize>,
+            dtype: DType,
+            inputs: &[&V],
+            op: impl FnOnce() -> Op,
+        ) -> V {
+            let meter = self.meter().clone();
+            let read: u64 = inputs.iter().map(|v| v.bytes()).sum();
+            meter.count_moved(bytes_of(&dims, dtype) + read);
+            let storage = V::storage(&meter, numel(&dims), dtype);
+            let op = inputs.iter().any(|v| v.tracked()).then(op);
+            V::node(&meter, dims, None, dtype, storage, op, false)
+        }
+
+        /// A view sharing the storage.
+        fn view(&self, dims: Vec<usize>, strides: Vec<usize>, op: impl FnOnce() -> Op) -> V {
+            let op = self.tracked().then(op);
+            V::node(
+                self.meter(),
+                dims,
+                Some(strides),
+                self.dtype(),
+                self.0.storage.clone(),
+                op,
+                false,
+            )
+        }
+
+        // ---- views and copies ----
+
+        /// `Tensor::reshape`: a view of a contiguous tensor, else a copy.
+        pub(super) fn reshape(&self, dims: &[usize]) -> V {
+            let me = self.clone();
+            if self.is_contiguous() {
+                self.view(dims.to_vec(), contiguous_strides(dims), || Op::Reshape(me))
+            } else {
+                self.fresh(dims.to_vec(), self.dtype(), &[self], || Op::Reshape(me))
+            }
+        }
+
+        /// `Tensor::transpose`.
+        pub(super) fn transpose(&self, a: usize, b: usize) -> V {
+            if a == b {
+                return self.clone();
+            }
+            let (mut dims, mut strides) = (self.0.dims.clone(), self.0.strides.clone());
+            dims.swap(a, b);
+            strides.swap(a, b);
+            let me = self.clone();
+            self.view(dims, strides, || Op::Transpose(me, a, b))
+        }
+
+        /// `Tensor::t`: the last two dimensions swapped.
+        pub(super) fn t(&self) -> V {
+            let rank = self.dims().len();
+            self.transpose(rank - 2, rank - 1)
+        }
+
+        /// `Tensor::permute`.
+        pub(super) fn permute(&self, perm: &[usize]) -> V {
+            let dims = perm.iter().map(|&p| self.0.dims[p]).collect();
+            let strides = perm.iter().map(|&p| self.0.strides[p]).collect();
+            let me = self.clone();
+            let perm = perm.to_vec();
+            self.view(dims, strides, || Op::Permute(me, perm))
+        }
+
+        /// `Tensor::broadcast_as`.
+        pub(super) fn broadcast_as(&self, dims: &[usize]) -> V {
+            let added = dims.len() - self.dims().len();
+            let mut strides = vec![0; added];
+            for (i, (&src, &stride)) in self.0.dims.iter().zip(&self.0.strides).enumerate() {
+                strides.push(if dims[added + i] == src { stride } else { 0 });
+            }
+            let me = self.clone();
+            self.view(dims.to_vec(), strides, || Op::Broadcast(me))
+        }
+
+        /// `Tensor::narrow`.
+        pub(super) fn narrow(&self, dim: usize, start: usize, len: usize) -> V {
+            if start == 0 && len == self.0.dims[dim] {
+                return self.clone();
+            }
+            let mut dims = self.0.dims.clone();
+            dims[dim] = len;
+            let me = self.clone();
+            self.view(dims, self.0.strides.clone(), || {
+                Op::Narrow(me, dim, start, len)
+            })
+        }
+
+        /// `Tensor::unsqueeze` (a reshape node).
+        pub(super) fn unsqueeze(&self, dim: usize) -> V {
+            let (mut dims, mut strides) = (self.0.dims.clone(), self.0.strides.clone());
+            let stride = strides.get(dim).map_or(1, |&s| s * dims[dim]);
+            dims.insert(dim, 1);
+            strides.insert(dim, stride);
+            let me = self.clone();
+            self.view(dims, strides, || Op::Reshape(me))
+        }
+
+        /// `Tensor::squeeze` of a size-1 dimension (a reshape node).
+        pub(super) fn squeeze(&self, dim: usize) -> V {
+            if self.0.dims[dim] != 1 {
+                return self.clone();
+            }
+            let (mut dims, mut strides) = (self.0.dims.clone(), self.0.strides.clone());
+            dims.remove(dim);
+            strides.remove(dim);
+            let me = self.clone();
+            self.view(dims, strides, || Op::Reshape(me))
+        }
+
+        /// `Tensor::contiguous`: itself when contiguous, else a copy.
+        pub(super) fn contiguous(&self) -> V {
+            if self.is_contiguous() {
+                return self.clone();
+            }
+            let me = self.clone();
+            self.fresh(self.dims().to_vec(), self.dtype(), &[self], || Op::Copy(me))
+        }
+
+        /// `Tensor::detach`: the same storage without the graph.
+        pub(super) fn detach(&self) -> V {
+            if !self.tracked() {
+                return self.clone();
+            }
+            V::node(
+                self.meter(),
+                self.0.dims.clone(),
+                Some(self.0.strides.clone()),
+                self.dtype(),
+                self.0.storage.clone(),
+                None,
+                false,
+            )
+        }
+
+        /// `Var::from_tensor` of a non-variable: a copy made a leaf variable.
+        pub(super) fn make_var(&self) -> V {
+            let meter = self.meter().clone();
+            meter.count_moved(2 * self.bytes());
+            let storage = V::storage(&meter, self.numel(), self.dtype());
+            V::node(
+                &meter,
+                self.dims().to_vec(),
+                None,
+                self.dtype(),
+                storage,
+                None,
+                true,
+            )
+        }
+
+        // ---- allocating ops ----
+
+        /// `Tensor::matmul` (batched over leading dimensions).
+        pub(super) fn matmul(&self, rhs: &V) -> V {
+            let a = self.dims();
+            let rank = a.len();
+            let (m, k, n) = (a[rank - 2], a[rank - 1], rhs.dims()[rank - 1]);
+            let batch: usize = a[..rank - 2].iter().product();
+            let mut dims = a[..rank - 2].to_vec();
+            dims.extend([m, n]);
+            let meter = self.meter();
+            meter
+                .matmul_flops
+                .set(meter.matmul_flops.get() + 2.0 * (batch * m * n * k) as f64);
+            let out = numel(&dims);
+            meter.count_moved(bytes_of(&dims, self.dtype()) + self.bytes() + rhs.bytes());
+            // The CPU backend has no bf16 kernel: both storages are widened to f32, multiplied
+            // into an f32 result and narrowed back.
+            let widened = if meter.host && self.dtype() == DType::BF16 {
+                4 * (self.0.storage.elems + rhs.0.storage.elems + out) as u64
+            } else {
+                0
+            };
+            meter.alloc(widened);
+            let storage = V::storage(meter, out, self.dtype());
+            meter.free(widened);
+            let op =
+                (self.tracked() || rhs.tracked()).then(|| Op::Matmul(self.clone(), rhs.clone()));
+            V::node(meter, dims, None, self.dtype(), storage, op, false)
+        }
+
+        fn binary(&self, rhs: &V, make: fn(V, V) -> Op) -> V {
+            let (l, r) = (self.clone(), rhs.clone());
+            self.fresh(self.dims().to_vec(), self.dtype(), &[self, rhs], || {
+                make(l, r)
+            })
+        }
+
+        /// `Tensor::add` (same shapes).
+        pub(super) fn add(&self, rhs: &V) -> V {
+            self.binary(rhs, Op::Add)
+        }
+
+        /// `Tensor::mul` (same shapes).
+        pub(super) fn mul(&self, rhs: &V) -> V {
+            self.binary(rhs, Op::Mul)
+        }
+
+        /// `Tensor::div` (same shapes).
+        pub(super) fn div(&self, rhs: &V) -> V {
+            self.binary(rhs, Op::Div)
+        }
+
+        fn broadcast_binary(&self, rhs: &V, make: fn(V, V) -> Op) -> V {
+            let shape = broadcast_shape(self.dims(), rhs.dims());
+            let lhs = if shape != self.dims() {
+                self.broadcast_as(&shape)
+            } else {
+                self.clone()
+            };
+            let rhs = if shape != rhs.dims() {
+                rhs.broadcast_as(&shape)
+            } else {
+                rhs.clone()
+            };
+            lhs.binary(&rhs, make)
+        }
+
+        /// `Tensor::broadcast_add`.
+        pub(super) fn broadcast_add(&self, rhs: &V) -> V {
+            self.broadcast_binary(rhs, Op::Add)
+        }
+
+        /// `Tensor::broadcast_sub`.
+        pub(super) fn broadcast_sub(&self, rhs: &V) -> V {
+            self.broadcast_binary(rhs, Op::Sub)
+        }
+
+        /// `Tensor::broadcast_mul`.
+        pub(super) fn broadcast_mul(&self, rhs: &V) -> V {
+            self.broadcast_binary(rhs, Op::Mul)
+        }
+
+        /// `Tensor::broadcast_div`.
+        pub(super) fn broadcast_div(&self, rhs: &V) -> V {
+            self.broadcast_binary(rhs, Op::Div)
+        }
+
+        /// `Tensor::affine` (also `t * s`, `t + s`, `s - t`).
+        pub(super) fn affine(&self, mul: f64) -> V {
+            let me = self.clone();
+            self.fresh(self.dims().to_vec(), self.dtype(), &[self], || {
+                Op::Affine(me, mul)
+            })
+        }
+
+        /// An element-wise function.
+        pub(super) fn unary(&self, f: Unary) -> V {
+            let me = self.clone();
+            self.fresh(self.dims().to_vec(), self.dtype(), &[self], || {
+                Op::Unary(me, f)
+            })
+        }
+
+        /// `Tensor::sum_keepdim` over `dims`.
+        pub(super) fn sum_keepdim(&self, dims: &[usize]) -> V {
+            let mut out = self.dims().to_vec();
+            for &d in dims {
+                out[d] = 1;
+            }
+            let me = self.clone();
+            self.fresh(out, self.dtype(), &[self], || Op::Sum(me))
+        }
+
+        /// `Tensor::mean_keepdim` over the last dimension: a sum, then a scale.
+        pub(super) fn mean_keepdim_last(&self) -> V {
+            let last = self.dims().len() - 1;
+            self.sum_keepdim(&[last]).affine(1.0)
+        }
+
+        /// `max_keepdim` over the last dimension (no backward rule is needed: the composed
+        /// softmax detaches it).
+        pub(super) fn max_keepdim_last(&self) -> V {
+            let mut out = self.dims().to_vec();
+            if let Some(last) = out.last_mut() {
+                *last = 1;
+            }
+            let me = self.clone();
+            self.fresh(out, self.dtype(), &[self], || {
+                Op::Unary(me, Unary::NoBackward)
+            })
+        }
+
+        /// `Tensor::to_dtype`: itself when the dtype is the same.
+        pub(super) fn to_dtype(&self, dtype: DType) -> V {
+            if dtype == self.dtype() {
+                return self.clone();
+            }
+            let me = self.clone();
+            self.fresh(self.dims().to_vec(), dtype, &[self], || Op::ToDType(me))
+        }
+
+        /// `Tensor::cat` of contiguous pieces.
+        pub(super) fn cat(args: &[&V], dim: usize) -> V {
+            let first = args[0];
+            if args.len() == 1 {
+                return first.clone();
+            }
+            let mut dims = first.dims().to_vec();
+            dims[dim] = args.iter().map(|a| a.dims()[dim]).sum();
+            let owned: Vec<V> = args.iter().map(|&a| a.clone()).collect();
+            first.fresh(dims, first.dtype(), args, || Op::Cat(owned, dim))
+        }
+
+        /// A fused kernel of `nn/ops.rs` (forward): the input widened to f32 (which becomes
+        /// the output in f32; in half precision a narrowed copy is made and the f32 buffer
+        /// freed).
+        pub(super) fn fused(&self, kind: Fused) -> V {
+            let x = self.contiguous();
+            let meter = self.meter().clone();
+            let widened = (x.numel() * 4) as u64;
+            meter.count_moved(widened + x.bytes());
+            if x.dtype() == DType::F32 {
+                let storage = V::storage(&meter, x.numel(), DType::F32);
+                let op = x.tracked().then(|| Op::Fused(x.clone(), kind));
+                return V::node(
+                    &meter,
+                    x.dims().to_vec(),
+                    None,
+                    DType::F32,
+                    storage,
+                    op,
+                    false,
+                );
+            }
+            meter.alloc(widened);
+            let storage = V::storage(&meter, x.numel(), x.dtype());
+            meter.free(widened);
+            let op = x.tracked().then(|| Op::Fused(x.clone(), kind));
+            V::node(
+                &meter,
+                x.dims().to_vec(),
+                None,
+                x.dtype(),
+                storage,
+                op,
+                false,
+            )
+        }
+
+        /// The backward kernel of a fused op (`apply_op2_no_bwd`): both operands widened to
+        /// f32, the second becoming the result in f32.
+        fn fused_backward(&self, grad: &V) -> V {
+            let meter = self.meter().clone();
+            let widened = (grad.numel() * 4) as u64;
+            meter.count_moved(3 * widened);
+            meter.alloc(widened);
+            let result = if grad.dtype() == DType::F32 {
+                let storage = V::storage(&meter, grad.numel(), DType::F32);
+                V::node(
+                    &meter,
+                    grad.dims().to_vec(),
+                    None,
+                    DType::F32,
+                    storage,
+                    None,
+                    false,
+                )
+            } else {
+                meter.alloc(widened);
+                let storage = V::storage(&meter, grad.numel(), grad.dtype());
+                meter.free(widened);
+                V::node(
+                    &meter,
+                    grad.dims().to_vec(),
+                    None,
+                    grad.dtype(),
+                    storage,
+                    None,
+                    false,
+                )
+            };
+            meter.free(widened);
+            result
+        }
+    }
+
+    /// Gradients by tensor id (candle's `GradStore`).
+    #[derive(Debug, Default)]
+    pub(super) struct Grads(HashMap<usize, V>);
+
+    impl Grads {
+        /// Removes and returns the gradient of `t`.
+        pub(super) fn remove(&mut self, t: &V) -> Option<V> {
+            self.0.remove(&t.id())
+        }
+
+        /// Bytes of every gradient held.
+        pub(super) fn total_bytes(&self) -> u64 {
+            self.0.values().map(V::bytes).sum()
+        }
+
+        /// The patched `GradStore::accumulate`.
+        fn accumulate(&mut self, t: &V, grad: &V) {
+            if !t.tracked() {
+                return;
+            }
+            match self.0.get_mut(&t.id()) {
+                Some(existing) => {
+                    let sum = existing.add(grad);
+                    *existing = sum;
+                }
+                None => {
+                    self.0.insert(t.id(), grad.contiguous());
+                }
+            }
+        }
+    }
+
+    /// candle's `sorted_nodes`: a depth-first post-order from `root`, reversed.
+    fn sorted_nodes(root: &V) -> Vec<V> {
+        fn walk(node: &V, nodes: &mut Vec<V>, seen: &mut HashMap<usize, bool>) -> bool {
+            if let Some(&tracked) = seen.get(&node.id()) {
+                return tracked;
+            }
+            let mut tracked = false;
+            if node.is_var() {
+                tracked = true;
+            } else if let Some(op) = &node.0.op {
+                for input in op_inputs(op) {
+                    tracked |= walk(input, nodes, seen);
+                }
+            }
+            seen.insert(node.id(), tracked);
+            if tracked {
+                nodes.push(node.clone());
+            }
+            tracked
+        }
+        let mut nodes = Vec::new();
+        walk(root, &mut nodes, &mut HashMap::new());
+        nodes.reverse();
+        nodes
+    }
+
+    fn op_inputs(op: &Op) -> Vec<&V> {
+        match op {
+            Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) | Op::Matmul(a, b) => {
+                vec![a, b]
+            }
+            Op::Cat(args, _) => args.iter().collect(),
+            Op::Broadcast(a)
+            | Op::Reshape(a)
+            | Op::Transpose(a, _, _)
+            | Op::Permute(a, _)
+            | Op::Copy(a)
+            | Op::Narrow(a, _, _, _)
+            | Op::Affine(a, _)
+            | Op::Sum(a)
+            | Op::Unary(a, _)
+            | Op::ToDType(a)
+            | Op::Fused(a, _) => vec![a],
+        }
+    }
+
+    /// candle's `Tensor::backward` from `output`, whose gradient is `grad` (as remat's
+    /// `inject` hands it over), with the patched accumulation.
+    pub(super) fn backward(output: &V, grad: &V) -> Result<Grads, CostsError> {
+        let sorted = sorted_nodes(output);
+        let meter = output.meter().clone();
+        // The node list of the walk.
+        let bookkeeping = meter.host_bytes(8 * sorted.len() as u64);
+        meter.alloc(bookkeeping);
+        let mut grads = Grads::default();
+        grads.accumulate(output, grad);
+        for node in &sorted {
+            if node.is_var() {
+                continue;
+            }
+            let stored = grads.remove(node).ok_or_else(|| {
+                CostsError::Internal(format!("no gradient for node {:?}", node.dims()))
+            })?;
+            let grad = stored.detach();
+            if let Some(op) = &node.0.op {
+                backward_op(&mut grads, node, op, &grad)?;
+            }
+        }
+        meter.free(bookkeeping);
+        Ok(grads)
+    }
+
+    /// One node's rule, as written in candle's `backprop.rs`.
+    fn backward_op(grads: &mut Grads, node: &V, op: &Op, grad: &V) -> Result<(), CostsError> {
+        match op {
+            Op::Add(lhs, rhs) => {
+                grads.accumulate(lhs, grad);
+                grads.accumulate(rhs, grad);
+            }
+            Op::Sub(lhs, rhs) => {
+                grads.accumulate(lhs, grad);
+                grads.accumulate(rhs, &grad.unary(Unary::Neg));
+            }
+            Op::Mul(lhs, rhs) => {
+                if lhs.tracked() {
+                    let lhs_grad = grad.mul(rhs);
+                    grads.accumulate(lhs, &lhs_grad);
+                }
+                if rhs.tracked() {
+                    let rhs_grad = grad.mul(lhs);
+                    grads.accumulate(rhs, &rhs_grad);
+                }
+            }
+            Op::Div(lhs, rhs) => {
+                let lhs_grad = grad.div(rhs);
+                grads.accumulate(lhs, &lhs_grad);
+                let rhs_grad = grad.mul(lhs).div(&rhs.unary(Unary::Sqr));
+                grads.accumulate(rhs, &rhs_grad.unary(Unary::Neg));
+            }
+            Op::Matmul(lhs, rhs) => {
+                if lhs.tracked() {
+                    let lhs_grad = grad.matmul(&rhs.t());
+                    grads.accumulate(lhs, &lhs_grad);
+                }
+                if rhs.tracked() {
+                    let rhs_grad = lhs.t().matmul(grad);
+                    grads.accumulate(rhs, &rhs_grad);
+                }
+            }
+            Op::Broadcast(arg) => {
+                let (arg_dims, node_dims) = (arg.dims(), node.dims());
+                let left = node_dims.len() - arg_dims.len();
+                let mut sum_dims: Vec<usize> = (0..left).collect();
+                for (i, (n, a)) in node_dims[left..].iter().zip(arg_dims).enumerate() {
+                    if n != a {
+                        sum_dims.push(i + left);
+                    }
+                }
+                let mut arg_grad = grad.sum_keepdim(&sum_dims);
+                for _ in 0..left {
+                    arg_grad = arg_grad.squeeze(0);
+                }
+                grads.accumulate(arg, &arg_grad.broadcast_as(arg_dims));
+            }
+            Op::Sum(arg) => {
+                grads.accumulate(arg, &grad.broadcast_as(arg.dims()));
+            }
+            Op::ToDType(arg) => grads.accumulate(arg, &grad.to_dtype(arg.dtype())),
+            Op::Copy(arg) => grads.accumulate(arg, grad),
+            Op::Affine(arg, mul) => grads.accumulate(arg, &grad.affine(*mul)),
+            Op::Reshape(arg) => grads.accumulate(arg, &grad.reshape(arg.dims())),
+            Op::Transpose(arg, a, b) => grads.accumulate(arg, &grad.transpose(*a, *b)),
+            Op::Permute(arg, perm) => {
+                let mut inverse = vec![0; perm.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    inverse[p] = i;
+                }
+                grads.accumulate(arg, &grad.permute(&inverse));
+            }
+            &Op::Narrow(ref arg, dim, start, len) => {
+                let arg_dims = arg.dims();
+                let meter = grad.meter();
+                let pad = |size: usize| {
+                    let mut dims = arg_dims.to_vec();
+                    dims[dim] = size;
+                    V::zeros(meter, &dims, grad.dtype())
+                };
+                let left = (start > 0).then(|| pad(start));
+                let right_len = arg_dims[dim] - start - len;
+                let right = (right_len > 0).then(|| pad(right_len));
+                let arg_grad = match (&left, &right) {
+                    (None, None) => grad.clone(),
+                    (Some(l), None) => V::cat(&[l, grad], dim),
+                    (None, Some(r)) => V::cat(&[grad, r], dim),
+                    (Some(l), Some(r)) => V::cat(&[l, grad, r], dim),
+                };
+                grads.accumulate(arg, &arg_grad);
+            }
+            Op::Cat(args, dim) => {
+                let mut start = 0;
+                for arg in args {
+                    let len = arg.dims()[*dim];
+                    grads.accumulate(arg, &grad.narrow(*dim, start, len));
+                    start += len;
+                }
+            }
+            Op::Unary(arg, f) => unary_backward(grads, node, arg, *f, grad)?,
+            Op::Fused(arg, Fused::Gelu) => {
+                let grad = grad.contiguous();
+                let arg_grad = arg.fused_backward(&grad);
+                grads.accumulate(arg, &arg_grad);
+            }
+            Op::Fused(arg, Fused::Softmax) => {
+                let grad = grad.contiguous();
+                let arg_grad = node.contiguous().fused_backward(&grad);
+                grads.accumulate(arg, &arg_grad);
+            }
+        }
+        Ok(())
+    }
+
+    fn unary_backward(
+        grads: &mut Grads,
+        node: &V,
+        arg: &V,
+        f: Unary,
+        grad: &V,
+    ) -> Result<(), CostsError> {
+        match f {
+            Unary::Sqr => {
+                let arg_grad = arg.mul(grad).affine(2.0);
+                grads.accumulate(arg, &arg_grad);
+            }
+            Unary::Sqrt => {
+                let arg_grad = grad.div(node).affine(0.5);
+                grads.accumulate(arg, &arg_grad);
+            }
+            Unary::Recip => {
+                let grad = grad.div(&arg.unary(Unary::Sqr));
+                grads.accumulate(arg, &grad.unary(Unary::Neg));
+            }
+            Unary::Exp => grads.accumulate(arg, &grad.mul(node)),
+            Unary::Neg => grads.accumulate(arg, &grad.unary(Unary::Neg)),
+            Unary::Tanh => {
+                let minus_dtanh = node.unary(Unary::Sqr).affine(1.0);
+                grads.accumulate(arg, &grad.mul(&minus_dtanh).unary(Unary::Neg));
+            }
+            Unary::Silu => {
+                let sigmoid_arg = arg
+                    .unary(Unary::Neg)
+                    .unary(Unary::Exp)
+                    .affine(1.0)
+                    .unary(Unary::Recip);
+                let silu_grad = sigmoid_arg.mul(&node.affine(-1.0)).add(node);
+                grads.accumulate(arg, &grad.mul(&silu_grad));
+            }
+            Unary::Gelu => {
+                // candle's rule for `gelu` (tanh approximation).
+                let cube = arg.unary(Unary::NoBackward);
+                let tanh = cube
+                    .affine(0.0356774)
+                    .add(&arg.affine(0.797885))
+                    .unary(Unary::Tanh);
+                let gelu_grad = tanh
+                    .affine(0.5)
+                    .add(
+                        &cube
+                            .affine(0.0535161)
+                            .add(&arg.affine(0.398942))
+                            .mul(&tanh.unary(Unary::NoBackward).affine(-1.0)),
+                    )
+                    .affine(1.0);
+                grads.accumulate(arg, &grad.mul(&gelu_grad));
+            }
+            Unary::NoBackward => {
+                return Err(CostsError::Internal(
+                    "backward through an op without a modelled rule".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The model code replayed on virtual tensors, mirroring `nn/*.rs` and `model.rs`.
+mod replay {
+    use super::vt::{backward, Fused, Meter, Unary, V};
+    use super::{CostsError, Kernels, Mode, StageWork};
+    use crate::config::{InputGeometry, LatteConfig};
+    use candle_core::DType;
+    use remat::costs::StageCosts;
+    use std::rc::Rc;
+
+    /// Width of the sinusoidal timestep features (`embeddings.rs`).
+    const TIMESTEP_CHANNELS: usize = 256;
+
+    /// `nn::linear::Linear`.
+    struct Linear {
+        weight: V,
+        bias: Option<V>,
+    }
+
+    impl Linear {
+        fn forward(&self, x: &V) -> V {
+            let mut out_dims = x.dims().to_vec();
+            let in_dim = out_dims.pop().unwrap_or(1);
+            let rows = x.numel() / in_dim.max(1);
+            let out_dim = self.weight.dims()[0];
+            let y = x.reshape(&[rows, in_dim]).matmul(&self.weight.t());
+            let y = match &self.bias {
+                Some(bias) => y.broadcast_add(bias),
+                None => y,
+            };
+            out_dims.push(out_dim);
+            y.reshape(&out_dims)
+        }
+    }
+
+    /// `nn::attention::Attention`.
+    struct Attention {
+        to_q: Linear,
+        to_k: Linear,
+        to_v: Linear,
+        to_out: Linear,
+        heads: usize,
+        head_dim: usize,
+    }
+
+    /// `nn::block::TransformerBlock`.
+    struct Block {
+        attn1: Attention,
+        attn2: Option<Attention>,
+        ff_in: Linear,
+        ff_out: Linear,
+        table: V,
+    }
+
+    /// The replay of one workload.
+    pub(super) struct Replay {
+        meter: Rc<Meter>,
+        config: LatteConfig,
+        geometry: InputGeometry,
+        dtype: DType,
+        mode: Mode,
+        kernels: Kernels,
+    }
+
+    /// The head's results as `remat::grads::run_head` keeps them.
+    struct Head {
+        tokens: V,
+        /// What the stages read: `[timestep_spatial, timestep_temporal, captions,
+        /// embedded_timestep]` (leaf copies when tracked).
+        context: Vec<V>,
+        /// Whether each context tensor is a leaf collecting gradients.
+        leaves: Vec<bool>,
+        _kept: Vec<V>,
+    }
+
+    /// Results of the chain: stage costs (times zero), work, output bytes, reserved bytes.
+    type ChainReplay = (Vec<StageCosts>, Vec<StageWork>, u64, u64);
+
+    impl Replay {
+        pub(super) fn new(
+            config: &LatteConfig,
+            geometry: &InputGeometry,
+            dtype: DType,
+            mode: Mode,
+            kernels: Kernels,
+        ) -> Self {
+            Self {
+                meter: Rc::new(Meter::new(kernels)),
+                config: config.clone(),
+                geometry: *geometry,
+                dtype,
+                mode,
+                kernels,
+            }
+        }
+
+        fn param(&self, dims: &[usize]) -> V {
+            V::existing(&self.meter, dims, self.dtype, self.mode.trains_parameters())
+        }
+
+        fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Linear {
+            Linear {
+                weight: self.param(&[out_dim, in_dim]),
+                bias: bias.then(|| self.param(&[out_dim])),
+            }
+        }
+
+        fn new_attention(&self) -> Attention {
+            let c = &self.config;
+            let (d, bias) = (c.hidden_size(), c.attention_bias);
+            Attention {
+                to_q: self.linear(d, d, bias),
+                to_k: self.linear(d, d, bias),
+                to_v: self.linear(d, d, bias),
+                to_out: self.linear(d, d, true),
+                heads: c.num_heads,
+                head_dim: c.head_dim,
+            }
+        }
+
+        fn block(&self, cross_attention: bool) -> Block {
+            let d = self.config.hidden_size();
+            Block {
+                attn1: self.new_attention(),
+                attn2: cross_attention.then(|| self.new_attention()),
+                ff_in: self.linear(d, 4 * d, true),
+                ff_out: self.linear(4 * d, d, true),
+                table: self.param(&[6, d]),
+            }
+        }
+
+        /// Runs the head and every scheduled stage as `remat::profile::profile` does.
+        pub(super) fn run(&self) -> Result<ChainReplay, CostsError> {
+            let head_start = self.meter.live();
+            let head = self.run_head();
+            let head_bytes = self.meter.live() - head_start;
+
+            let layers = self.config.num_layers;
+            let spatial = self.block(true);
+            let temporal = self.block(false);
+            let d = self.config.hidden_size();
+            let tail_table = self.param(&[2, d]);
+            let p = self.config.patch_size;
+            let proj_out = self.linear(d, p * p * self.config.out_channels, true);
+
+            let mut x = head.tokens.detach();
+            let mut stages = Vec::with_capacity(2 * layers + 1);
+            let mut work = Vec::with_capacity(2 * layers + 1);
+            let mut context_grads: Vec<Option<V>> = vec![None; head.context.len()];
+            for i in 0..=2 * layers {
+                let run = |input: &V| -> V {
+                    if i == 2 * layers {
+                        self.tail(input, &head.context, &tail_table, &proj_out)
+                    } else if i % 2 == 0 {
+                        self.spatial_stage(&spatial, input, &head.context)
+                    } else {
+                        self.temporal_stage(&temporal, i / 2, input, &head.context)
+                    }
+                };
+                let (costs, stage_work, next) =
+                    self.measure_stage(&x, run, &head, &mut context_grads)?;
+                stages.push(costs);
+                work.push(stage_work);
+                x = next;
+            }
+            let output_bytes = x.bytes();
+            let context_grad_bytes: u64 = context_grads.iter().flatten().map(V::bytes).sum();
+            Ok((stages, work, output_bytes, head_bytes + context_grad_bytes))
+        }
+
+        /// `remat::profile`'s `measure_stage`.
+        fn measure_stage(
+            &self,
+            x: &V,
+            run: impl Fn(&V) -> V,
+            head: &Head,
+            context_grads: &mut [Option<V>],
+        ) -> Result<(StageCosts, StageWork, V), CostsError> {
+            let meter = &self.meter;
+            let input_bytes = x.bytes();
+            meter.take_work();
+            let before = meter.live();
+            meter.reset_peak();
+            let input = x.detach().make_var();
+            let output = run(&input);
+            let forward = meter.take_work();
+            let after = meter.live();
+            let graph_bytes = after - before;
+            let fwd_tmp_bytes = meter.peak() - after;
+
+            let next = output.detach();
+            let grad_output = V::zeros(meter, next.dims(), next.dtype());
+            let before = meter.live();
+            meter.reset_peak();
+            let mut store = backward(&output, &grad_output)?;
+            let backward_work = meter.take_work();
+            let peak = meter.peak();
+            drop(output);
+            let input_grad = store.remove(&input);
+            for (leaf, (context, sum)) in head
+                .leaves
+                .iter()
+                .zip(head.context.iter().zip(context_grads.iter_mut()))
+            {
+                if !leaf {
+                    continue;
+                }
+                if let Some(g) = store.remove(context) {
+                    *sum = Some(match sum.take() {
+                        Some(s) => s.add(&g),
+                        None => g,
+                    });
+                }
+            }
+            // What is left are the parameters' gradients.
+            let param_grad_bytes = store.total_bytes();
+            drop(store);
+            drop(input_grad);
+            let bwd_tmp_bytes = peak.saturating_sub(before + input_bytes + param_grad_bytes);
+            meter.take_work();
+            Ok((
+                StageCosts {
+                    fwd_s: 0.0,
+                    bwd_s: 0.0,
+                    input_bytes,
+                    graph_bytes,
+                    fwd_tmp_bytes,
+                    bwd_tmp_bytes,
+                    param_grad_bytes,
+                },
+                StageWork {
+                    forward,
+                    backward: backward_work,
+                },
+                next,
+            ))
+        }
+
+        // ---- nn/norm.rs ----
+
+        fn layer_norm(&self, x: &V) -> V {
+            let dtype = x.dtype();
+            let x = x.to_dtype(DType::F32);
+            let mean = x.mean_keepdim_last();
+            let centred = x.broadcast_sub(&mean);
+            let variance = centred.unary(Unary::Sqr).mean_keepdim_last();
+            let inv_std = variance.affine(1.0).unary(Unary::Sqrt).unary(Unary::Recip);
+            centred.broadcast_mul(&inv_std).to_dtype(dtype)
+        }
+
+        fn modulate(&self, x: &V, shift: &V, scale: &V) -> V {
+            x.broadcast_mul(&scale.affine(1.0)).broadcast_add(shift)
+        }
+
+        // ---- nn/ops.rs ----
+
+        fn gelu_tanh(&self, x: &V) -> V {
+            match self.kernels {
+                Kernels::Fused => x.contiguous().fused(Fused::Gelu),
+                Kernels::Composed => x.unary(Unary::Gelu),
+            }
+        }
+
+        fn softmax_last_dim(&self, x: &V) -> V {
+            match self.kernels {
+                Kernels::Fused => x.contiguous().fused(Fused::Softmax),
+                Kernels::Composed => {
+                    let dtype = x.dtype();
+                    let x = x.to_dtype(DType::F32);
+                    let max = x.max_keepdim_last().detach();
+                    let exp = x.broadcast_sub(&max).unary(Unary::Exp);
+                    let last = exp.dims().len() - 1;
+                    let sum = exp.sum_keepdim(&[last]);
+                    exp.broadcast_div(&sum).to_dtype(dtype)
+                }
+            }
+        }
+
+        // ---- nn/attention.rs ----
+
+        fn attention(&self, a: &Attention, x: &V, context: Option<&V>) -> V {
+            let context = context.unwrap_or(x);
+            let q = split_heads(a, &a.to_q.forward(x).affine(1.0));
+            let k = split_heads(a, &a.to_k.forward(context));
+            let v = split_heads(a, &a.to_v.forward(context));
+            let scores = q.matmul(&k.t());
+            let weights = self.softmax_last_dim(&scores);
+            let heads = weights.matmul(&v);
+            a.to_out.forward(&merge_heads(&heads))
+        }
+
+        // ---- nn/feed_forward.rs, nn/block.rs ----
+
+        fn block_forward(&self, b: &Block, h: &V, timestep: &V, captions: Option<&V>) -> V {
+            let (n, d) = (h.dims()[0], h.dims()[2]);
+            let modulation = timestep
+                .reshape(&[n, 6, d])
+                .broadcast_add(&b.table.unsqueeze(0));
+            let part = |i: usize| modulation.narrow(1, i, 1);
+            let (shift_msa, scale_msa, gate_msa) = (part(0), part(1), part(2));
+            let (shift_mlp, scale_mlp, gate_mlp) = (part(3), part(4), part(5));
+
+            let x = self.modulate(&self.layer_norm(h), &shift_msa, &scale_msa);
+            let h = h.add(&self.attention(&b.attn1, &x, None).broadcast_mul(&gate_msa));
+            let h = match (&b.attn2, captions) {
+                (Some(attn2), Some(captions)) => h.add(&self.attention(attn2, &h, Some(captions))),
+                _ => h,
+            };
+            let x = self.modulate(&self.layer_norm(&h), &shift_mlp, &scale_mlp);
+            let ff = b.ff_out.forward(&self.gelu_tanh(&b.ff_in.forward(&x)));
+            h.add(&ff.broadcast_mul(&gate_mlp))
+        }
+
+        // ---- model.rs ----
+
+        fn spatial_stage(&self, b: &Block, x: &V, context: &[V]) -> V {
+            self.block_forward(b, x, &context[0], Some(&context[2]))
+        }
+
+        fn temporal_stage(&self, b: &Block, layer: usize, x: &V, context: &[V]) -> V {
+            let batch = self.geometry.batch;
+            let mut sequences = swap_sequence_axes(x, batch);
+            if layer == 0 && self.geometry.frames > 1 {
+                let d = self.config.hidden_size();
+                let positions = self.constant_table(self.geometry.frames, d, x.dtype());
+                sequences = sequences.broadcast_add(&positions);
+            }
+            let out = self.block_forward(b, &sequences, &context[1], None);
+            swap_sequence_axes(&out, batch)
+        }
+
+        fn tail(&self, x: &V, context: &[V], table: &V, proj_out: &Linear) -> V {
+            let g = self.geometry;
+            let c = &self.config;
+            let (rows, d) = (x.dims()[0], x.dims()[2]);
+            let modulation = context[3]
+                .reshape(&[rows, 1, d])
+                .broadcast_add(&table.unsqueeze(0));
+            let (shift, scale) = (modulation.narrow(1, 0, 1), modulation.narrow(1, 1, 1));
+            let x = self.modulate(&self.layer_norm(x), &shift, &scale);
+            let patches = proj_out.forward(&x);
+            let (p, oc) = (c.patch_size, c.out_channels);
+            let (gh, gw) = (g.height / p, g.width / p);
+            patches
+                .reshape(&[g.batch, g.frames, gh, gw, p, p, oc])
+                .permute(&[0, 6, 1, 2, 4, 3, 5])
+                .reshape(&[g.batch, oc, g.frames, gh * p, gw * p])
+        }
+
+        /// `embeddings::constant_table`: an f64 table rounded to an f32 tensor, cast.
+        fn constant_table(&self, rows: usize, dim: usize, dtype: DType) -> V {
+            let f64_bytes = (rows * dim * 8) as u64;
+            self.meter.alloc(f64_bytes);
+            let table = V::zeros(&self.meter, &[1, rows, dim], DType::F32);
+            self.meter.free(f64_bytes);
+            table.to_dtype(dtype)
+        }
+
+        /// `LatteChain::head` and `remat::grads::run_head`.
+        fn run_head(&self) -> Head {
+            let (g, c) = (self.geometry, &self.config);
+            let wants = self.mode.wants_input_grad();
+            let hidden = V::existing(
+                &self.meter,
+                &[g.batch, c.in_channels, g.frames, g.height, g.width],
+                self.dtype,
+                false,
+            );
+            let captions = V::existing(
+                &self.meter,
+                &[g.batch, g.caption_tokens, c.caption_channels],
+                self.dtype,
+                false,
+            );
+            let timestep = V::existing(&self.meter, &[g.batch], DType::I64, false);
+            let hidden = if wants[0] { hidden.make_var() } else { hidden };
+            let captions = if wants[2] {
+                captions.make_var()
+            } else {
+                captions
+            };
+
+            let d = c.hidden_size();
+            let p = c.patch_size;
+            let fan_in = c.in_channels * p * p;
+            let patch_proj = Linear {
+                weight: self.param(&[d, c.in_channels, p, p]).reshape(&[d, fan_in]),
+                bias: Some(self.param(&[d])),
+            };
+            let t_linear_1 = self.linear(TIMESTEP_CHANNELS, d, true);
+            let t_linear_2 = self.linear(d, d, true);
+            let t_linear = self.linear(d, 6 * d, true);
+            let cap_1 = self.linear(c.caption_channels, d, true);
+            let cap_2 = self.linear(d, d, true);
+
+            let (b, f, h, w) = (g.batch, g.frames, g.height, g.width);
+            let frames = hidden
+                .permute(&[0, 2, 1, 3, 4])
+                .reshape(&[b * f, c.in_channels, h, w]);
+            // PatchEmbed::forward
+            let (gh, gw) = (h / p, w / p);
+            let n = b * f;
+            let patches = frames
+                .reshape(&[n, c.in_channels, gh, p, gw, p])
+                .permute(&[0, 2, 4, 1, 3, 5])
+                .reshape(&[n, gh * gw, fan_in]);
+            let tokens = patch_proj.forward(&patches);
+            // sincos_2d's f64 working tables, then the f32 table.
+            let positions = self.constant_table(gh * gw, d, DType::F32);
+            let tokens = tokens
+                .to_dtype(DType::F32)
+                .broadcast_add(&positions)
+                .to_dtype(self.dtype);
+            drop((patches, positions, frames));
+            // AdaLayerNormSingle::forward
+            let half = TIMESTEP_CHANNELS / 2;
+            let freqs = V::zeros(&self.meter, &[1, half], DType::F32);
+            let angles = timestep
+                .to_dtype(DType::F32)
+                .unsqueeze(1)
+                .broadcast_mul(&freqs);
+            let features = V::cat(
+                &[
+                    &angles.unary(Unary::NoBackward),
+                    &angles.unary(Unary::NoBackward),
+                ],
+                1,
+            )
+            .to_dtype(self.dtype);
+            drop((freqs, angles));
+            let embedded = t_linear_2.forward(&t_linear_1.forward(&features).unary(Unary::Silu));
+            let modulation = t_linear.forward(&embedded.unary(Unary::Silu));
+            drop(features);
+            let projected = cap_2.forward(&self.gelu_tanh(&cap_1.forward(&captions)));
+            let context = vec![
+                repeat_rows(&modulation, f),
+                repeat_rows(&modulation, gh * gw),
+                repeat_rows(&projected, f),
+                repeat_rows(&embedded, f),
+            ];
+            drop((modulation, embedded, projected));
+            let leaves: Vec<bool> = context.iter().map(V::tracked).collect();
+            let stage_context: Vec<V> = context
+                .iter()
+                .map(|t| {
+                    if t.tracked() {
+                        t.detach().make_var()
+                    } else {
+                        t.clone()
+                    }
+                })
+                .collect();
+            let mut kept = context;
+            kept.extend([hidden, captions]);
+            Head {
+                tokens,
+                context: stage_context,
+                leaves,
+                _kept: kept,
+            }
+        }
+    }
+
+    /// `Attention::split_heads`: `(b, s, h·d) → (b, h, s, d)`.
+    fn split_heads(a: &Attention, x: &V) -> V {
+        let (b, s) = (x.dims()[0], x.dims()[1]);
+        x.reshape(&[b, s, a.heads, a.head_dim])
+            .transpose(1, 2)
+            .contiguous()
+    }
+
+    /// `Attention::merge_heads`: `(b, h, s, d) → (b, s, h·d)`.
+    fn merge_heads(x: &V) -> V {
+        let (b, h, s, d) = (x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]);
+        x.transpose(1, 2).reshape(&[b, s, h * d])
+    }
+
+    /// `model::repeat_rows`.
+    fn repeat_rows(x: &V, times: usize) -> V {
+        let mut dims = x.dims().to_vec();
+        let mut expanded = vec![dims[0], times];
+        expanded.extend_from_slice(&dims[1..]);
+        dims[0] *= times;
+        x.unsqueeze(1)
+            .broadcast_as(&expanded)
+            .contiguous()
+            .reshape(&dims)
+    }
+
+    /// `model::swap_sequence_axes`.
+    fn swap_sequence_axes(x: &V, batch: usize) -> V {
+        let (rows, len, d) = (x.dims()[0], x.dims()[1], x.dims()[2]);
+        let per_batch = rows / batch;
+        x.reshape(&[batch, per_batch, len, d])
+            .transpose(1, 2)
+            .contiguous()
+            .reshape(&[batch * len, per_batch, d])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::latte_1;
+
+    fn latte_1_geometry(batch: usize) -> InputGeometry {
+        InputGeometry {
+            batch,
+            frames: 16,
+            height: 64,
+            width: 64,
+            caption_tokens: 120,
+        }
+    }
+
+    #[test]
+    fn static_memory_of_latte_1() {
+        let preset = latte_1();
+        let g = latte_1_geometry(1);
+        let guide = static_memory(&preset.config, &g, DType::BF16, Mode::Guide).unwrap();
+        assert_eq!(guide.parameter_count, 1_057_246_880);
+        assert_eq!(guide.weights_bytes, 2 * 1_057_246_880);
+        assert_eq!(guide.optimizer_bytes, 0);
+        assert_eq!(guide.param_grad_bytes, 0);
+        let train = static_memory(&preset.config, &g, DType::BF16, Mode::Train).unwrap();
+        // Two f32 moments and an f32 master copy.
+        assert_eq!(train.optimizer_bytes, 12 * 1_057_246_880);
+        assert_eq!(train.param_grad_bytes, 2 * 1_057_246_880);
+        assert!(train.head_param_grad_bytes > 0);
+        let f32_train = static_memory(&preset.config, &g, DType::F32, Mode::Train).unwrap();
+        assert_eq!(f32_train.optimizer_bytes, 8 * 1_057_246_880);
+    }
+
+    #[test]
+    fn geometry_errors_name_the_fix() {
+        let config = latte_1().config;
+        let mut g = latte_1_geometry(1);
+        g.frames = 0;
+        assert_eq!(
+            check_geometry(&config, &g),
+            Err(CostsError::ZeroSize { what: "frames" })
+        );
+        g.frames = 8;
+        let e = check_geometry(&config, &g).unwrap_err().to_string();
+        assert!(e.contains("video_length = 16"), "{e}");
+        g.frames = 1;
+        g.height = 63;
+        let e = check_geometry(&config, &g).unwrap_err().to_string();
+        assert!(e.contains("patch_size 2"), "{e}");
+    }
+
+    #[test]
+    fn latte_1_costs_have_the_chain_shape_and_scale_with_the_batch() {
+        let preset = latte_1();
+        let t = Throughput::default_for(Kernels::Composed, DType::BF16);
+        let costs = |batch| {
+            analytic_costs(
+                &preset.config,
+                &latte_1_geometry(batch),
+                DType::BF16,
+                Mode::Guide,
+                Kernels::Composed,
+                &t,
+            )
+            .unwrap()
+        };
+        let (one, two) = (costs(1), costs(2));
+        assert_eq!(one.chain.num_stages(), 2 * 28 + 1);
+        // Stage inputs: b·f·n·d activations in bf16.
+        assert_eq!(one.chain.stages[0].input_bytes, 16 * 32 * 32 * 1152 * 2);
+        // Output: (b, 8, f, 64, 64) in bf16.
+        assert_eq!(one.chain.output_bytes, 8 * 16 * 64 * 64 * 2);
+        for (a, b) in one.chain.stages.iter().zip(&two.chain.stages) {
+            assert_eq!(2 * a.input_bytes, b.input_bytes);
+            assert!(b.graph_bytes > a.graph_bytes * 19 / 10);
+            assert_eq!(a.param_grad_bytes, 0, "frozen weights get no gradient");
+        }
+        assert!(one.chain.baseline_time_s() > 0.0);
+    }
+
+    #[test]
+    fn calibration_recovers_known_rates() {
+        let truth = Throughput {
+            matmul_flop_per_s: 3e10,
+            memory_bytes_per_s: 5e9,
+        };
+        let work: Vec<StageWork> = (1..6)
+            .map(|i| StageWork {
+                forward: Work {
+                    matmul_flops: 1e9 * i as f64,
+                    moved_bytes: 1e8 * (7 - i) as f64,
+                },
+                backward: Work {
+                    matmul_flops: 2e9 * i as f64,
+                    moved_bytes: 3e8,
+                },
+            })
+            .collect();
+        let stages = work
+            .iter()
+            .map(|w| remat::costs::StageCosts {
+                fwd_s: truth.time_s(&w.forward),
+                bwd_s: truth.time_s(&w.backward),
+                input_bytes: 1,
+                graph_bytes: 1,
+                fwd_tmp_bytes: 0,
+                bwd_tmp_bytes: 0,
+                param_grad_bytes: 0,
+            })
+            .collect();
+        let measured = ChainCosts::new(stages, 1, 0);
+        let fitted = Throughput::calibrate(&work, &measured).unwrap();
+        assert!((fitted.matmul_flop_per_s / truth.matmul_flop_per_s - 1.0).abs() < 1e-6);
+        assert!((fitted.memory_bytes_per_s / truth.memory_bytes_per_s - 1.0).abs() < 1e-6);
+        assert!(Throughput::calibrate(&work[..2], &measured).is_none());
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        assert_eq!("train".parse::<Mode>().unwrap(), Mode::Train);
+        assert_eq!(Mode::Guide.to_string(), "guide");
+        assert!("sample".parse::<Mode>().is_err());
+        assert_eq!(Mode::Train.wants_input_grad(), [true, false, true]);
+        assert_eq!(Mode::Guide.wants_input_grad(), [true, false, false]);
+        assert_eq!(Kernels::for_device_name("cpu"), Kernels::Fused);
+        assert_eq!(Kernels::for_device_name("cuda:1"), Kernels::Composed);
+    }
+}

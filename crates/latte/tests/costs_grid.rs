@@ -1,0 +1,289 @@
+//! The analytic cost model (`latte::costs`) against measurements: the peak it predicts
+//! (`Schedule::simulate` on the analytic costs) against the peak the counting allocator
+//! measures while `remat::grads` runs the schedule, over a grid of workloads (frames,
+//! resolution, batch, policy, mode, precision); and its per-stage numbers against
+//! `remat::profile::profile`. One test in this binary, so that nothing else allocates
+//! while memory is measured.
+
+use candle_core::{DType, Device, Tensor};
+use latte::config::{InputGeometry, LatteConfig};
+use latte::costs::{analytic_costs, Kernels, LatteCosts, Mode, Throughput};
+use latte::model::{Latte, LatteInputs};
+use latte::random::{randn, rng_for};
+use latte::weights::{fresh_trainable, frozen};
+use remat::grads::{self, scheduled_stages};
+use remat::meter::{format_bytes, CpuMeter, NoPhases, Recorder};
+use remat::profile::{min_budget, plan_within, profile};
+use remat::schedule::Schedule;
+
+remat::install_counting_allocator!();
+
+/// A small model: 2 heads of `head_dim`, `layers` spatial and temporal blocks.
+fn config(layers: usize, head_dim: usize, video_length: usize) -> LatteConfig {
+    LatteConfig {
+        num_heads: 2,
+        head_dim,
+        in_channels: 4,
+        out_channels: 8,
+        num_layers: layers,
+        attention_bias: true,
+        sample_size: 8,
+        patch_size: 2,
+        num_embeds_ada_norm: 1000,
+        norm_eps: 1e-6,
+        caption_channels: 16,
+        video_length,
+    }
+}
+
+/// How a case chooses its schedule.
+#[derive(Debug, Clone, Copy)]
+enum Policy {
+    None,
+    Every(usize),
+    Sqrt,
+    /// A planned budget at this fraction of the way from the smallest feasible budget to
+    /// the `none` peak.
+    Budget(f64),
+}
+
+struct Case {
+    mode: Mode,
+    dtype: DType,
+    layers: usize,
+    batch: usize,
+    frames: usize,
+    height: usize,
+    width: usize,
+    policy: Policy,
+}
+
+fn inputs(config: &LatteConfig, g: &InputGeometry, dtype: DType) -> (LatteInputs, Tensor) {
+    let dev = Device::Cpu;
+    let mut rng = rng_for(7, "costs-grid");
+    let (c, oc) = (config.in_channels, config.out_channels);
+    let inputs = LatteInputs {
+        hidden_states: randn(&mut rng, (g.batch, c, g.frames, g.height, g.width), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        timestep: Tensor::new(
+            (0..g.batch as i64)
+                .map(|i| 17 + 300 * i)
+                .collect::<Vec<_>>(),
+            &dev,
+        )
+        .unwrap(),
+        encoder_hidden_states: randn(&mut rng, (g.batch, g.caption_tokens, 16), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    };
+    let grad = randn(&mut rng, (g.batch, oc, g.frames, g.height, g.width), &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    (inputs, grad)
+}
+
+/// The peak live bytes above weights and inputs while one VJP runs under `schedule`.
+fn measure(
+    model: &Latte,
+    inputs: &LatteInputs,
+    grad: &Tensor,
+    mode: Mode,
+    schedule: &Schedule,
+) -> u64 {
+    let chain = model.chain(true);
+    let recorder = Recorder::start(CpuMeter);
+    let tape = grads::forward(
+        &chain,
+        &inputs.to_vec(),
+        &mode.wants_input_grad(),
+        schedule,
+        &mut NoPhases,
+    )
+    .unwrap();
+    let gradients = tape.backward(grad, &mut NoPhases).unwrap();
+    let report = recorder.finish();
+    drop(gradients);
+    report.peak_bytes
+}
+
+fn model_for(config: &LatteConfig, mode: Mode, dtype: DType) -> Latte {
+    let (trainable, varmap) = fresh_trainable(config, 3, dtype, &Device::Cpu).unwrap();
+    match mode {
+        Mode::Train => trainable,
+        Mode::Guide => frozen(config, &varmap).unwrap(),
+    }
+}
+
+fn analytic(config: &LatteConfig, g: &InputGeometry, dtype: DType, mode: Mode) -> LatteCosts {
+    let throughput = Throughput::default_for(Kernels::Fused, dtype);
+    analytic_costs(config, g, dtype, mode, Kernels::Fused, &throughput).unwrap()
+}
+
+/// Per-stage numbers against `remat::profile` (the measured cost model).
+fn check_against_profile(
+    label: &str,
+    config: &LatteConfig,
+    g: &InputGeometry,
+    dtype: DType,
+    mode: Mode,
+) {
+    let model = model_for(config, mode, dtype);
+    let (inputs, _) = inputs(config, g, dtype);
+    let chain = model.chain(true);
+    let measured = profile(
+        &chain,
+        &inputs.to_vec(),
+        &mode.wants_input_grad(),
+        &CpuMeter,
+    )
+    .unwrap();
+    let predicted = analytic(config, g, dtype, mode).chain;
+    assert_eq!(measured.stages.len(), predicted.stages.len());
+    assert_eq!(measured.output_bytes, predicted.output_bytes);
+    for (i, (m, p)) in measured.stages.iter().zip(&predicted.stages).enumerate() {
+        let rel = |a: u64, b: u64| (a as f64 - b as f64).abs() / (b.max(1) as f64);
+        eprintln!(
+            "{label} stage {i}: graph {} / {} ({:.1} %), bwd_tmp {} / {} ({:.1} %), fwd_tmp {} / {}",
+            p.graph_bytes,
+            m.graph_bytes,
+            100.0 * rel(p.graph_bytes, m.graph_bytes),
+            p.bwd_tmp_bytes,
+            m.bwd_tmp_bytes,
+            100.0 * rel(p.bwd_tmp_bytes, m.bwd_tmp_bytes),
+            p.fwd_tmp_bytes,
+            m.fwd_tmp_bytes,
+        );
+        assert_eq!(p.input_bytes, m.input_bytes, "{label} stage {i}");
+        assert_eq!(p.param_grad_bytes, m.param_grad_bytes, "{label} stage {i}");
+        assert!(
+            rel(p.graph_bytes, m.graph_bytes) < 0.03,
+            "{label} stage {i} graph"
+        );
+        assert!(
+            rel(p.bwd_tmp_bytes, m.bwd_tmp_bytes) < 0.05,
+            "{label} stage {i} backward"
+        );
+    }
+}
+
+#[test]
+fn predicted_peaks_match_measured_peaks() {
+    let f32 = DType::F32;
+    let bf16 = DType::BF16;
+    let (train, guide) = (Mode::Train, Mode::Guide);
+    let case = |mode, dtype, layers, batch, frames, (height, width), policy| Case {
+        mode,
+        dtype,
+        layers,
+        batch,
+        frames,
+        height,
+        width,
+        policy,
+    };
+    let cases = [
+        case(train, f32, 2, 2, 4, (8, 8), Policy::None),
+        case(train, f32, 2, 2, 4, (8, 8), Policy::Every(1)),
+        case(train, f32, 3, 2, 4, (8, 8), Policy::Every(2)),
+        case(train, f32, 3, 2, 4, (8, 8), Policy::Budget(0.5)),
+        case(guide, f32, 2, 2, 4, (8, 8), Policy::None),
+        case(guide, f32, 3, 2, 4, (8, 8), Policy::Every(1)),
+        case(guide, f32, 2, 1, 1, (16, 16), Policy::None),
+        case(guide, f32, 3, 1, 1, (16, 16), Policy::Budget(0.3)),
+        case(train, f32, 2, 3, 8, (8, 16), Policy::Every(2)),
+        case(train, f32, 4, 1, 8, (16, 16), Policy::Budget(0.15)),
+        case(guide, bf16, 2, 2, 4, (16, 16), Policy::None),
+        case(train, bf16, 2, 2, 4, (8, 8), Policy::Every(1)),
+        case(guide, f32, 3, 2, 8, (16, 16), Policy::Sqrt),
+        case(train, f32, 3, 2, 4, (16, 16), Policy::Budget(0.0)),
+        case(guide, f32, 2, 4, 4, (8, 8), Policy::Every(2)),
+        case(train, bf16, 3, 1, 8, (16, 16), Policy::Budget(0.6)),
+    ];
+
+    check_against_profile(
+        "train f32",
+        &config(1, 16, 4),
+        &geometry(2, 4, 8, 8),
+        f32,
+        train,
+    );
+    check_against_profile(
+        "guide bf16",
+        &config(1, 16, 4),
+        &geometry(1, 4, 16, 8),
+        bf16,
+        guide,
+    );
+
+    let mut worst: f64 = 0.0;
+    eprintln!(
+        "mode  dtype layers batch frames   size  policy          predicted    measured  error"
+    );
+    for c in &cases {
+        let cfg = config(c.layers, 16, c.frames.max(2));
+        let g = geometry(c.batch, c.frames, c.height, c.width);
+        let model = model_for(&cfg, c.mode, c.dtype);
+        let (inputs, grad) = inputs(&cfg, &g, c.dtype);
+        let costs = analytic(&cfg, &g, c.dtype, c.mode).chain;
+        let n = scheduled_stages(&model.chain(true));
+        assert_eq!(n, costs.num_stages());
+        let (label, schedule, predicted) = match c.policy {
+            Policy::None => ("none".to_string(), Schedule::store_all(n), None),
+            Policy::Every(k) => (format!("every:{k}"), Schedule::every(n, k), None),
+            Policy::Sqrt => ("sqrt".to_string(), Schedule::sqrt(n), None),
+            Policy::Budget(fraction) => {
+                let low = min_budget(&costs);
+                let high = Schedule::store_all(n).simulate(&costs).unwrap().peak_bytes;
+                let budget = low + ((high.saturating_sub(low)) as f64 * fraction) as u64;
+                let plan = plan_within(&costs, budget).unwrap();
+                (
+                    format!("budget:{}", format_bytes(budget)),
+                    plan.schedule,
+                    Some(plan.predicted.peak_bytes),
+                )
+            }
+        };
+        let predicted = predicted.unwrap_or_else(|| schedule.simulate(&costs).unwrap().peak_bytes);
+        // A first run absorbs one-off allocations (thread pools, kernel buffers).
+        measure(&model, &inputs, &grad, c.mode, &schedule);
+        let measured = measure(&model, &inputs, &grad, c.mode, &schedule);
+        let error = (predicted as f64 - measured as f64) / measured as f64;
+        worst = worst.max(error.abs());
+        eprintln!(
+            "{:<5} {:<5} {:>6} {:>5} {:>6} {:>6}  {:<14} {:>10} {:>10} {:>+6.1} %",
+            c.mode.to_string(),
+            format!("{:?}", c.dtype),
+            c.layers,
+            c.batch,
+            c.frames,
+            format!("{}x{}", c.height, c.width),
+            label,
+            format_bytes(predicted),
+            format_bytes(measured),
+            100.0 * error
+        );
+        assert!(
+            error.abs() <= 0.10,
+            "{label}: predicted {predicted} vs measured {measured}"
+        );
+    }
+    eprintln!(
+        "largest error {:.1} % over {} workloads",
+        100.0 * worst,
+        cases.len()
+    );
+}
+
+fn geometry(batch: usize, frames: usize, height: usize, width: usize) -> InputGeometry {
+    InputGeometry {
+        batch,
+        frames,
+        height,
+        width,
+        caption_tokens: 5,
+    }
+}
