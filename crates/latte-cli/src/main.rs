@@ -1,6 +1,7 @@
 //! `latte`: run the Latte video diffusion transformer with gradients, within the memory
 //! you have. One file per subcommand under `cmd/`.
 
+mod budget;
 mod cmd;
 mod options;
 

@@ -45,7 +45,7 @@ use crate::weights::{ModelDir, WeightsError};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
-use remat::meter::{format_bytes, CpuMeter, MemoryMeter, Recorder};
+use remat::meter::{format_bytes, meter_for, MemoryMeter, Recorder};
 use remat::planner::PlanError;
 use remat::policy::Policy;
 use remat::profile::{resolve_policy, ResolveError, ResolvedPlan};
@@ -452,6 +452,8 @@ pub struct Trainer {
     data: DataSource,
     loader: Loader,
     device: Device,
+    /// The meter of `device`'s memory: plans budgets and records every step's peak.
+    meter: Arc<dyn MemoryMeter>,
     steps_done: u64,
     out_dir: PathBuf,
     metrics: std::fs::File,
@@ -734,6 +736,7 @@ impl Trainer {
             data,
             loader,
             device: device.clone(),
+            meter: Arc::from(meter_for(device)?),
             steps_done,
             out_dir: out_dir.to_path_buf(),
             metrics,
@@ -784,14 +787,7 @@ impl Trainer {
                         ema_bytes: self.memory.ema_bytes,
                     });
                 }
-                if !self.device.is_cpu() {
-                    return Err(TrainError::Config(
-                        "a memory budget is measured with the host-heap meter, so it plans CPU \
-                         training only; on a GPU use a checkpoint policy"
-                            .into(),
-                    ));
-                }
-                if !CpuMeter.is_measuring() {
+                if !self.meter.is_measuring() {
                     return Err(TrainError::Config(
                         "a memory budget needs the counting allocator to measure the model \
                          (remat::install_counting_allocator!() in the binary)"
@@ -806,7 +802,13 @@ impl Trainer {
                 Policy::Budget(chain_budget)
             }
         };
-        let plan = resolve_policy(&policy, &chain, &inputs, &[false, false, false], &CpuMeter);
+        let plan = resolve_policy(
+            &policy,
+            &chain,
+            &inputs,
+            &[false, false, false],
+            self.meter.as_ref(),
+        );
         let plan = match (plan, self.config.memory) {
             (
                 Err(ResolveError::Plan(PlanError::Infeasible { min_bytes, .. })),
@@ -848,7 +850,7 @@ impl Trainer {
     /// Peak bytes of preparing a micro-batch and evaluating the loss on an output, plus
     /// what the background loader holds.
     fn measure_step_overhead(&self, example: &Batch) -> Result<u64, TrainError> {
-        let recorder = Recorder::start(CpuMeter);
+        let recorder = Recorder::start(self.meter.clone());
         {
             let prepared = self.prepare(example, 0, 0)?;
             let mut dims = prepared.x0.dims().to_vec();
@@ -927,7 +929,7 @@ impl Trainer {
     /// `metrics.jsonl`. On a non-finite loss or gradient nothing is updated.
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
         let started = Instant::now();
-        let mut recorder = Recorder::start(CpuMeter);
+        let mut recorder = Recorder::start(self.meter.clone());
         let step = self.steps_done;
         let accum = self.config.grad_accum;
         let grad_scale = self.scaler.scale / accum as f64;

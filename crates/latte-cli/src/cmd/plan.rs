@@ -10,6 +10,7 @@
 //! and transients), the step time and the recomputation overhead. The chosen row is the
 //! fastest that fits; with `--batch auto`, the largest batch that fits, then the fastest.
 
+use crate::budget::{parse_budget, BudgetChoice, ResolvedBudget};
 use crate::cmd::model_source::ModelSource;
 use crate::options::{GlobalOptions, Precision};
 use anyhow::{bail, Context, Result};
@@ -27,9 +28,6 @@ use remat::profile::{min_budget, plan_within};
 use remat::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// Share of the available memory `--budget auto` leaves free.
-pub const AUTO_BUDGET_MARGIN: f64 = 0.10;
 
 /// Caption tokens when neither `--caption-tokens` nor a preset gives them (Latte-1's
 /// T5 captions are 120 tokens).
@@ -93,7 +91,8 @@ pub struct PlanRequest {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,bf16")]
     pub precision: Vec<Precision>,
     /// Memory for the whole step (weights, optimizer state, inputs, activations), e.g.
-    /// 24GiB, or `auto`: this machine's available memory (MemAvailable) minus 10 %.
+    /// 24GiB, or `auto`: the device's available memory (MemAvailable on the CPU, free
+    /// memory on a GPU) minus 10 %.
     #[arg(long, value_parser = parse_budget)]
     pub budget: BudgetChoice,
     /// Measure the stages' costs on this device (random weights, the real shapes) instead
@@ -130,24 +129,6 @@ fn parse_batch(text: &str) -> Result<BatchChoice, String> {
         Ok(n) => Ok(BatchChoice::Fixed(n)),
         Err(_) => Err(format!("`{text}`: expected a number of videos or auto")),
     }
-}
-
-/// `--budget SIZE` or `--budget auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BudgetChoice {
-    /// Bytes.
-    Bytes(u64),
-    /// Available memory minus [`AUTO_BUDGET_MARGIN`].
-    Auto,
-}
-
-fn parse_budget(text: &str) -> Result<BudgetChoice, String> {
-    if text == "auto" {
-        return Ok(BudgetChoice::Auto);
-    }
-    text.parse::<ByteSize>()
-        .map(|size| BudgetChoice::Bytes(size.0))
-        .map_err(|e| e.to_string())
 }
 
 /// Lower-case name of a precision.
@@ -354,46 +335,17 @@ impl PlanRequest {
         })
     }
 
-    /// The budget in bytes and where it comes from.
-    pub fn budget(&self, workload: &Workload) -> Result<(u64, String)> {
+    /// The budget in bytes and where it comes from; `auto` opens the `--device` to read
+    /// its available memory.
+    pub fn budget(&self, global: &GlobalOptions) -> Result<ResolvedBudget> {
         match self.budget {
-            BudgetChoice::Bytes(bytes) => Ok((bytes, "--budget".to_string())),
+            BudgetChoice::Bytes(_) => self.budget.resolve(&remat::meter::CpuMeter),
             BudgetChoice::Auto => {
-                if workload.kernels != Kernels::Fused {
-                    bail!(
-                        "--budget auto reads this machine's RAM; for --device {} give the \
-                         GPU's memory, e.g. --budget 80GiB",
-                        workload.device_name
-                    );
-                }
-                let available = mem_available_bytes()?;
-                let budget = (available as f64 * (1.0 - AUTO_BUDGET_MARGIN)) as u64;
-                Ok((
-                    budget,
-                    format!(
-                        "auto: MemAvailable {} minus a {:.0} % margin",
-                        format_bytes(available),
-                        100.0 * AUTO_BUDGET_MARGIN
-                    ),
-                ))
+                let meter = remat::meter::meter_for(&global.device()?)?;
+                self.budget.resolve(meter.as_ref())
             }
         }
     }
-}
-
-/// This machine's available memory (`MemAvailable` of `/proc/meminfo`).
-pub fn mem_available_bytes() -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").context(
-        "--budget auto needs /proc/meminfo (Linux); give the budget in bytes, e.g. 16GiB",
-    )?;
-    parse_mem_available(&text)
-        .context("/proc/meminfo has no MemAvailable line; give the budget in bytes, e.g. 16GiB")
-}
-
-fn parse_mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// The costs of one (precision, batch) pair.
@@ -464,7 +416,10 @@ impl<'a> Evaluator<'a> {
 /// Plans a request: the table of candidates and the chosen one.
 pub fn make_plan(request: &PlanRequest, global: &GlobalOptions) -> Result<(Workload, PlanOutcome)> {
     let workload = request.workload(global)?;
-    let (budget_bytes, budget_source) = request.budget(&workload)?;
+    let ResolvedBudget {
+        bytes: budget_bytes,
+        source: budget_source,
+    } = request.budget(global)?;
     let evaluator = Evaluator::new(&workload, request.measure, global)?;
     let mut precisions = request.precision.clone();
     precisions.dedup();
@@ -917,20 +872,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mem_available_is_read_in_kib() {
-        let text = "MemTotal: 100 kB\nMemFree: 5 kB\nMemAvailable:   2048 kB\n";
-        assert_eq!(parse_mem_available(text), Some(2048 * 1024));
-        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
-    }
-
-    #[test]
-    fn batch_and_budget_parse() {
+    fn batch_parses() {
         assert_eq!(parse_batch("auto"), Ok(BatchChoice::Auto));
         assert_eq!(parse_batch("3"), Ok(BatchChoice::Fixed(3)));
         assert!(parse_batch("0").is_err());
-        assert_eq!(parse_budget("auto"), Ok(BudgetChoice::Auto));
-        assert_eq!(parse_budget("2KiB"), Ok(BudgetChoice::Bytes(2048)));
-        assert!(parse_budget("lots").is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! gradient guidance under a memory plan (`latte::sampling`). Writes the latents as
 //! safetensors and, for pixel-space models, the video as an animated GIF and PNG frames.
 
+use crate::budget::{parse_budget, BudgetChoice};
 use crate::cmd::video_out::write_video;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -14,8 +15,8 @@ use latte::model::Latte;
 use latte::sampling::{initial_noise, plan_guidance, sample, Guidance, SampleOptions};
 use latte::scheduler::{DdimConfig, TimestepSpacing};
 use latte::weights::ModelDir;
-use remat::meter::{format_bytes, CpuMeter, Recorder};
-use remat::policy::{ByteSize, Policy};
+use remat::meter::{format_bytes, meter_for, Recorder};
+use remat::policy::Policy;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -92,9 +93,10 @@ pub struct Args {
     /// Checkpoint policy of the guidance backward: none, every:K, sqrt, budget:SIZE.
     #[arg(long, value_name = "POLICY", conflicts_with = "budget")]
     checkpoint: Option<Policy>,
-    /// Memory budget of the guidance backward (same as --checkpoint budget:SIZE).
-    #[arg(long, value_name = "SIZE")]
-    budget: Option<ByteSize>,
+    /// Memory budget of the guidance backward (same as --checkpoint budget:SIZE), or
+    /// `auto`: the device's available memory once the model is loaded, minus 10 %.
+    #[arg(long, value_name = "SIZE|auto", value_parser = parse_budget)]
+    budget: Option<BudgetChoice>,
     /// Skip the temporal blocks.
     #[arg(long)]
     no_temporal: bool,
@@ -326,9 +328,20 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         Some(spec) => Some(parse_objective(spec, noise.dims(), &device)?),
         None => None,
     };
+    let meter = meter_for(&device)?;
     let policy = match (&args.checkpoint, args.budget) {
         (Some(p), _) => *p,
-        (None, Some(b)) => Policy::Budget(b.0),
+        (None, Some(choice)) => {
+            let budget = choice.resolve(meter.as_ref())?;
+            if choice == BudgetChoice::Auto {
+                eprintln!(
+                    "guidance budget {} ({})",
+                    format_bytes(budget.bytes),
+                    budget.source
+                );
+            }
+            Policy::Budget(budget.bytes)
+        }
         (None, None) => Policy::None,
     };
     let guide_steps = match &args.guide_steps {
@@ -344,7 +357,7 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
             &positive,
             args.guidance_scale,
             temporal,
-            &CpuMeter,
+            meter.as_ref(),
         )?),
         None => None,
     };
@@ -373,7 +386,7 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let mut recorder = Recorder::start(CpuMeter);
+    let mut recorder = Recorder::start(meter.as_ref());
     let latents = sample(
         &model,
         &noise,

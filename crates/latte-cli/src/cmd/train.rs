@@ -2,8 +2,10 @@
 //! built-in synthetic videos or a directory of pre-encoded clips, within a checkpoint
 //! policy or a memory budget for the whole step; checkpoints, exact resume, Ctrl-C saves.
 
+use crate::budget::{parse_budget, BudgetChoice};
 use crate::options::{GlobalOptions, Precision};
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use latte::config::Preset;
@@ -11,8 +13,8 @@ use latte::data::ClipShape;
 use latte::train::{
     DataSource, MemoryPlan, ModelSource, RunOutcome, StepReport, TrainConfig, Trainer, METRICS_FILE,
 };
-use remat::meter::format_bytes;
-use remat::policy::{ByteSize, Policy};
+use remat::meter::{format_bytes, meter_for};
+use remat::policy::Policy;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,9 +78,10 @@ pub struct Args {
     #[arg(long, value_name = "POLICY", conflicts_with = "budget")]
     checkpoint: Option<Policy>,
     /// Memory budget for the whole step (weights, optimizer state, EMA, gradients and
-    /// activations), e.g. 512MiB; the fastest schedule that fits is planned.
-    #[arg(long, value_name = "SIZE")]
-    budget: Option<ByteSize>,
+    /// activations), e.g. 512MiB, or `auto` (the device's available memory minus 10 %);
+    /// the fastest schedule that fits is planned.
+    #[arg(long, value_name = "SIZE|auto", value_parser = parse_budget)]
+    budget: Option<BudgetChoice>,
     /// Write a checkpoint every N steps (0: only at the end) [default: 100].
     #[arg(long, value_name = "N")]
     save_every: Option<u64>,
@@ -93,7 +96,8 @@ pub struct Args {
 impl Args {
     /// Applies the flags that were given to `config`; returns the names of those that
     /// change how the run computes (which breaks exact continuation on resume).
-    fn apply(&self, config: &mut TrainConfig) -> Vec<&'static str> {
+    /// `budget` is `--budget` resolved to bytes.
+    fn apply(&self, config: &mut TrainConfig, budget: Option<u64>) -> Vec<&'static str> {
         let mut changed = Vec::new();
         if let Some(steps) = self.steps {
             config.steps = steps;
@@ -152,8 +156,8 @@ impl Args {
         if let Some(policy) = self.checkpoint {
             config.memory = MemoryPlan::Checkpoint(policy);
         }
-        if let Some(budget) = self.budget {
-            config.memory = MemoryPlan::Budget(budget.0);
+        if let Some(bytes) = budget {
+            config.memory = MemoryPlan::Budget(bytes);
         }
         if self.no_temporal {
             set("--no-temporal", config.temporal);
@@ -166,10 +170,22 @@ impl Args {
 /// Runs `latte train`.
 pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     let device = global.device()?;
+    let budget = match args.budget {
+        Some(choice) => {
+            let budget = choice.resolve(meter_for(&device)?.as_ref())?;
+            eprintln!(
+                "memory budget {} ({})",
+                format_bytes(budget.bytes),
+                budget.source
+            );
+            Some(budget.bytes)
+        }
+        None => None,
+    };
     let mut trainer = if let Some(resume) = &args.resume {
         let mut changed = Vec::new();
         let trainer = Trainer::resume(resume, &args.out, &device, |config, data| {
-            changed = args.apply(config);
+            changed = args.apply(config, budget);
             if let Some(dir) = &args.data {
                 *data = DataSource::Shards(dir.clone());
             }
@@ -184,7 +200,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         }
         trainer
     } else {
-        new_trainer(&args, global)?
+        new_trainer(&args, global, &device, budget)?
     };
     describe(&trainer);
 
@@ -245,8 +261,12 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
 }
 
 /// A new run from --model or --preset.
-fn new_trainer(args: &Args, global: &GlobalOptions) -> Result<Trainer> {
-    let device = global.device()?;
+fn new_trainer(
+    args: &Args,
+    global: &GlobalOptions,
+    device: &Device,
+    budget: Option<u64>,
+) -> Result<Trainer> {
     let mut config = TrainConfig {
         seed: global.seed,
         ..TrainConfig::default()
@@ -273,7 +293,7 @@ fn new_trainer(args: &Args, global: &GlobalOptions) -> Result<Trainer> {
         }
         (None, None) => bail!("give --preset NAME, --model DIR or --resume DIR"),
     };
-    args.apply(&mut config);
+    args.apply(&mut config, budget);
     let data = match &args.data {
         Some(dir) => DataSource::Shards(dir.clone()),
         None => DataSource::Synthetic(match geometry {
@@ -295,7 +315,7 @@ fn new_trainer(args: &Args, global: &GlobalOptions) -> Result<Trainer> {
             },
         }),
     };
-    Ok(Trainer::new(model, data, config, &args.out, &device)?)
+    Ok(Trainer::new(model, data, config, &args.out, device)?)
 }
 
 /// Prints what is trained, on what, and the memory plan.

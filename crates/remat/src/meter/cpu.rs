@@ -206,6 +206,19 @@ impl MemoryMeter for CpuMeter {
     fn counts_host_heap(&self) -> bool {
         true
     }
+
+    fn available_bytes(&self) -> Option<u64> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        mem_available_bytes(&meminfo)
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes: the kernel's estimate of the
+/// memory new work can take without swapping.
+fn mem_available_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]
@@ -314,5 +327,12 @@ mod tests {
         assert_eq!(CpuMeter.peak_bytes(), peak_bytes());
         assert_eq!(CpuMeter.device_total_bytes(), None);
         assert!(CpuMeter.counts_host_heap());
+    }
+
+    #[test]
+    fn mem_available_is_read_in_kib() {
+        let text = "MemTotal: 100 kB\nMemFree: 5 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(mem_available_bytes(text), Some(2048 * 1024));
+        assert_eq!(mem_available_bytes("MemTotal: 1 kB\n"), None);
     }
 }

@@ -233,4 +233,10 @@ impl MemoryMeter for CudaMeter {
     fn device_total_bytes(&self) -> Option<u64> {
         Some(self.total_bytes)
     }
+
+    fn available_bytes(&self) -> Option<u64> {
+        self.device_free_bytes()
+            .inspect_err(|e| tracing::warn!(meter = %self.name, "cannot read free GPU memory: {e}"))
+            .ok()
+    }
 }

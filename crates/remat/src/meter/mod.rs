@@ -161,6 +161,13 @@ pub trait MemoryMeter {
         None
     }
 
+    /// Memory a new workload could still take now, when the meter can tell: the
+    /// system's available RAM for [`CpuMeter`], the device's free memory for a GPU.
+    /// This is what `--budget auto` sizes itself from.
+    fn available_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether the readings mean anything: false for [`CpuMeter`] when
     /// [`CountingAllocator`] is not installed, which reads 0 throughout.
     fn is_measuring(&self) -> bool {
@@ -193,6 +200,9 @@ macro_rules! forward_memory_meter {
             fn device_total_bytes(&self) -> Option<u64> {
                 (**self).device_total_bytes()
             }
+            fn available_bytes(&self) -> Option<u64> {
+                (**self).available_bytes()
+            }
             fn is_measuring(&self) -> bool {
                 (**self).is_measuring()
             }
@@ -213,6 +223,7 @@ pub struct ManualMeter {
     live_bytes: AtomicU64,
     peak_bytes: AtomicU64,
     device_total_bytes: Option<u64>,
+    available_bytes: Option<u64>,
 }
 
 impl ManualMeter {
@@ -224,6 +235,7 @@ impl ManualMeter {
             live_bytes: AtomicU64::new(0),
             peak_bytes: AtomicU64::new(0),
             device_total_bytes: None,
+            available_bytes: None,
         }
     }
 
@@ -231,6 +243,13 @@ impl ManualMeter {
     #[must_use]
     pub const fn with_device_total_bytes(mut self, bytes: u64) -> Self {
         self.device_total_bytes = Some(bytes);
+        self
+    }
+
+    /// The same meter, reporting `bytes` as available to new work.
+    #[must_use]
+    pub const fn with_available_bytes(mut self, bytes: u64) -> Self {
+        self.available_bytes = Some(bytes);
         self
     }
 
@@ -276,6 +295,10 @@ impl MemoryMeter for ManualMeter {
 
     fn device_total_bytes(&self) -> Option<u64> {
         self.device_total_bytes
+    }
+
+    fn available_bytes(&self) -> Option<u64> {
+        self.available_bytes
     }
 }
 
