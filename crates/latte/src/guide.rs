@@ -6,8 +6,12 @@
 //!   safetensors file with one tensor, `(c, f, h, w)` or `(1, c, f, h, w)`) over the
 //!   elements where MASK (one tensor broadcastable to the video, 1 = counted) is set;
 //! - `smooth` — temporal smoothness: mean squared difference of consecutive frames;
-//! - `color:R,G,B` — pixel-space models: mean squared distance of the pixels to the colour,
-//!   components in [−1, 1].
+//! - `color:R,G,B` — pixel-space models: the colour of what is drawn on the dark
+//!   background: mean squared distance of the pixels to the colour (components in
+//!   [−1, 1]), each pixel weighted by its brightest channel `w = clamp(max_c x, 0, 1)`
+//!   (0 on the black background and wherever no channel is above mid-grey, 1 where a
+//!   channel is at full value), the weights held constant so the gradient recolours what
+//!   is drawn instead of dimming it or painting the background.
 
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
@@ -205,7 +209,8 @@ impl Objective for Smooth {
     }
 }
 
-/// Mean squared distance of every pixel to a colour.
+/// Brightness-weighted mean squared distance of the pixels to a colour (see the module
+/// doc): Σ w‖x − c‖² / (3 Σ w) with w = clamp(max_c x, 0, 1) detached.
 #[derive(Debug, Clone)]
 pub struct Colour {
     name: String,
@@ -219,9 +224,14 @@ impl Objective for Colour {
     }
 
     fn loss(&self, x0: &Tensor) -> candle_core::Result<Tensor> {
-        x0.broadcast_sub(&self.colour.to_dtype(x0.dtype())?)?
+        // (b, 1, f, h, w): 0 on the black background, 1 at full brightness.
+        let weight = x0.detach().max_keepdim(1)?.clamp(0.0, 1.0)?;
+        let total = weight.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let distance = x0
+            .broadcast_sub(&self.colour.to_dtype(x0.dtype())?)?
             .sqr()?
-            .mean_all()
+            .sum_keepdim(1)?;
+        (distance * weight)?.sum_all()? / (3.0 * total.max(1e-6))
     }
 }
 
@@ -242,5 +252,27 @@ impl Objective for Reference {
     fn loss(&self, x0: &Tensor) -> candle_core::Result<Tensor> {
         let d = (x0 - self.target.to_dtype(x0.dtype())?)?;
         (d.sqr()? * self.mask.to_dtype(x0.dtype())?)?.sum_all()? / self.count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `color:` recolours the drawn pixels and leaves the black background alone.
+    #[test]
+    fn colour_objective_weights_the_foreground() {
+        let dev = Device::Cpu;
+        // Two pixels: background (−1, −1, −1) and red (1, −1, −1).
+        let x0 =
+            Tensor::from_vec(vec![-1f32, 1., -1., -1., -1., -1.], (1, 3, 1, 1, 2), &dev).unwrap();
+        let green = parse_objective("color:-1,1,-1", x0.dims(), &dev).unwrap();
+        let (value, grad) = value_and_grad(green.as_ref(), &x0).unwrap();
+        // Only the red pixel counts: ((1+1)² + (−1−1)² + 0) / 3.
+        assert!((value - 8.0 / 3.0).abs() < 1e-6, "{value}");
+        let g = grad.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Layout (c, pixel): background gradients are zero, the red pixel's point to green.
+        assert_eq!([g[0], g[2], g[4]], [0.0, 0.0, 0.0]);
+        assert!(g[1] > 0.0 && g[3] < 0.0 && g[5] == 0.0, "{g:?}");
     }
 }

@@ -19,8 +19,25 @@
 //! `[x_t]` with weight 1. The backward runs under a `remat` schedule with gradients for
 //! the latents only (the weights are frozen tensors).
 //!
-//! The correction is then ε̂ ← ε̂ + s · √(1−ᾱ_t) · ∇_{x_t} L before the DDIM step: it moves
-//! x̂₀ by −s (1−ᾱ_t)/√ᾱ_t ∇_{x_t} L, i.e. down the objective (s = `--guide-scale`).
+//! The correction is a step on the predicted clean video, x̂₀' = x̂₀ − s·η_t·d_t, with
+//! ε̂ re-derived from it so that the DDIM step sees x̂₀':
+//!
+//! d_t = √ᾱ_t ∇_{x_t} L = (I − √(1−ᾱ_t) J_ε̂)ᵀ g,   η_t = L / ‖g‖²,
+//! ε̂' = (x_t − √ᾱ_t x̂₀') / √(1−ᾱ_t) = ε̂ + s·η_t·√ᾱ_t/√(1−ᾱ_t) · d_t.
+//!
+//! d_t is the guidance gradient in x̂₀'s units: g pulled back through the denoiser (at low
+//! noise d_t ≈ g; at high noise the model's Jacobian cancels most of it). η_t is Polyak's
+//! step size for an objective whose minimum is 0 (all the built-ins): the step that would
+//! bring L to 0 if it were linear in x̂₀, so the step shrinks as L falls and does not
+//! depend on L's units; for a squared error, s = 1 moves x̂₀ halfway to the target and
+//! s < 2 never overshoots. s = `--guide-scale`. This is universal guidance's forward step
+//! ε̂ + λ_t √(1−ᾱ_t) ∇_{x_t} L (Bansal et al. 2023, arXiv 2302.07121) with the strength
+//! λ_t = s·η_t·ᾱ_t/(1−ᾱ_t) set per step instead of a constant λ: with a constant, x̂₀ moves
+//! by λ(1−ᾱ_t)/√ᾱ_t ∇_{x_t} L ≈ λ(1−ᾱ_t)/ᾱ_t g, some 10⁴ λ g at the noisiest steps of
+//! the linear schedule; x̂₀ then leaves [−1, 1], is clipped, and only the ε̂ part of the
+//! correction survives, which moves x_{t−1} up the objective. Like DPS (Chung et al. 2023,
+//! arXiv 2209.14687), the step is normalised by the objective rather than tuned per
+//! timestep.
 
 use crate::guide::{value_and_grad, Objective};
 use crate::model::{Latte, LatteInputs};
@@ -68,7 +85,8 @@ impl Default for SampleOptions {
 pub struct Guidance<'a> {
     /// The objective on x̂₀.
     pub objective: &'a dyn Objective,
-    /// The scale s of the correction.
+    /// The scale s of the correction: the fraction of Polyak's step x̂₀ moves per guided
+    /// step (1: halfway to a squared-error objective's target; see the module doc).
     pub scale: f64,
     /// Step indices where guidance applies.
     pub steps: Range<usize>,
@@ -158,6 +176,8 @@ pub struct GuidedEval {
     pub objective: f64,
     /// ∇_{x_t} L.
     pub grad_latents: Tensor,
+    /// g = ∂L/∂x̂₀.
+    pub grad_x0: Tensor,
 }
 
 /// Evaluates ε̂, L(x̂₀) and ∇_{x_t} L at `latents` = x_t, timestep `t` with ᾱ_t.
@@ -229,7 +249,26 @@ pub fn guided_eval(
         eps,
         objective: value,
         grad_latents,
+        grad_x0: g,
     })
+}
+
+/// ε̂' of a guided step with scale s: x̂₀ moves by −s·η·d with d = √ᾱ ∇_{x_t} L and
+/// Polyak's η = L/‖g‖² (see the module doc). A zero g or a zero L leaves ε̂ unchanged.
+pub fn guided_epsilon(eval: &GuidedEval, alpha_cumprod: f64, scale: f64) -> Result<Tensor> {
+    let g_norm_sq = eval
+        .grad_x0
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if scale == 0.0 || eval.objective <= 0.0 || g_norm_sq <= 0.0 || !g_norm_sq.is_finite() {
+        return Ok(eval.eps.clone());
+    }
+    let eta = eval.objective / g_norm_sq;
+    let (sa, sb) = (alpha_cumprod.sqrt(), (1.0 - alpha_cumprod).sqrt());
+    // ε̂ + s·η·√ᾱ/√(1−ᾱ) · d with d = √ᾱ ∇_{x_t} L.
+    &eval.eps + (&eval.grad_latents * (scale * eta * sa * sa / sb))?
 }
 
 /// Standard-normal initial latents `(1, c, f, h, w)` from `seed`.
@@ -278,7 +317,7 @@ pub fn sample(
                     options.temporal,
                     phases,
                 )?;
-                let eps = (eval.eps + (eval.grad_latents * (g.scale * (1.0 - alpha).sqrt()))?)?;
+                let eps = guided_epsilon(&eval, alpha, g.scale)?;
                 (eps, Some(eval.objective))
             }
             None => {

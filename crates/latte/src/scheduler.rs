@@ -503,3 +503,28 @@ impl Ddpm {
 pub fn epsilon_channels(output: &Tensor, in_channels: usize) -> Result<Tensor> {
     output.narrow(1, 0, in_channels)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::NoiseSchedule;
+
+    /// The samplers' default ᾱ_t (diffusers' f32 computation) is the schedule `latte train`
+    /// trains with (DiT's f64 `linear(1000)`), to f32 rounding: a sampler on another
+    /// schedule would denoise at the wrong noise levels.
+    #[test]
+    fn default_schedule_is_the_training_schedule() {
+        let sampler = BetaConfig::default().alphas_cumprod();
+        let training = NoiseSchedule::latte();
+        assert_eq!(sampler.len(), training.num_timesteps());
+        for (t, &a) in sampler.iter().enumerate() {
+            let expected = training.alpha_cumprod(t);
+            assert!(
+                (a as f64 - expected).abs() <= 1e-5 * expected.max(1e-3),
+                "t {t}: sampler {a}, training {expected}"
+            );
+        }
+        let ddim = Ddim::new(DdimConfig::default());
+        assert_eq!(ddim.alpha_cumprod(999) as f32, sampler[999]);
+    }
+}

@@ -104,7 +104,8 @@ fn guidance_lowers_the_objective() {
     let run = |guided: bool| {
         let guidance = Guidance {
             objective: objective.as_ref(),
-            scale: 10.0,
+            // A step of Polyak's size per guided step (see latte::sampling).
+            scale: 1.0,
             steps: 2..options.steps,
             schedule: &schedule,
         };

@@ -84,7 +84,9 @@ pub struct Args {
     /// Gradient guidance objective: reference:FILE[:MASK], smooth, color:R,G,B.
     #[arg(long, value_name = "OBJECTIVE")]
     guide: Option<String>,
-    /// Scale s of the guidance correction ε ← ε + s·√(1−ᾱ)·∇L.
+    /// Scale s of the guidance: each guided step moves the predicted clean video by s
+    /// times Polyak's step L/‖∇L‖² along the gradient through the model (1: halfway to
+    /// a squared-error target; see latte::sampling).
     #[arg(long, default_value_t = 1.0)]
     guide_scale: f64,
     /// Steps A..B (0-based, B exclusive) where guidance applies (default: all).
