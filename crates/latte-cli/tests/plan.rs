@@ -74,7 +74,7 @@ const LATTE_1: [&str; 14] = [
 ];
 
 #[test]
-fn latte_1_fits_24_gib_with_recomputation_and_none_needs_far_more_than_80() {
+fn latte_1_fits_24_gib_with_recomputation_and_none_does_not_fit_80() {
     let mut args = LATTE_1.to_vec();
     args.extend(["--budget", "24GiB"]);
     let report = plan_json(&args);
@@ -89,7 +89,8 @@ fn latte_1_fits_24_gib_with_recomputation_and_none_needs_far_more_than_80() {
     let report = plan_json(&args);
     let none = row(&report, "none");
     assert_eq!(none["fits"], false);
-    assert!(none["total_peak_bytes"].as_u64().unwrap() > 2 * 80 * GIB);
+    // ~92 GiB since stored graphs keep only what their backward reads (308 GiB before).
+    assert!(none["total_peak_bytes"].as_u64().unwrap() > 80 * GIB);
     let best = chosen(&report);
     assert!(best["total_peak_bytes"].as_u64().unwrap() <= 80 * GIB);
     // More memory never makes the chosen plan slower.

@@ -8,12 +8,14 @@
 //! frees exactly what the candle op it stands for does on the CPU backend (a new storage
 //! for a binary op, a matmul, a reduction, a dtype conversion or a copy; none for a view;
 //! a copy for `reshape` and `contiguous` of a strided input), and records its inputs when
-//! one of them takes part in the graph, as candle's `BackpropOp` does — so what a stage's
-//! graph keeps alive follows from the same rules: `Linear` keeps the matmul output and
-//! the bias-add output, `layer_norm` keeps the centred, squared and normalised tensors
-//! (and its small per-row statistics), the fused softmax keeps the scores and the
-//! probabilities, the fused GELU its input and output, the stage input is copied to a
-//! leaf, and so on. The backward pass is replayed with the vendored candle's reverse-mode
+//! one of them takes part in the graph, as candle's `BackpropOp` does. A kept graph is then
+//! pruned as `remat` prunes it with the vendored candle's
+//! `release_unneeded_for_backward` ([`vt::release_unneeded`], the same per-op table of what
+//! each backward rule reads): what a stage's graph keeps alive is what its backward reads —
+//! a matrix product's operands (only the one the other's gradient needs when one is a
+//! constant), `layer_norm`'s centred and normalised tensors (and small per-row
+//! statistics), the fused softmax's probabilities, the fused GELU's input, a product's
+//! factors —, besides the stage input (copied to a leaf) and output. The backward pass is replayed with the vendored candle's reverse-mode
 //! loop (`vendor/candle-core/src/backprop.rs`: node order, gradient accumulation without
 //! zero-filled accumulators, no gradients for constants, and gradients that hold on to
 //! the graph nodes they were computed from), which gives the transient peak of every
@@ -417,7 +419,7 @@ mod vt {
     use super::{CostsError, Kernels, Work};
     use candle_core::DType;
     use std::cell::Cell;
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::rc::Rc;
 
     /// Heap bytes of one tensor handle besides its elements (candle's `Tensor_` in its
@@ -502,11 +504,12 @@ mod vt {
         }
     }
 
-    /// A storage: its bytes are freed when the last handle goes.
+    /// A storage: its bytes are freed when the last handle goes, or when it is released
+    /// ([`release_unneeded`]).
     #[derive(Debug)]
     struct Storage {
-        /// Counted bytes (0 for what existed before the measurement).
-        bytes: u64,
+        /// Counted bytes (0 for what existed before the measurement, or once released).
+        bytes: Cell<u64>,
         /// Elements, counted or not.
         elems: usize,
         meter: Rc<Meter>,
@@ -514,7 +517,7 @@ mod vt {
 
     impl Drop for Storage {
         fn drop(&mut self) {
-            self.meter.free(self.bytes);
+            self.meter.free(self.bytes.get());
         }
     }
 
@@ -617,7 +620,7 @@ mod vt {
         /// counted. `var` makes it a trainable leaf.
         pub(super) fn existing(meter: &Rc<Meter>, dims: &[usize], dtype: DType, var: bool) -> V {
             let storage = Rc::new(Storage {
-                bytes: 0,
+                bytes: Cell::new(0),
                 elems: numel(dims),
                 meter: meter.clone(),
             });
@@ -635,7 +638,7 @@ mod vt {
             let bytes = (elems * dtype.size_in_bytes()) as u64;
             meter.alloc(bytes);
             Rc::new(Storage {
-                bytes,
+                bytes: Cell::new(bytes),
                 elems,
                 meter: meter.clone(),
             })
@@ -1170,6 +1173,109 @@ mod vt {
         }
     }
 
+    /// What the backward rule of `op` reads besides the upstream gradient: each operand
+    /// (in `op_inputs` order) and the op's result — the vendored candle's
+    /// `backprop::backward_reads`, with the fused kernels' `bwd_reads` (`nn/ops.rs`).
+    fn backward_reads(op: &Op) -> (Vec<bool>, bool) {
+        match op {
+            Op::Add(..) | Op::Sub(..) => (vec![false, false], false),
+            Op::Mul(a, b) | Op::Matmul(a, b) => (vec![b.tracked(), a.tracked()], false),
+            Op::Div(..) => (vec![true, true], false),
+            Op::Cat(args, _) => (vec![false; args.len()], false),
+            Op::Broadcast(_)
+            | Op::Reshape(_)
+            | Op::Transpose(..)
+            | Op::Permute(..)
+            | Op::Copy(_)
+            | Op::Narrow(..)
+            | Op::Affine(..)
+            | Op::Sum(_)
+            | Op::ToDType(_) => (vec![false], false),
+            Op::Unary(_, f) => match f {
+                Unary::Sqrt | Unary::Exp | Unary::Tanh => (vec![false], true),
+                Unary::Neg => (vec![false], false),
+                Unary::Sqr | Unary::Recip | Unary::Gelu => (vec![true], false),
+                Unary::Silu | Unary::NoBackward => (vec![true], true),
+            },
+            Op::Fused(_, Fused::Gelu) => (vec![true], false),
+            Op::Fused(_, Fused::Softmax) => (vec![false], true),
+        }
+    }
+
+    /// The vendored candle's `backprop::release_unneeded_for_backward`: frees every storage
+    /// of the graph behind `roots` that belongs to its op nodes only (no root, variable,
+    /// constant or outside handle shares it) and that no backward rule of a node the
+    /// backward pass runs through reads.
+    pub(super) fn release_unneeded(roots: &[&V]) {
+        let mut visited: HashMap<usize, V> = HashMap::new();
+        let mut op_handles: HashMap<usize, usize> = HashMap::new();
+        let mut stack: Vec<V> = Vec::new();
+        for &root in roots {
+            if visited.insert(root.id(), root.clone()).is_none() {
+                stack.push(root.clone());
+            }
+        }
+        while let Some(t) = stack.pop() {
+            if let Some(op) = &t.0.op {
+                for arg in op_inputs(op) {
+                    *op_handles.entry(arg.id()).or_default() += 1;
+                    if let std::collections::hash_map::Entry::Vacant(entry) =
+                        visited.entry(arg.id())
+                    {
+                        entry.insert(arg.clone());
+                        stack.push(arg.clone());
+                    }
+                }
+            }
+        }
+        let storage_key = |v: &V| Rc::as_ptr(&v.0.storage) as usize;
+        let mut keep: HashSet<usize> = HashSet::new();
+        for &root in roots {
+            for node in sorted_nodes(root) {
+                if node.is_var() {
+                    continue;
+                }
+                if let Some(op) = &node.0.op {
+                    let (args, res) = backward_reads(op);
+                    if res {
+                        keep.insert(storage_key(&node));
+                    }
+                    for (arg, read) in op_inputs(op).into_iter().zip(args) {
+                        if read {
+                            keep.insert(storage_key(arg));
+                        }
+                    }
+                }
+            }
+        }
+        let root_ids: HashSet<usize> = roots.iter().map(|r| r.id()).collect();
+        // This function's own handles: one per visited tensor (in `visited`), one more for
+        // each tensor still on the stack (none at this point).
+        let mut per_storage: HashMap<usize, (V, usize)> = HashMap::new();
+        for t in visited.values() {
+            let outside = Rc::strong_count(&t.0) - 1;
+            let owned = t.0.op.is_some()
+                && !t.is_var()
+                && !root_ids.contains(&t.id())
+                && outside <= op_handles.get(&t.id()).copied().unwrap_or(0);
+            if !owned {
+                keep.insert(storage_key(t));
+            }
+            per_storage
+                .entry(storage_key(t))
+                .or_insert((t.clone(), 0))
+                .1 += 1;
+        }
+        for (key, (t, tensors)) in per_storage {
+            // `per_storage` holds one more handle on the storage's node, not on the storage.
+            if keep.contains(&key) || Rc::strong_count(&t.0.storage) > tensors {
+                continue;
+            }
+            let storage = &t.0.storage;
+            t.meter().free(storage.bytes.replace(0));
+        }
+    }
+
     /// candle's `Tensor::backward` from `output`, whose gradient is `grad` (as remat's
     /// `inject` hands it over), with the patched accumulation.
     pub(super) fn backward(output: &V, grad: &V) -> Result<Grads, CostsError> {
@@ -1370,7 +1476,7 @@ mod vt {
 
 /// The model code replayed on virtual tensors, mirroring `nn/*.rs` and `model.rs`.
 mod replay {
-    use super::vt::{backward, Fused, Meter, Unary, V};
+    use super::vt::{backward, release_unneeded, Fused, Meter, Unary, V};
     use super::{CostsError, Kernels, Mode, StageWork};
     use crate::config::{InputGeometry, LatteConfig};
     use candle_core::DType;
@@ -1439,7 +1545,9 @@ mod replay {
         context: Vec<V>,
         /// Whether each context tensor is a leaf collecting gradients.
         leaves: Vec<bool>,
-        _kept: Vec<V>,
+        /// The context as computed (the head graph's roots besides the tokens), then the
+        /// inputs.
+        kept: Vec<V>,
     }
 
     /// Results of the chain: stage costs (times zero), work, output bytes, reserved bytes.
@@ -1502,6 +1610,13 @@ mod replay {
         pub(super) fn run(&self) -> Result<ChainReplay, CostsError> {
             let head_start = self.meter.live();
             let head = self.run_head();
+            // `remat::grads::run_head` releases what the head's graph keeps but its backward
+            // pass does not read.
+            let roots: Vec<&V> = std::iter::once(&head.tokens)
+                .chain(head.kept.iter().take(head.context.len()))
+                .filter(|t| t.tracked())
+                .collect();
+            release_unneeded(&roots);
             let head_bytes = self.meter.live() - head_start;
 
             let layers = self.config.num_layers;
@@ -1552,6 +1667,7 @@ mod replay {
             meter.reset_peak();
             let input = x.detach().make_var();
             let output = run(&input);
+            release_unneeded(&[&output]);
             let forward = meter.take_work();
             let after = meter.live();
             let graph_bytes = after - before;
@@ -1825,7 +1941,7 @@ mod replay {
                 tokens,
                 context: stage_context,
                 leaves,
-                _kept: kept,
+                kept,
             }
         }
     }

@@ -19,7 +19,8 @@ pub struct StageCosts {
     pub bwd_s: f64,
     /// Bytes of the stage input `a_i` (`|a_i|`); also the size of `δ_i`.
     pub input_bytes: u64,
-    /// Bytes `ForwardKeep` keeps: the stage's autograd tape, including its
+    /// Bytes `ForwardKeep` keeps: the stage's autograd tape as the executor stores it
+    /// (only the values its backward reads; see `grads::release_unneeded`), including its
     /// output `a_{i+1}` (but not its input `a_i`).
     pub graph_bytes: u64,
     /// Transient bytes on top of `graph_bytes` while the stage runs forward.

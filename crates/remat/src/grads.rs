@@ -75,6 +75,12 @@ pub(crate) fn run_head<M: ChainModel>(
         })
         .collect();
     let context = context.with_tensors(leaf_tensors)?;
+    // The head's graph waits for the end of the backward pass.
+    let roots: Vec<&Tensor> = std::iter::once(&tokens)
+        .chain(outputs.iter())
+        .filter(|t| t.track_op())
+        .collect();
+    release_unneeded(&roots)?;
     Ok(Head {
         inputs,
         tokens,
@@ -220,6 +226,7 @@ impl<M: ChainModel> Executor<'_, '_, M> {
             Op::ForwardKeep(i) => {
                 let input = leaf_var(&self.activation(i)?)?;
                 let output = self.run_stage(i, input.as_tensor())?;
+                release_unneeded(&[&output])?;
                 self.graphs.insert(i, StageGraph { input, output });
             }
             Op::Backward(i) => {
@@ -388,6 +395,16 @@ fn merge_params(params: &mut GradStore, store: GradStore, exclude: &[Tensor]) ->
     Ok(())
 }
 
+/// Frees what the graph behind `roots` keeps alive but its backward pass will not read
+/// (candle keeps every intermediate of a graph; see the vendored candle-core's patch 3).
+/// Called on every graph kept for a later backward pass, right after it is built. The
+/// roots stay readable (stage outputs are passed on as detached views of them), and so do
+/// leaves, constants and anything held from outside the graph.
+pub(crate) fn release_unneeded(roots: &[&Tensor]) -> Result<()> {
+    candle_core::backprop::release_unneeded_for_backward(roots)?;
+    Ok(())
+}
+
 /// A leaf variable holding `x`'s values (no graph behind it).
 pub(crate) fn leaf_var(x: &Tensor) -> Result<Var> {
     Var::from_tensor(&x.detach())
@@ -438,6 +455,10 @@ struct InjectGrad {
 impl CustomOp1 for InjectGrad {
     fn name(&self) -> &'static str {
         "inject-grad"
+    }
+
+    fn bwd_reads(&self) -> candle_core::backprop::BackwardReads {
+        candle_core::backprop::BackwardReads::NOTHING
     }
 
     fn cpu_fwd(&self, _storage: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {

@@ -94,6 +94,7 @@ fn measure_stage<M: ChainModel>(
     } else {
         model.tail(input.as_tensor(), &head.context)?
     };
+    grads::release_unneeded(&[&output])?;
     let fwd_s = started.elapsed().as_secs_f64();
     let after = meter.live_bytes();
     let graph_bytes = after.saturating_sub(before);

@@ -1,7 +1,7 @@
 //! Methods for backpropagation of gradients.
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::{Error, Result, Tensor, TensorId};
-use std::collections::{hash_map::Entry, HashMap};
+use std::collections::{hash_map::Entry, HashMap, HashSet};
 
 // arg has been reduced to node via reduce_dims, expand it back to arg.
 // This has to handle keepdims.
@@ -668,6 +668,235 @@ impl Tensor {
             }
         }
         Ok(grads)
+    }
+}
+
+/// Which values a backward rule reads besides the upstream gradient: its operands (in the
+/// op's order) and its own result. Shapes, dtypes and devices are always readable; these
+/// flags are about elements.
+///
+/// latte-rs patch: see [`release_unneeded_for_backward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackwardReads {
+    /// The operands, in the op's order; entries past the op's arity are ignored.
+    pub args: [bool; 3],
+    /// The op's result.
+    pub res: bool,
+}
+
+impl BackwardReads {
+    /// Every operand and the result (what a custom op keeps unless it says otherwise).
+    pub const ALL: Self = Self {
+        args: [true; 3],
+        res: true,
+    };
+    /// Nothing but the upstream gradient.
+    pub const NOTHING: Self = Self {
+        args: [false; 3],
+        res: false,
+    };
+    /// The result only (e.g. softmax, exp).
+    pub const RESULT: Self = Self {
+        args: [false; 3],
+        res: true,
+    };
+    /// The first operand only (e.g. an element-wise function differentiated from its input).
+    pub const FIRST_ARG: Self = Self {
+        args: [true, false, false],
+        res: false,
+    };
+
+    /// These reads, and the result.
+    pub const fn with_result(mut self) -> Self {
+        self.res = true;
+        self
+    }
+}
+
+/// The operands of `op` (every edge of the graph, as `sorted_nodes` may follow them), each
+/// with whether the op's backward rule in [`Tensor::backward`] reads its elements, and
+/// whether the rule reads the op's own result.
+///
+/// This table mirrors the arms of `Tensor::backward` one by one: a change of a rule must be
+/// reflected here (reading a released value is an out-of-bounds error on CPU).
+fn backward_reads(op: &Op) -> (Vec<(&Tensor, bool)>, bool) {
+    use BinaryOp as B;
+    use UnaryOp as U;
+    match op {
+        Op::Binary(l, r, B::Add | B::Sub) => (vec![(l, false), (r, false)], false),
+        // The patched rules: an operand's gradient (which reads the other operand) is
+        // only computed for an operand that takes part in the graph.
+        Op::Binary(l, r, B::Mul) | Op::Matmul(l, r) => {
+            (vec![(l, r.track_op()), (r, l.track_op())], false)
+        }
+        Op::Binary(l, r, B::Div) => (vec![(l, true), (r, true)], false),
+        Op::Binary(l, r, B::Minimum | B::Maximum) => (vec![(l, true), (r, true)], true),
+        Op::WhereCond(pred, t, f) => (vec![(pred, true), (t, false), (f, false)], false),
+        Op::Conv1D { arg, kernel, .. }
+        | Op::ConvTranspose1D { arg, kernel, .. }
+        | Op::Conv2D { arg, kernel, .. }
+        | Op::ConvTranspose2D { arg, kernel, .. } => (vec![(arg, true), (kernel, true)], false),
+        Op::AvgPool2D { arg, .. }
+        | Op::UpsampleNearest1D { arg, .. }
+        | Op::UpsampleNearest2D { arg, .. }
+        | Op::UpsampleBilinear2D { arg, .. } => (vec![(arg, false)], false),
+        Op::MaxPool2D { arg, .. } => (vec![(arg, true)], true),
+        Op::SliceScatter0(l, r, _) => (vec![(l, false), (r, false)], false),
+        Op::Gather(arg, indexes, _) | Op::IndexSelect(arg, indexes, _) => {
+            (vec![(arg, false), (indexes, true)], false)
+        }
+        Op::Scatter(init, indexes, src, _)
+        | Op::ScatterAdd(init, indexes, src, _)
+        | Op::IndexAdd(init, indexes, src, _) => {
+            (vec![(init, false), (indexes, true), (src, false)], false)
+        }
+        Op::Cat(parts, _) => (parts.iter().map(|t| (t, false)).collect(), false),
+        Op::Reduce(arg, ReduceOp::Sum | ReduceOp::ArgMin | ReduceOp::ArgMax, _) => {
+            (vec![(arg, false)], false)
+        }
+        Op::Reduce(arg, ReduceOp::Min | ReduceOp::Max, _) => (vec![(arg, true)], true),
+        Op::ToDType(arg)
+        | Op::Copy(arg)
+        | Op::Broadcast(arg)
+        | Op::Narrow(arg, _, _, _)
+        | Op::Reshape(arg)
+        | Op::ToDevice(arg)
+        | Op::Transpose(arg, _, _)
+        | Op::Permute(arg, _)
+        | Op::Affine { arg, .. }
+        | Op::Cmp(arg, _) => (vec![(arg, false)], false),
+        Op::Unary(arg, unary) => match unary {
+            U::Exp | U::Tanh | U::Sqrt => (vec![(arg, false)], true),
+            U::Neg | U::Floor | U::Ceil | U::Round | U::Sign => (vec![(arg, false)], false),
+            U::Silu => (vec![(arg, true)], true),
+            U::Log
+            | U::Sin
+            | U::Cos
+            | U::Abs
+            | U::Recip
+            | U::Sqr
+            | U::Gelu
+            | U::GeluErf
+            | U::Erf
+            | U::Relu => (vec![(arg, true)], false),
+        },
+        Op::Elu(arg, _) => (vec![(arg, true)], true),
+        Op::Powf(arg, _) => (vec![(arg, true)], false),
+        Op::CustomOp1(arg, c) => {
+            let r = c.bwd_reads();
+            (vec![(arg, r.args[0])], r.res)
+        }
+        Op::CustomOp2(a1, a2, c) => {
+            let r = c.bwd_reads();
+            (vec![(a1, r.args[0]), (a2, r.args[1])], r.res)
+        }
+        Op::CustomOp3(a1, a2, a3, c) => {
+            let r = c.bwd_reads();
+            (
+                vec![(a1, r.args[0]), (a2, r.args[1]), (a3, r.args[2])],
+                r.res,
+            )
+        }
+    }
+}
+
+/// Frees the elements of the graph behind `roots` that their backward pass will not read.
+///
+/// candle's autograd graph is made of the tensors themselves: every op node holds its
+/// operands, so a graph kept for a later backward pass keeps *every* intermediate value
+/// alive. The backward rules read far fewer (an addition reads nothing, a matrix product
+/// its operands, `exp` its result, …; see `backward_reads`). This walks the graph and,
+/// for every storage (shared by views: decided per storage, not per tensor) that
+///
+/// - belongs to a tensor computed by an op of this graph (not a root, a variable or a
+///   constant),
+/// - is read by no backward rule of a node the backward pass runs through (the nodes of
+///   [`Tensor::sorted_nodes`]), and
+/// - has no handle outside the graph: neither the tensors sharing it nor the storage
+///   itself are referenced by anything but the graph's own ops (reference counts tell;
+///   a value the caller or a custom op still holds stays readable),
+///
+/// replaces it with an empty storage of the same dtype and device. Shapes and the graph
+/// stay: [`Tensor::backward`] from the roots (or from ops applied to them) computes
+/// bitwise the same gradients. Returns the number of storages freed.
+///
+/// latte-rs patch: PyTorch saves for backward only what each op's backward reads; this
+/// brings a stored candle graph to the same retention.
+pub fn release_unneeded_for_backward(roots: &[&Tensor]) -> Result<usize> {
+    // Every tensor reachable through the ops' operands, and the handles the visited ops
+    // hold on each.
+    let mut visited: HashMap<TensorId, &Tensor> = HashMap::new();
+    let mut op_handles: HashMap<TensorId, usize> = HashMap::new();
+    let mut stack: Vec<&Tensor> = Vec::new();
+    for &root in roots {
+        if visited.insert(root.id(), root).is_none() {
+            stack.push(root);
+        }
+    }
+    while let Some(t) = stack.pop() {
+        if let Some(op) = t.op() {
+            for (arg, _) in backward_reads(op).0 {
+                *op_handles.entry(arg.id()).or_default() += 1;
+                if visited.insert(arg.id(), arg).is_none() {
+                    stack.push(arg);
+                }
+            }
+        }
+    }
+
+    // Storages read by the rule of a node the backward pass runs through.
+    let mut keep: HashSet<usize> = HashSet::new();
+    for &root in roots {
+        for node in root.sorted_nodes() {
+            if node.is_variable() {
+                continue;
+            }
+            if let Some(op) = node.op() {
+                let (args, res) = backward_reads(op);
+                if res {
+                    keep.insert(node.storage_key());
+                }
+                for (arg, read) in args {
+                    if read {
+                        keep.insert(arg.storage_key());
+                    }
+                }
+            }
+        }
+    }
+
+    // Storages that are not the graph's own: roots, variables, constants, tensors with a
+    // handle from outside the graph.
+    let root_ids: HashSet<TensorId> = roots.iter().map(|t| t.id()).collect();
+    let mut per_storage: HashMap<usize, (&Tensor, usize)> = HashMap::new();
+    for &t in visited.values() {
+        let owned = t.op().is_some()
+            && !t.is_variable()
+            && !root_ids.contains(&t.id())
+            && t.handle_count() <= op_handles.get(&t.id()).copied().unwrap_or(0);
+        if !owned {
+            keep.insert(t.storage_key());
+        }
+        per_storage.entry(t.storage_key()).or_insert((t, 0)).1 += 1;
+    }
+    let mut released = 0;
+    for (key, (t, tensors)) in per_storage {
+        // Another tensor node (outside the graph) shares the storage.
+        if keep.contains(&key) || t.storage_handle_count() > tensors {
+            continue;
+        }
+        t.release_storage()?;
+        released += 1;
+    }
+    Ok(released)
+}
+
+impl Tensor {
+    /// [`release_unneeded_for_backward`] for the graph behind this tensor.
+    ///
+    /// latte-rs patch.
+    pub fn release_unneeded_for_backward(&self) -> Result<usize> {
+        release_unneeded_for_backward(&[self])
     }
 }
 

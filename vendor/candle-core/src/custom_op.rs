@@ -39,6 +39,16 @@ pub trait CustomOp1 {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// Which values [`bwd`](Self::bwd) reads: its operands and result whose elements must
+    /// stay alive while the graph waits for its backward pass
+    /// ([`Tensor::release_unneeded_for_backward`] frees the others). The default, everything,
+    /// is always correct; shapes, dtypes and devices remain readable in any case.
+    ///
+    /// latte-rs patch.
+    fn bwd_reads(&self) -> crate::backprop::BackwardReads {
+        crate::backprop::BackwardReads::ALL
+    }
 }
 
 pub trait CustomOp2 {
@@ -90,6 +100,16 @@ pub trait CustomOp2 {
         _grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
+    }
+
+    /// Which values [`bwd`](Self::bwd) reads: its operands and result whose elements must
+    /// stay alive while the graph waits for its backward pass
+    /// ([`Tensor::release_unneeded_for_backward`] frees the others). The default, everything,
+    /// is always correct; shapes, dtypes and devices remain readable in any case.
+    ///
+    /// latte-rs patch.
+    fn bwd_reads(&self) -> crate::backprop::BackwardReads {
+        crate::backprop::BackwardReads::ALL
     }
 }
 
@@ -149,6 +169,16 @@ pub trait CustomOp3 {
         _grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
+    }
+
+    /// Which values [`bwd`](Self::bwd) reads: its operands and result whose elements must
+    /// stay alive while the graph waits for its backward pass
+    /// ([`Tensor::release_unneeded_for_backward`] frees the others). The default, everything,
+    /// is always correct; shapes, dtypes and devices remain readable in any case.
+    ///
+    /// latte-rs patch.
+    fn bwd_reads(&self) -> crate::backprop::BackwardReads {
+        crate::backprop::BackwardReads::ALL
     }
 }
 

@@ -2788,6 +2788,37 @@ impl Tensor {
         std::ptr::from_ref(lock).addr()
     }
 
+    /// Strong handles on this tensor's node (`Arc<Tensor_>`): the caller's and those held by
+    /// the ops of the tensors computed from it.
+    ///
+    /// latte-rs patch (used by `backprop::release_unneeded_for_backward`).
+    pub(crate) fn handle_count(&self) -> usize {
+        Arc::strong_count(&self.0)
+    }
+
+    /// Tensor nodes sharing this tensor's storage (views, detached copies), alive or held.
+    ///
+    /// latte-rs patch (used by `backprop::release_unneeded_for_backward`).
+    pub(crate) fn storage_handle_count(&self) -> usize {
+        Arc::strong_count(&self.storage)
+    }
+
+    /// Replaces the elements of this tensor's storage — shared by every view of it — with
+    /// an empty storage of the same dtype and device, freeing them. Shapes, layouts and the
+    /// graph stay; reading the elements afterwards is a bug (an out-of-bounds error on CPU).
+    ///
+    /// latte-rs patch (used by `backprop::release_unneeded_for_backward`).
+    pub(crate) fn release_storage(&self) -> Result<()> {
+        let device = self.device();
+        // A zero-sized allocation on CPU; one element elsewhere, where a zero-sized device
+        // allocation may be refused.
+        let elems = if device.is_cpu() { 0 } else { 1 };
+        let empty = device.zeros(&Shape::from(elems), self.dtype())?;
+        let old = std::mem::replace(&mut *self.storage.write(), empty);
+        drop(old);
+        Ok(())
+    }
+
     /// Check if two tensors share the same underlying allocation.
     #[inline]
     pub(crate) fn same_storage(&self, rhs: &Self) -> bool {

@@ -2,12 +2,15 @@
 //! composed formulations cost the most memory and time: the tanh-GELU of the MLP (its
 //! composed backward materialises a dozen activation-sized temporaries) and the attention
 //! softmax (the composed forward keeps four score-sized tensors alive for backward; the
-//! fused one keeps the scores and the probabilities).
+//! fused one only the probabilities). Each declares what its backward reads
+//! (`CustomOp1::bwd_reads`), so a stored graph keeps only that
+//! (`Tensor::release_unneeded_for_backward`): the GELU its input, the softmax its output.
 //!
 //! The kernels run on CPU in f32 (half-precision inputs are widened per element). On other
 //! devices the functions fall back to differentiable compositions of candle ops.
 
 use candle_core::backend::BackendStorage;
+use candle_core::backprop::BackwardReads;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D,
 };
@@ -113,6 +116,11 @@ impl CustomOp1 for GeluTanh {
         let grad = grad_res.contiguous()?;
         Ok(Some(arg.apply_op2_no_bwd(&grad, &GeluTanhBackward)?))
     }
+
+    /// The derivative is computed from the input: a stored graph keeps the input only.
+    fn bwd_reads(&self) -> BackwardReads {
+        BackwardReads::FIRST_ARG
+    }
 }
 
 /// `grad · gelu'(x)` in one pass.
@@ -176,6 +184,12 @@ impl CustomOp1 for Softmax {
             res.contiguous()?
                 .apply_op2_no_bwd(&grad, &SoftmaxBackward)?,
         ))
+    }
+
+    /// The derivative is computed from the probabilities: a stored graph keeps the output
+    /// only, not the scores.
+    fn bwd_reads(&self) -> BackwardReads {
+        BackwardReads::RESULT
     }
 }
 
