@@ -12,6 +12,8 @@
 //!   training loop under a memory plan, with exact resume.
 //! - [`scheduler`]: diffusers-compatible DDIM and DDPM samplers; [`guide`]: objectives on
 //!   the predicted clean video; [`sampling`]: guided, memory-planned text-to-video sampling.
+//! - [`pipeline`]: a diffusers LattePipeline directory; [`text_encoder`] (tokenizer and
+//!   [`t5`]) encodes prompts as the pipeline does, [`vae`] decodes latents to video.
 
 pub mod config;
 pub mod costs;
@@ -22,9 +24,13 @@ pub mod io;
 pub mod model;
 pub mod nn;
 pub mod optim;
+pub mod pipeline;
 pub mod random;
 pub mod sampling;
 pub mod scheduler;
+pub mod t5;
+pub mod text_encoder;
 pub mod train;
+pub mod vae;
 pub mod vjp;
 pub mod weights;

@@ -37,8 +37,12 @@ pub enum WeightsError {
         source: std::io::Error,
     },
     /// The directory holds no weights file.
-    #[error("no weights in {dir}: expected {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")]
-    NoWeights { dir: String },
+    #[error("no weights in {dir}: expected {single} or {index}")]
+    NoWeights {
+        dir: String,
+        single: String,
+        index: String,
+    },
     /// A weights or index file is malformed or truncated.
     #[error("malformed weights file {path}: {message}")]
     Malformed { path: String, message: String },
@@ -151,7 +155,7 @@ impl ModelDir {
     pub fn open(dir: &Path) -> Result<Self, WeightsError> {
         let config_file = LatteConfigFile::from_file(&dir.join(CONFIG_FILE))?;
         let config = config_file.resolve()?;
-        let (weight_files, sharded) = weight_files(dir)?;
+        let (weight_files, sharded) = weight_files(dir, WEIGHTS_FILE, WEIGHTS_INDEX_FILE)?;
         let tensors = map_files(&weight_files)?;
         let opened = Self {
             path: dir.to_path_buf(),
@@ -349,10 +353,15 @@ fn mismatch_report(expected: &[ParamSpec], stored: &HashMap<String, Vec<usize>>)
     report
 }
 
-/// The weight files of `dir` and whether they are shards.
-fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, bool), WeightsError> {
-    let single = dir.join(WEIGHTS_FILE);
-    let index = dir.join(WEIGHTS_INDEX_FILE);
+/// The weight files of `dir` and whether they are shards: the shards listed by the
+/// `index_name` file if it exists, else the `single_name` file.
+pub(crate) fn weight_files(
+    dir: &Path,
+    single_name: &str,
+    index_name: &str,
+) -> Result<(Vec<PathBuf>, bool), WeightsError> {
+    let single = dir.join(single_name);
+    let index = dir.join(index_name);
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|source| WeightsError::Io {
             path: index.display().to_string(),
@@ -385,12 +394,14 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, bool), WeightsError> {
     } else {
         Err(WeightsError::NoWeights {
             dir: dir.display().to_string(),
+            single: single_name.to_string(),
+            index: index_name.to_string(),
         })
     }
 }
 
 /// Maps the files, each checked on its own so that an error names the broken one.
-fn map_files(files: &[PathBuf]) -> Result<MmapedSafetensors, WeightsError> {
+pub(crate) fn map_files(files: &[PathBuf]) -> Result<MmapedSafetensors, WeightsError> {
     for file in files {
         // SAFETY: the file is mapped read-only; latte-rs never writes a weights file it
         // has mapped (saves go to a temporary file that is renamed over the target).
