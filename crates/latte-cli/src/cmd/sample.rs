@@ -1,6 +1,8 @@
 //! `latte sample`: DDIM text-to-video sampling with classifier-free guidance and optional
 //! gradient guidance under a memory plan (`latte::sampling`). Writes the latents as
-//! safetensors and, for pixel-space models, the video as an animated GIF and PNG frames.
+//! safetensors and the video as an animated GIF and PNG frames: pixel-space models
+//! directly, latent models of a LattePipeline directory through its VAE
+//! (`latte::pipeline`, which also encodes `--prompt`).
 
 use crate::budget::{parse_budget, BudgetChoice};
 use crate::cmd::video_out::write_video;
@@ -12,6 +14,7 @@ use latte::data::synthetic::{Scene, SyntheticVideos, COLOURS, DIRECTIONS, SHAPES
 use latte::data::ClipShape;
 use latte::guide::parse_objective;
 use latte::model::Latte;
+use latte::pipeline::PipelineDir;
 use latte::sampling::{initial_noise, plan_guidance, sample, Guidance, SampleOptions};
 use latte::scheduler::{DdimConfig, TimestepSpacing};
 use latte::weights::ModelDir;
@@ -29,12 +32,13 @@ pub struct Args {
     /// `transformer/`, or a `latte train` output directory (its latest checkpoint).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Text prompt (needs the pipeline's text_encoder/ and tokenizer/: not supported yet;
-    /// use --embeddings, --caption or --synthetic-caption).
+    /// Text prompt, for a LattePipeline directory (text_encoder/, tokenizer/tokenizer.json,
+    /// vae/): lower-cased, stripped and cut to 120 tokens as LattePipeline does (its
+    /// bs4/ftfy `clean_caption` normalisation is not applied).
     #[arg(long, group = "cond")]
     prompt: Option<String>,
-    /// Negative prompt (with --prompt).
-    #[arg(long)]
+    /// Negative prompt (with --prompt; default "").
+    #[arg(long, requires = "prompt")]
     negative_prompt: Option<String>,
     /// encoder_hidden_states as safetensors: `positive` (1, L, D) and optional `negative`,
     /// or one tensor of shape (2, L, D) = [negative, positive] or (1, L, D) = positive.
@@ -68,9 +72,10 @@ pub struct Args {
     /// DDIM η (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
-    /// DDIM timestep spacing: leading, trailing or linspace.
-    #[arg(long, default_value = "leading")]
-    timestep_spacing: TimestepSpacing,
+    /// DDIM timestep spacing: leading, trailing or linspace (default: the pipeline's
+    /// scheduler config, else leading).
+    #[arg(long)]
+    timestep_spacing: Option<TimestepSpacing>,
     /// Do not clip the predicted clean video to [-1, 1].
     #[arg(long)]
     no_clip: bool,
@@ -163,30 +168,57 @@ fn scene_from_words(text: &str) -> Result<Scene> {
     })
 }
 
+/// `(negative, positive)` prompt embeddings `(1, k, D)` from the pipeline's T5, as
+/// LattePipeline encodes them; warns about what truncation cut.
+fn encode_prompt(
+    prompt: &str,
+    negative_prompt: &str,
+    pipeline: Option<&PipelineDir>,
+    model_dir: &Path,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let Some(pipeline) = pipeline else {
+        let root = model_dir.parent().unwrap_or(model_dir);
+        let missing: Vec<&str> = ["text_encoder", "tokenizer", "vae", "model_index.json"]
+            .into_iter()
+            .filter(|c| !root.join(c).exists())
+            .collect();
+        bail!(
+            "--prompt needs a LattePipeline directory, and {} lacks {}; pass the pipeline \
+             folder to --model, or encode the prompt elsewhere and pass --embeddings FILE",
+            root.display(),
+            missing.join(", ")
+        );
+    };
+    let encoder = pipeline.text_encoder(DType::F32, device)?;
+    let embeds = encoder.encode_prompt(prompt, negative_prompt)?;
+    for (which, cut) in [
+        ("prompt", &embeds.truncated),
+        ("negative prompt", &embeds.negative_truncated),
+    ] {
+        if let Some(cut) = cut {
+            eprintln!(
+                "warning: this part of the {which} was truncated, the text encoder taking at \
+                 most {} tokens: {cut:?}",
+                latte::text_encoder::MAX_SEQUENCE_LENGTH
+            );
+        }
+    }
+    Ok((embeds.negative, embeds.positive))
+}
+
 /// `(negative, positive)` caption embeddings, each `(1, L, D)`.
 fn conditioning(
     args: &Args,
+    pipeline: Option<&PipelineDir>,
     model_dir: &Path,
     model: &Latte,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let d = model.config().caption_channels;
-    if args.prompt.is_some() || args.negative_prompt.is_some() {
-        let root = model_dir.parent().unwrap_or(model_dir);
-        let missing: Vec<&str> = ["text_encoder", "tokenizer", "vae"]
-            .into_iter()
-            .filter(|c| !root.join(c).is_dir())
-            .collect();
-        bail!(
-            "--prompt needs a text encoder, which latte sample does not run yet{}; encode the \
-             prompt elsewhere and pass --embeddings FILE, or use --caption / \
-             --synthetic-caption with a model trained on the built-in data",
-            if missing.is_empty() {
-                String::new()
-            } else {
-                format!(" (and {} lacks {})", root.display(), missing.join(", "))
-            }
-        );
+    if let Some(prompt) = &args.prompt {
+        let negative = args.negative_prompt.as_deref().unwrap_or("");
+        return encode_prompt(prompt, negative, pipeline, model_dir, device);
     }
     let scene = match (&args.caption, args.synthetic_caption) {
         (Some(words), _) => Some(scene_from_words(words)?),
@@ -278,7 +310,21 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         .with_context(|| format!("cannot load model directory {}", dir.display()))?;
     let model = opened.load_frozen(DType::F32, &device)?;
     let cfg = model.config().clone();
-    let (negative, positive) = conditioning(&args, &dir, &model, &device)?;
+    let pipeline = if PipelineDir::is_pipeline(&args.model) {
+        Some(PipelineDir::open(&args.model)?)
+    } else {
+        None
+    };
+    let (negative, positive) = conditioning(&args, pipeline.as_ref(), &dir, &model, &device)?;
+    // Latent models of a pipeline decode through its VAE (required with --prompt).
+    let vae = match &pipeline {
+        Some(p)
+            if cfg.in_channels != 3 && (args.prompt.is_some() || p.root().join("vae").is_dir()) =>
+        {
+            Some(p.vae(DType::F32, &device)?)
+        }
+        _ => None,
+    };
     let dims = (
         1,
         cfg.in_channels,
@@ -319,10 +365,16 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         guidance_scale: args.guidance_scale,
         eta: args.eta,
         seed: global.seed,
-        ddim: DdimConfig {
-            timestep_spacing: args.timestep_spacing,
-            clip_sample: !args.no_clip,
-            ..DdimConfig::default()
+        ddim: {
+            let mut ddim = match &pipeline {
+                Some(p) if p.root().join("scheduler").is_dir() => p.ddim_config()?,
+                _ => DdimConfig::default(),
+            };
+            if let Some(spacing) = args.timestep_spacing {
+                ddim.timestep_spacing = spacing;
+            }
+            ddim.clip_sample &= !args.no_clip;
+            ddim
         },
         temporal,
     };
@@ -421,15 +473,29 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     }
     let mut out = HashMap::new();
     out.insert("latents".to_string(), latents.clone());
+    let video = match &vae {
+        Some(vae) => Some(vae.decode_video(&latents)?),
+        None => None,
+    };
+    if let Some(video) = &video {
+        out.insert("video".to_string(), video.clone());
+    }
     latte::io::save_safetensors(&out, &args.out)?;
     println!("wrote latents to {}", args.out.display());
-    if cfg.in_channels == 3 {
+    if let Some(video) = &video {
+        // The VAE's video is in [0, 1]; write_video takes [-1, 1].
+        let written = write_video(&((video * 2.0)? - 1.0)?, &args.out)?;
+        println!(
+            "wrote {} (decoded by the pipeline's VAE)",
+            written.display()
+        );
+    } else if cfg.in_channels == 3 {
         let written = write_video(&latents, &args.out)?;
         println!("wrote {}", written.display());
     } else {
         println!(
-            "latent model ({} channels): decoding needs the pipeline's vae/, which latte sample \
-             does not run yet; the latents are in {}",
+            "latent model ({} channels) without a pipeline vae/ to decode it: the latents are \
+             in {}",
             cfg.in_channels,
             args.out.display()
         );
