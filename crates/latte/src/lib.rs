@@ -5,7 +5,8 @@
 //! through `remat`'s memory-planned backward.
 //!
 //! - [`config`]: diffusers' `config.json` → validated [`config::LatteConfig`]; presets.
-//! - [`weights`]: model directories (single or sharded safetensors), checked loading, saving.
+//! - [`weights`]: model directories (single or sharded safetensors), checked loading, saving;
+//!   [`init`]: fresh weights (PyTorch's defaults, or PixArt-α's for training from scratch).
 //! - [`nn`]: the building blocks; [`model`]: the transformer as a remat chain.
 //! - [`diffusion`]: the noise schedule and the training loss; [`optim`]: AdamW, clipping,
 //!   loss scaling, EMA; [`data`]: synthetic videos and pre-encoded clips; [`train`]: the
@@ -20,6 +21,7 @@ pub mod costs;
 pub mod data;
 pub mod diffusion;
 pub mod guide;
+pub mod init;
 pub mod io;
 pub mod model;
 pub mod nn;

@@ -35,15 +35,16 @@ use crate::data::shards::ShardDirectory;
 use crate::data::synthetic::SyntheticVideos;
 use crate::data::{Batch, ClipShape, DataError, Dataset, Loader};
 use crate::diffusion::{LossTarget, NoiseSchedule};
+use crate::init::Initialisation;
 use crate::model::{Latte, LatteInputs};
 use crate::optim::{
     clip_grad_norm, global_grad_norm, sorted_params, warmup_lr, AdamW, AdamWConfig, Ema,
     GradAccumulator, LossScaler,
 };
 use crate::random::{normal_values, rng_for};
-use crate::weights::{ModelDir, WeightsError};
+use crate::weights::{trainable_from, ModelDir, WeightsError};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use rand::Rng;
 use remat::meter::{format_bytes, meter_for, MemoryMeter, Recorder};
 use remat::planner::PlanError;
@@ -290,7 +291,8 @@ impl TrainConfig {
 /// Where the initial weights come from.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
-    /// Fresh weights for `config`, initialised from `seed`.
+    /// Fresh weights for `config`, initialised from `seed` for training from scratch
+    /// ([`Initialisation::FromScratch`]).
     Fresh { config: LatteConfig, seed: u64 },
     /// A diffusers model directory (fine-tuning).
     Directory(PathBuf),
@@ -473,28 +475,6 @@ impl std::fmt::Debug for Trainer {
 /// f32 weights, by name, sorted.
 type NamedTensors = Vec<(String, Tensor)>;
 
-/// A trainable model in `dtype` whose variables hold `weights`.
-fn trainable_from(
-    config: &LatteConfig,
-    weights: &[(String, Tensor)],
-    dtype: DType,
-    device: &Device,
-) -> candle_core::Result<(Latte, VarMap)> {
-    let varmap = VarMap::new();
-    {
-        let mut data = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("parameter map poisoned".into()))?;
-        for (name, w) in weights {
-            let t = w.to_dtype(dtype)?.to_device(device)?.copy()?;
-            data.insert(name.clone(), Var::from_tensor(&t)?);
-        }
-    }
-    let model = Latte::new(config, VarBuilder::from_varmap(&varmap, dtype, device))?;
-    Ok((model, varmap))
-}
-
 fn named_tensors(varmap: &VarMap) -> candle_core::Result<NamedTensors> {
     Ok(sorted_params(varmap)?
         .into_iter()
@@ -579,8 +559,13 @@ impl Trainer {
         config.validate()?;
         let (weights, config_file) = match model {
             ModelSource::Fresh { config, seed } => {
-                let (_, varmap) =
-                    crate::weights::fresh_trainable(&config, seed, DType::F32, device)?;
+                let (_, varmap) = crate::weights::fresh_trainable_with(
+                    &config,
+                    Initialisation::FromScratch,
+                    seed,
+                    DType::F32,
+                    device,
+                )?;
                 (
                     named_tensors(&varmap)?,
                     LatteConfigFile::from_config(&config),
@@ -680,7 +665,14 @@ impl Trainer {
         std::fs::create_dir_all(out_dir).map_err(output_error(out_dir))?;
 
         let dtype = config.precision.dtype();
-        let (model, varmap) = trainable_from(&model_config, &weights, dtype, device)?;
+        let (model, varmap) = trainable_from(
+            &model_config,
+            weights
+                .iter()
+                .map(|(name, w)| Ok((name.clone(), w.clone()))),
+            dtype,
+            device,
+        )?;
         let params = sorted_params(&varmap)?;
         let masters = config.precision.uses_master_weights();
         let mut optimizer = AdamW::new(

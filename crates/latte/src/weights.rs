@@ -7,6 +7,7 @@
 //! is reported in one error. The only `unsafe` memory map of the crate lives here.
 
 use crate::config::{ConfigError, LatteConfig, LatteConfigFile};
+use crate::init::Initialisation;
 use crate::model::Latte;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor, Var};
@@ -262,20 +263,11 @@ impl ModelDir {
         dtype: DType,
         device: &Device,
     ) -> Result<(Latte, VarMap), WeightsError> {
-        let varmap = VarMap::new();
-        {
-            let mut data = varmap
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("parameter map poisoned".into()))?;
-            for spec in parameter_specs(&self.config)? {
-                let t = self.tensors.load(&spec.name, device)?.to_dtype(dtype)?;
-                data.insert(spec.name, Var::from_tensor(&t)?);
-            }
-        }
-        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-        let model = Latte::new(&self.config, vb)?;
-        Ok((model, varmap))
+        let weights = parameter_specs(&self.config)?.into_iter().map(|spec| {
+            let tensor = self.tensors.load(&spec.name, device)?;
+            Ok((spec.name, tensor))
+        });
+        Ok(trainable_from(&self.config, weights, dtype, device)?)
     }
 }
 
@@ -287,20 +279,50 @@ pub fn fresh_trainable(
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<(Latte, VarMap)> {
+    fresh_trainable_with(config, Initialisation::ModuleDefaults, seed, dtype, device)
+}
+
+/// A fresh trainable model initialised by `scheme` from a seeded generator: each
+/// parameter's values depend only on the scheme, `seed` and its name.
+pub fn fresh_trainable_with(
+    config: &LatteConfig,
+    scheme: Initialisation,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Latte, VarMap)> {
+    let weights = parameter_specs(config)?.into_iter().map(|mut spec| {
+        spec.init = scheme.of(&spec);
+        let values = crate::random::init_values(&spec, seed)?;
+        Ok((
+            spec.name,
+            Tensor::from_vec(values, spec.shape.as_slice(), device)?,
+        ))
+    });
+    trainable_from(config, weights, dtype, device)
+}
+
+/// A trainable model whose variables hold copies of `weights` (name, tensor) in `dtype`
+/// on `device`.
+pub fn trainable_from(
+    config: &LatteConfig,
+    weights: impl IntoIterator<Item = candle_core::Result<(String, Tensor)>>,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Latte, VarMap)> {
     let varmap = VarMap::new();
     {
         let mut data = varmap
             .data()
             .lock()
             .map_err(|_| candle_core::Error::Msg("parameter map poisoned".into()))?;
-        for spec in parameter_specs(config)? {
-            let values = crate::random::init_values(&spec, seed)?;
-            let t = Tensor::from_vec(values, spec.shape.as_slice(), device)?.to_dtype(dtype)?;
-            data.insert(spec.name, Var::from_tensor(&t)?);
+        for weight in weights {
+            let (name, w) = weight?;
+            let t = w.to_dtype(dtype)?.to_device(device)?.copy()?;
+            data.insert(name, Var::from_tensor(&t)?);
         }
     }
-    let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-    let model = Latte::new(config, vb)?;
+    let model = Latte::new(config, VarBuilder::from_varmap(&varmap, dtype, device))?;
     Ok((model, varmap))
 }
 
