@@ -7,11 +7,13 @@
 //! inputs, optimizer state in train mode) plus the recorder's readings above it.
 
 use crate::cmd::plan::{make_plan, random_inputs, Candidate, PlanOutcome, PlanRequest, Workload};
+use crate::cmd::video_out::png_bytes;
 use crate::options::GlobalOptions;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use clap::Args as ClapArgs;
 use latte::costs::Mode;
+use latte::io::write_atomically;
 use latte::optim::{sorted_params, AdamW, AdamWConfig};
 use latte::weights::{fresh_trainable, frozen};
 use plotters::coord::Shift;
@@ -19,7 +21,6 @@ use plotters::prelude::*;
 use remat::grads;
 use remat::meter::{format_bytes, MemoryReport, PhaseSinkExt, Recorder};
 use serde::Serialize;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 /// DejaVu Sans reduced to ASCII (and ± · × – — → − ≈ ≤ ≥), for text in PNG plots; its licence is
@@ -152,8 +153,11 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         predicted_activation_peak_bytes: predicted_activation,
     };
     let summary_path = args.out.join("profile.json");
-    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
-        .with_context(|| format!("cannot write {}", summary_path.display()))?;
+    write_atomically(
+        &summary_path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", summary_path.display()))?;
 
     let plot = PlotData::new(&workload, &outcome, chosen, &report);
     let svg = args.out.join("profile.svg");
@@ -497,8 +501,13 @@ fn register_font() -> Result<()> {
 
 fn write_svg(data: &PlotData, path: &Path) -> Result<()> {
     register_font()?;
-    let root = SVGBackend::new(path, PLOT_SIZE).into_drawing_area();
-    draw(&root, data)
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, PLOT_SIZE).into_drawing_area();
+        draw(&root, data)?;
+    }
+    write_atomically(path, svg.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn write_png(data: &PlotData, path: &Path) -> Result<()> {
@@ -509,18 +518,8 @@ fn write_png(data: &PlotData, path: &Path) -> Result<()> {
         let root = BitMapBackend::with_buffer(&mut rgb, PLOT_SIZE).into_drawing_area();
         draw(&root, data)?;
     }
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), w, h);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_compression(png::Compression::Best);
-    encoder.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
-    encoder
-        .write_header()?
-        .write_image_data(&rgb)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    write_atomically(path, &png_bytes(&rgb, w, h)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! Writing a pixel-space video `(1, 3, F, H, W)` in [-1, 1] as an animated GIF and PNG
-//! frames next to a given path, upscaled (nearest neighbour) to at least 128 pixels.
+//! frames next to a given path, upscaled (nearest neighbour) to at least 128 pixels; each
+//! file is encoded in memory and written atomically.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
-use std::fs::File;
-use std::io::BufWriter;
+use latte::io::write_atomically;
 use std::path::{Path, PathBuf};
 
 /// Smallest side of the written images, in pixels.
@@ -43,23 +43,34 @@ pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
         .collect();
     let stem = out.with_extension("");
     let gif_path = stem.with_extension("gif");
-    let file =
-        File::create(&gif_path).with_context(|| format!("cannot create {}", gif_path.display()))?;
-    let mut encoder = gif::Encoder::new(BufWriter::new(file), ws as u16, hs as u16, &[])?;
-    encoder.set_repeat(gif::Repeat::Infinite)?;
-    for rgb in &frames {
-        let mut frame = gif::Frame::from_rgb_speed(ws as u16, hs as u16, rgb, 10);
-        frame.delay = FRAME_DELAY_CS;
-        encoder.write_frame(&frame)?;
+    let mut gif_bytes = Vec::new();
+    {
+        let mut encoder = gif::Encoder::new(&mut gif_bytes, ws as u16, hs as u16, &[])?;
+        encoder.set_repeat(gif::Repeat::Infinite)?;
+        for rgb in &frames {
+            let mut frame = gif::Frame::from_rgb_speed(ws as u16, hs as u16, rgb, 10);
+            frame.delay = FRAME_DELAY_CS;
+            encoder.write_frame(&frame)?;
+        }
     }
+    write_atomically(&gif_path, &gif_bytes)
+        .with_context(|| format!("cannot write {}", gif_path.display()))?;
     for (i, rgb) in frames.iter().enumerate() {
         let path = PathBuf::from(format!("{}-frame-{i:03}.png", stem.display()));
-        let file =
-            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let mut encoder = png::Encoder::new(BufWriter::new(file), ws as u32, hs as u32);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        encoder.write_header()?.write_image_data(rgb)?;
+        write_atomically(&path, &png_bytes(rgb, ws as u32, hs as u32)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(gif_path)
+}
+
+/// An 8-bit RGB image (`width × height × 3` bytes, row-major) encoded as PNG.
+pub fn png_bytes(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Best);
+    encoder.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
+    encoder.write_header()?.write_image_data(rgb)?;
+    Ok(bytes)
 }
