@@ -8,6 +8,7 @@
 use anyhow::{bail, Result};
 use remat::meter::{format_bytes, MemoryMeter};
 use remat::policy::ByteSize;
+use std::ops::Deref;
 
 /// Share of the available memory `--budget auto` leaves free.
 pub const AUTO_BUDGET_MARGIN: f64 = 0.10;
@@ -41,17 +42,22 @@ pub struct ResolvedBudget {
 }
 
 impl BudgetChoice {
-    /// The budget in bytes; `auto` reads `meter`'s available memory.
+    /// The budget in bytes; `auto` makes the device's meter with `meter` and reads its
+    /// available memory (a size never needs one).
     ///
     /// # Errors
-    /// `auto` with a meter that cannot tell its available memory.
-    pub fn resolve(self, meter: &dyn MemoryMeter) -> Result<ResolvedBudget> {
+    /// `auto` with a meter that cannot be made or cannot tell its available memory.
+    pub fn resolve<M: Deref<Target = dyn MemoryMeter>>(
+        self,
+        meter: impl FnOnce() -> Result<M>,
+    ) -> Result<ResolvedBudget> {
         match self {
             BudgetChoice::Bytes(bytes) => Ok(ResolvedBudget {
                 bytes,
                 source: "--budget".to_string(),
             }),
             BudgetChoice::Auto => {
+                let meter = meter()?;
                 let Some(available) = meter.available_bytes() else {
                     bail!(
                         "--budget auto cannot read the available memory of {} (on the CPU it \
@@ -87,12 +93,20 @@ mod tests {
 
     #[test]
     fn auto_leaves_the_margin_of_what_is_available() {
-        let meter = ManualMeter::new("test").with_available_bytes(1000);
-        let budget = BudgetChoice::Auto.resolve(&meter).expect("available");
+        let meter = || {
+            Ok(
+                Box::new(ManualMeter::new("test").with_available_bytes(1000))
+                    as Box<dyn MemoryMeter>,
+            )
+        };
+        let budget = BudgetChoice::Auto.resolve(meter).expect("available");
         assert_eq!(budget.bytes, 900);
         assert!(budget.source.contains("test"), "{}", budget.source);
         assert_eq!(
-            BudgetChoice::Bytes(7).resolve(&meter).expect("bytes").bytes,
+            BudgetChoice::Bytes(7)
+                .resolve(|| -> Result<Box<dyn MemoryMeter>> { bail!("a size needs no meter") })
+                .expect("bytes")
+                .bytes,
             7
         );
     }
@@ -100,7 +114,7 @@ mod tests {
     #[test]
     fn auto_without_a_reading_says_what_to_give() {
         let err = BudgetChoice::Auto
-            .resolve(&ManualMeter::new("blind"))
+            .resolve(|| Ok(Box::new(ManualMeter::new("blind")) as Box<dyn MemoryMeter>))
             .expect_err("no reading");
         assert!(err.to_string().contains("--budget 16GiB"), "{err}");
     }

@@ -338,13 +338,8 @@ impl PlanRequest {
     /// The budget in bytes and where it comes from; `auto` opens the `--device` to read
     /// its available memory.
     pub fn budget(&self, global: &GlobalOptions) -> Result<ResolvedBudget> {
-        match self.budget {
-            BudgetChoice::Bytes(_) => self.budget.resolve(&remat::meter::CpuMeter),
-            BudgetChoice::Auto => {
-                let meter = remat::meter::meter_for(&global.device()?)?;
-                self.budget.resolve(meter.as_ref())
-            }
-        }
+        self.budget
+            .resolve(|| Ok(remat::meter::meter_for(&global.device()?)?))
     }
 }
 

@@ -386,7 +386,7 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     let policy = match (&args.checkpoint, args.budget) {
         (Some(p), _) => *p,
         (None, Some(choice)) => {
-            let budget = choice.resolve(meter.as_ref())?;
+            let budget = choice.resolve(|| Ok(meter.as_ref()))?;
             if choice == BudgetChoice::Auto {
                 eprintln!(
                     "guidance budget {} ({})",

@@ -172,7 +172,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     let device = global.device()?;
     let budget = match args.budget {
         Some(choice) => {
-            let budget = choice.resolve(meter_for(&device)?.as_ref())?;
+            let budget = choice.resolve(|| Ok(meter_for(&device)?))?;
             eprintln!(
                 "memory budget {} ({})",
                 format_bytes(budget.bytes),
