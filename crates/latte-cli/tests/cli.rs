@@ -2,47 +2,21 @@
 //! fixtures, `inspect`, and bad input — each a clear error, a non-zero exit, no panic and
 //! no partial output file.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{assert_fails, fixtures, latte, scratch};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// A fresh scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("latte-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn latte(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latte"))
-        .args(args)
-        .output()
-        .expect("run latte")
-}
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 /// Runs a command expected to fail: non-zero exit, no panic, stderr containing every
-/// `needle`, and `out` not created.
-fn assert_fails(args: &[&str], needles: &[&str], out: &Path) {
-    let output = latte(args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{args:?} succeeded");
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    for needle in needles {
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: `{needle}` not in: {stderr}"
-        );
-    }
+/// `needle`, and neither `out` nor a temporary file beside it created.
+fn assert_fails_cleanly(args: &[&str], needles: &[&str], out: &Path) {
+    assert_fails(args, needles);
     assert!(!out.exists(), "{args:?} left {}", out.display());
     let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
         .unwrap()
@@ -144,7 +118,7 @@ fn truncated_weights_name_the_file() {
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
     let out = dir.join("out.safetensors");
     let inputs = fixtures().join("unit_config/inputs.safetensors");
-    assert_fails(
+    assert_fails_cleanly(
         &[
             "forward",
             "--model",
@@ -178,7 +152,7 @@ fn missing_unexpected_and_misshaped_tensors_are_listed_together() {
     candle_core::safetensors::save(&tensors, &weights).unwrap();
     let out = dir.join("out.safetensors");
     let inputs = fixtures().join("unit_config/inputs.safetensors");
-    assert_fails(
+    assert_fails_cleanly(
         &[
             "forward",
             "--model",
@@ -207,7 +181,7 @@ fn unsupported_config_values_are_named() {
     std::fs::write(&config, text.replace("ada_norm_single", "ada_norm_zero")).unwrap();
     let out = dir.join("out.safetensors");
     let inputs = fixtures().join("unit_config/inputs.safetensors");
-    assert_fails(
+    assert_fails_cleanly(
         &[
             "forward",
             "--model",
@@ -247,7 +221,7 @@ fn bad_inputs_are_reported() {
             path(&out),
         ];
         args.extend_from_slice(extra);
-        assert_fails(&args, needles, &out);
+        assert_fails_cleanly(&args, needles, &out);
     };
 
     let inputs = edited_inputs(&dir, |t| {

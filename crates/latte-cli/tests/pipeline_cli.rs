@@ -4,31 +4,13 @@
 //! prompt warns with what was cut. Numerical parity with diffusers is tested in
 //! `crates/latte/tests/pipeline_parity.rs`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn latte(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_latte"))
-        .args(args)
-        .output()
-        .expect("the latte binary runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+use common::{fixtures, latte_text, scratch};
+use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipeline")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("latte-pipeline-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    fixtures().join("pipeline")
 }
 
 /// A copy of the fixture pipeline without `skip` (a top-level entry).
@@ -69,7 +51,7 @@ fn prompt_to_gif() {
     let model = fixture().display().to_string();
     let mut args = sample_args(&model, "A small cactus", out.to_str().unwrap());
     args.extend(["--negative-prompt", "blurry"]);
-    let (ok, text) = latte(&args);
+    let (ok, text) = latte_text(&args);
     assert!(ok, "{text}");
     assert!(!text.contains("truncated"), "{text}");
     assert!(out.is_file() && dir.join("cactus.gif").is_file(), "{text}");
@@ -98,7 +80,7 @@ fn overlong_prompt_warns_with_what_was_cut() {
         case["prompt"].as_str().unwrap(),
         out.to_str().unwrap(),
     );
-    let (ok, text) = latte(&args);
+    let (ok, text) = latte_text(&args);
     assert!(ok, "{text}");
     let cut = case["truncated"].as_str().unwrap();
     assert!(
@@ -119,7 +101,7 @@ fn missing_components_are_named() {
         let model = copy_without(skip, &dir);
         let out = dir.join("x.safetensors");
         let model = model.display().to_string();
-        let (ok, text) = latte(&sample_args(&model, "a cat", out.to_str().unwrap()));
+        let (ok, text) = latte_text(&sample_args(&model, "a cat", out.to_str().unwrap()));
         assert!(!ok, "{skip}: {text}");
         assert!(
             text.contains(needle),

@@ -1,30 +1,11 @@
 //! `latte plan` end to end: impossible requests are clear errors, the Latte-1 plans the
 //! README quotes, `--batch auto`, `--budget auto` and the cache of `--measure`.
 
+mod common;
+
+use common::{assert_fails, latte, latte_command};
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn latte(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latte"))
-        .args(args)
-        .output()
-        .expect("run latte")
-}
-
-/// Runs a plan expected to fail with every `needle` in its error.
-fn assert_fails(args: &[&str], needles: &[&str]) {
-    let output = latte(args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{args:?} succeeded");
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    for needle in needles {
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: `{needle}` not in: {stderr}"
-        );
-    }
-}
 
 /// Runs a plan with `--json` and returns its report.
 fn plan_json(args: &[&str]) -> Value {
@@ -233,7 +214,7 @@ fn measured_costs_are_cached() {
         .join(format!("plan-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache);
     let run = || {
-        Command::new(env!("CARGO_BIN_EXE_latte"))
+        latte_command()
             .args([
                 "plan",
                 "--preset",

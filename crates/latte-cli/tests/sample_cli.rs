@@ -1,34 +1,19 @@
 //! `latte sample` end to end on the `video` fixture model, and its errors.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn latte(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_latte"))
-        .args(args)
-        .output()
-        .expect("the latte binary runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+use common::{fixtures, latte_text, scratch};
 
 fn model() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/video/model")
-        .display()
-        .to_string()
+    fixtures().join("video/model").display().to_string()
 }
 
 #[test]
 fn guided_sampling_under_a_budget_writes_latents() {
-    let dir = std::env::temp_dir().join(format!("latte-sample-{}", std::process::id()));
+    let dir = scratch("sample");
     let out = dir.join("video.safetensors");
     let report = dir.join("memory.json");
-    let (ok, text) = latte(&[
+    let (ok, text) = latte_text(&[
         "sample",
         "--model",
         &model(),
@@ -60,7 +45,7 @@ fn guided_sampling_under_a_budget_writes_latents() {
 
 #[test]
 fn bad_inputs_are_clear_errors() {
-    let out = std::env::temp_dir().join("latte-sample-never.safetensors");
+    let out = scratch("never").join("video.safetensors");
     let out = out.to_str().unwrap();
     let m = model();
     let cases: [(&[&str], &str); 5] = [
@@ -105,10 +90,10 @@ fn bad_inputs_are_clear_errors() {
     for (extra, expected) in cases {
         let mut args = vec!["sample", "--model", &m, "--steps", "2", "--out", out];
         args.extend_from_slice(extra);
-        let (ok, text) = latte(&args);
+        let (ok, text) = latte_text(&args);
         assert!(!ok && text.contains(expected), "{extra:?}: {text}");
     }
-    let (ok, text) = latte(&[
+    let (ok, text) = latte_text(&[
         "sample",
         "--model",
         "/nonexistent",

@@ -347,7 +347,10 @@ impl Preset {
     }
 }
 
-fn transformer(
+/// Latte-1's architecture (patch 2, learned variance: `out_channels = 2 · in_channels`,
+/// attention bias, adaLN-single, 16 frames) at another size: the presets, and the small
+/// models of tests.
+pub fn latte_architecture(
     heads: usize,
     head_dim: usize,
     layers: usize,
@@ -376,7 +379,7 @@ pub fn latte_1() -> Preset {
     Preset {
         name: "latte-1",
         description: "Latte-1 as published: 28+28 blocks, hidden 1152, T5-XXL captions",
-        config: transformer(16, 72, 28, 4096, 4, 64),
+        config: latte_architecture(16, 72, 28, 4096, 4, 64),
         geometry: InputGeometry {
             batch: 1,
             frames: 16,
@@ -392,7 +395,7 @@ pub fn medium() -> Preset {
     Preset {
         name: "medium",
         description: "benchmark model: 12+12 blocks, hidden 512, 16 frames of 32x32 latents",
-        config: transformer(8, 64, 12, 256, 4, 32),
+        config: latte_architecture(8, 64, 12, 256, 4, 32),
         geometry: InputGeometry {
             batch: 1,
             frames: 16,
@@ -408,7 +411,7 @@ pub fn small() -> Preset {
     Preset {
         name: "small",
         description: "benchmark model: 8+8 blocks, hidden 256, 16 frames of 32x32 latents",
-        config: transformer(4, 64, 8, 256, 4, 32),
+        config: latte_architecture(4, 64, 8, 256, 4, 32),
         geometry: InputGeometry {
             batch: 1,
             frames: 16,
@@ -427,7 +430,7 @@ pub fn tiny() -> Preset {
             "pixel-space model for CPU training: 4+4 blocks, hidden 64, 8 frames of 16x16 RGB",
         config: LatteConfig {
             video_length: 8,
-            ..transformer(4, 16, 4, 16, 3, 16)
+            ..latte_architecture(4, 16, 4, 16, 3, 16)
         },
         geometry: InputGeometry {
             batch: 4,

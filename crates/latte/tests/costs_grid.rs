@@ -6,7 +6,7 @@
 //! while memory is measured.
 
 use candle_core::{DType, Device, Tensor};
-use latte::config::{InputGeometry, LatteConfig};
+use latte::config::{latte_architecture, InputGeometry, LatteConfig};
 use latte::costs::{analytic_costs, Kernels, LatteCosts, Mode, Throughput};
 use latte::model::{Latte, LatteInputs};
 use latte::random::{randn, rng_for};
@@ -21,18 +21,8 @@ remat::install_counting_allocator!();
 /// A small model: 2 heads of `head_dim`, `layers` spatial and temporal blocks.
 fn config(layers: usize, head_dim: usize, video_length: usize) -> LatteConfig {
     LatteConfig {
-        num_heads: 2,
-        head_dim,
-        in_channels: 4,
-        out_channels: 8,
-        num_layers: layers,
-        attention_bias: true,
-        sample_size: 8,
-        patch_size: 2,
-        num_embeds_ada_norm: 1000,
-        norm_eps: 1e-6,
-        caption_channels: 16,
         video_length,
+        ..latte_architecture(2, head_dim, layers, 16, 4, 8)
     }
 }
 

@@ -2,7 +2,7 @@
 //! (`tools/make_sampler_fixtures.py`), the objective falling under guidance, and errors.
 
 use candle_core::{DType, Device, Tensor};
-use latte::config::LatteConfig;
+use latte::config::{latte_architecture, LatteConfig};
 use latte::guide::{parse_objective, GuideError};
 use latte::sampling::{guided_eval, initial_noise, sample, Guidance, SampleOptions};
 use latte::weights::{fresh_trainable, frozen, ModelDir};
@@ -67,18 +67,8 @@ fn guidance_gradient_matches_pytorch_through_cfg() {
 /// A 2-layer pixel-space model on 4 frames of 8×8.
 fn small_pixel_model() -> (latte::model::Latte, LatteConfig) {
     let config = LatteConfig {
-        num_heads: 2,
-        head_dim: 8,
-        in_channels: 3,
-        out_channels: 6,
-        num_layers: 2,
-        attention_bias: true,
-        sample_size: 8,
-        patch_size: 2,
-        num_embeds_ada_norm: 1000,
-        norm_eps: 1e-6,
-        caption_channels: 8,
         video_length: 4,
+        ..latte_architecture(2, 8, 2, 8, 3, 8)
     };
     let (_, varmap) = fresh_trainable(&config, 11, DType::F32, &Device::Cpu).unwrap();
     (frozen(&config, &varmap).unwrap(), config)

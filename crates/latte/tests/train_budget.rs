@@ -4,7 +4,7 @@
 //! the budget. Alone in its binary: the counting allocator sees every thread.
 
 use candle_core::Device;
-use latte::config::LatteConfig;
+use latte::config::{latte_architecture, LatteConfig};
 use latte::data::ClipShape;
 use latte::train::{DataSource, MemoryPlan, ModelSource, StepReport, TrainConfig, Trainer};
 use remat::meter::format_bytes;
@@ -16,18 +16,8 @@ remat::install_counting_allocator!();
 /// Activation-heavy: 8 frames of 16×16 pixels through 4+4 narrow blocks.
 fn config() -> LatteConfig {
     LatteConfig {
-        num_heads: 2,
-        head_dim: 8,
-        in_channels: 3,
-        out_channels: 6,
-        num_layers: 4,
-        attention_bias: true,
-        sample_size: 16,
-        patch_size: 2,
-        num_embeds_ada_norm: 1000,
-        norm_eps: 1e-6,
-        caption_channels: 8,
         video_length: 8,
+        ..latte_architecture(2, 8, 4, 8, 3, 16)
     }
 }
 

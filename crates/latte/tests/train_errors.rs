@@ -4,7 +4,7 @@
 //! directory, and a budget below the weights and optimizer state.
 
 use candle_core::{Device, Tensor};
-use latte::config::LatteConfig;
+use latte::config::{latte_architecture, LatteConfig};
 use latte::data::{epoch_order, ClipShape};
 use latte::train::{
     DataSource, MemoryPlan, ModelSource, TrainConfig, TrainError, Trainer, STATE_FILE,
@@ -15,18 +15,8 @@ use std::path::{Path, PathBuf};
 
 fn config() -> LatteConfig {
     LatteConfig {
-        num_heads: 2,
-        head_dim: 4,
-        in_channels: 3,
-        out_channels: 6,
-        num_layers: 1,
-        attention_bias: true,
-        sample_size: 8,
-        patch_size: 2,
-        num_embeds_ada_norm: 1000,
-        norm_eps: 1e-6,
-        caption_channels: 8,
         video_length: 2,
+        ..latte_architecture(2, 4, 1, 8, 3, 8)
     }
 }
 

@@ -2,7 +2,7 @@
 //! continues bitwise as if it had never stopped (CPU f32).
 
 use candle_core::Device;
-use latte::config::LatteConfig;
+use latte::config::{latte_architecture, LatteConfig};
 use latte::data::ClipShape;
 use latte::train::{
     DataSource, ModelSource, Precision, RunOutcome, StepReport, TrainConfig, Trainer, METRICS_FILE,
@@ -13,18 +13,8 @@ use std::path::PathBuf;
 /// A two-layer pixel-space model with learned variance: fast enough for debug builds.
 fn small_config() -> LatteConfig {
     LatteConfig {
-        num_heads: 2,
-        head_dim: 8,
-        in_channels: 3,
-        out_channels: 6,
-        num_layers: 2,
-        attention_bias: true,
-        sample_size: 8,
-        patch_size: 2,
-        num_embeds_ada_norm: 1000,
-        norm_eps: 1e-6,
-        caption_channels: 8,
         video_length: 4,
+        ..latte_architecture(2, 8, 2, 8, 3, 8)
     }
 }
 

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
-use latte::config::LatteConfig;
+use latte::config::{latte_architecture, LatteConfig};
 use latte::model::LatteInputs;
 use latte::random::{randn, rng_for};
 use std::collections::HashMap;
@@ -41,20 +41,7 @@ pub struct Workload {
 /// An 8-layer model (16 block stages and the tail) on 2 videos of 16 frames of 8×8
 /// latents: long enough for multi-level schedules, small enough for debug builds.
 pub fn eight_layer_video(head_dim: usize, caption_channels: usize, seed: u64) -> Workload {
-    let config = LatteConfig {
-        num_heads: 2,
-        head_dim,
-        in_channels: 4,
-        out_channels: 8,
-        num_layers: 8,
-        attention_bias: true,
-        sample_size: 8,
-        patch_size: 2,
-        num_embeds_ada_norm: 1000,
-        norm_eps: 1e-6,
-        caption_channels,
-        video_length: 16,
-    };
+    let config = latte_architecture(2, head_dim, 8, caption_channels, 4, 8);
     let mut rng = rng_for(seed, "eight-layer-video");
     let dev = Device::Cpu;
     let inputs = LatteInputs {
