@@ -1,5 +1,5 @@
 //! Writing files so that a failure never leaves a half-written output: write a temporary
-//! file beside the target, then rename it over the target.
+//! file beside the target, then rename it over the target. And reading JSON files.
 
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -12,6 +12,13 @@ fn temporary_path(path: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Reads and parses the JSON file at `path`; the error is the read's or the parse's
+/// message, for the caller to wrap with the file's name.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
 /// Writes `bytes` to `path` atomically.

@@ -64,8 +64,7 @@ fn read_json(path: &Path) -> Result<Map<String, Value>, PipelineError> {
         path: path.display().to_string(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    match serde_json::from_str(&text).map_err(|e| err(e.to_string()))? {
+    match crate::io::read_json(path).map_err(err)? {
         Value::Object(map) => Ok(map),
         _ => Err(err("expected a JSON object".into())),
     }

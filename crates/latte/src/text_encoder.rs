@@ -201,9 +201,7 @@ impl TextEncoder {
             path: config_path.display().to_string(),
             message,
         };
-        let text = std::fs::read_to_string(&config_path).map_err(|e| config_err(e.to_string()))?;
-        let config: T5ConfigFile =
-            serde_json::from_str(&text).map_err(|e| config_err(e.to_string()))?;
+        let config: T5ConfigFile = crate::io::read_json(&config_path).map_err(config_err)?;
         let (files, _) =
             crate::weights::weight_files(encoder_dir, T5_WEIGHTS_FILE, T5_WEIGHTS_INDEX_FILE)?;
         let tensors = crate::weights::map_files(&files)?;

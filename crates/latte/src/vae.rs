@@ -174,9 +174,7 @@ impl Vae {
             path: path.display().to_string(),
             message,
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| config_err(e.to_string()))?;
-        let config: VaeConfigFile =
-            serde_json::from_str(&text).map_err(|e| config_err(e.to_string()))?;
+        let config: VaeConfigFile = crate::io::read_json(&path).map_err(config_err)?;
         let resolved = config.resolve(&path)?;
         let (files, _) =
             crate::weights::weight_files(dir, VAE_WEIGHTS_FILE, VAE_WEIGHTS_INDEX_FILE)?;
