@@ -359,7 +359,8 @@ pub fn static_memory(
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatteCosts {
     /// Per scheduled stage (spatial and temporal blocks in order, the tail last); the
-    /// head's graph, context and context gradients are `reserved_bytes`.
+    /// head's graph (without its tokens, `a_0`), context and context gradients are
+    /// `reserved_bytes`.
     pub chain: ChainCosts,
     /// The work behind each stage's `fwd_s` and `bwd_s`.
     pub work: Vec<StageWork>,
@@ -1649,7 +1650,9 @@ mod replay {
             }
             let output_bytes = x.bytes();
             let context_grad_bytes: u64 = context_grads.iter().flatten().map(V::bytes).sum();
-            Ok((stages, work, output_bytes, head_bytes + context_grad_bytes))
+            // The head's tokens are `a_0`, which the schedule's simulation counts itself.
+            let head_graph_bytes = head_bytes - head.tokens.bytes();
+            Ok((stages, work, output_bytes, head_graph_bytes + context_grad_bytes))
         }
 
         /// `remat::profile`'s `measure_stage`.

@@ -45,28 +45,6 @@ pub struct ChainCosts {
     pub reserved_bytes: u64,
 }
 
-impl ChainCosts {
-    /// The costs the planner's dynamic program works with: every stage's parameter
-    /// gradients counted as reserved from the start. This is conservative by at most the
-    /// gradients of the stages not yet differentiated at the peak, and keeps the DP's
-    /// state small; the plan's prediction is then simulated with the exact costs.
-    pub fn for_planning(&self) -> ChainCosts {
-        let param_grad_bytes: u64 = self.stages.iter().map(|s| s.param_grad_bytes).sum();
-        ChainCosts {
-            stages: self
-                .stages
-                .iter()
-                .map(|s| StageCosts {
-                    param_grad_bytes: 0,
-                    ..s.clone()
-                })
-                .collect(),
-            output_bytes: self.output_bytes,
-            reserved_bytes: self.reserved_bytes.saturating_add(param_grad_bytes),
-        }
-    }
-}
-
 /// Why a [`ChainCosts`] cannot be planned for.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum CostsError {

@@ -29,15 +29,16 @@
 //! `P(u, r', t, m)`.
 //!
 //! # Recurrence
-//! With `g(t) = |a_{t+1}|` for `t < n-1` and `g(n-1) = 0` (gradient held
-//! before `B(t)`), sizes `a_i = |a_i|`, `G_i = graph_bytes`, `φ_i` and `β_i`
-//! the forward and backward transients:
+//! With sizes `a_i = |a_i|`, `G_i = graph_bytes`, `φ_i` and `β_i` the forward
+//! and backward transients, `W_i = Σ_{j ≥ i} w_j` the parameter gradients
+//! (`param_grad_bytes`) held once `B(i)` has run, and `g(t) = |a_{t+1}| +
+//! W_{t+1}` for `t < n-1`, `g(n-1) = 0` (gradients held before `B(t)`):
 //!
 //! ```text
 //! P(c, r, t, m) = min of
 //!   keep     (r = c):     fwd_c + bwd_c + P(c+1, c+1, t, m − a_c − G_c + a_{c+1})
 //!                         [Fe c … B c; a_{c+1} lives in graph c]
-//!                         if m ≥ a_c + max(g(t) + G_c + φ_c, a_{c+1} + G_c + a_c + β_c)
+//!                         if m ≥ a_c + max(g(t) + G_c + φ_c, a_{c+1} + G_c + a_c + β_c + W_c)
 //!   hold r'  (r < r' ≤ t): Q(c, r', t, m − a_c) + P(c, r, r'−1, m)
 //!   consume  (r > c):     Q(c, r, t, m)   [first op Fn c instead of CF c]
 //!                         if m ≥ g(t) + a_c + G_c + φ_c
@@ -46,7 +47,11 @@
 //!   go on (c+1 < r'):     Q(c+1, r', t, m)  if also m ≥ g(t) + max(a_{c+1} + G_{c+1} + φ_{c+1}, a_{c+2})
 //! ```
 //!
-//! (the `P(c+1, …)` of `keep` is `0` when `c = t`). The answer is
+//! (the `P(c+1, …)` of `keep` is `0` when `c = t`). Parameter gradients
+//! only grow, one stage's at each `B`, and every op of `P(·, ·, t, ·)` before
+//! its `B(t)` runs with `W_{t+1}` held, so they fit the recurrence as part of
+//! `g(t)` without a new state: the DP stays exact when parameters train.
+//! The answer is
 //! `P(0, 0, n-1, budget − reserved)`. Dropping `consume` gives back rotor's
 //! persistent recurrence. The same recursion with `max` in place of `+`
 //! gives the least peak ([`min_feasible_budget`]). Rows are filled for
@@ -143,20 +148,8 @@ pub fn plan(costs: &ChainCosts, budget_bytes: u64) -> Result<Plan, PlanError> {
     plan_with(costs, budget_bytes, &PlannerOptions::default())
 }
 
-/// [`plan`] with explicit options. The search runs on [`ChainCosts::for_planning`]; the
-/// returned prediction is simulated with the exact `costs`.
+/// [`plan`] with explicit options.
 pub fn plan_with(
-    costs: &ChainCosts,
-    budget_bytes: u64,
-    options: &PlannerOptions,
-) -> Result<Plan, PlanError> {
-    let planning = costs.for_planning();
-    let plan = plan_conservatively(&planning, budget_bytes, options)?;
-    simulated(plan.schedule, costs)
-}
-
-/// The planner proper, on costs whose parameter gradients are all reserved.
-fn plan_conservatively(
     costs: &ChainCosts,
     budget_bytes: u64,
     options: &PlannerOptions,
@@ -200,7 +193,6 @@ fn plan_conservatively(
 /// The smallest budget (reserved bytes included) for which [`plan`] finds a
 /// schedule. For a chain without stages: `reserved_bytes + output_bytes`.
 pub fn min_feasible_budget(costs: &ChainCosts) -> u64 {
-    let costs = &costs.for_planning();
     if costs.num_stages() == 0 {
         return costs.reserved_bytes.saturating_add(costs.output_bytes);
     }
@@ -351,12 +343,17 @@ impl Slots {
     /// `⌈available / max_slots⌉`. `None` if nothing is available.
     fn new(costs: &ChainCosts, budget_bytes: u64, max_slots: usize) -> Option<Self> {
         let available_bytes = budget_bytes.checked_sub(costs.reserved_bytes)?;
-        let sizes = costs.activation_bytes().into_iter().chain(
-            costs
-                .stages
-                .iter()
-                .flat_map(|s| [s.graph_bytes, s.fwd_tmp_bytes, s.bwd_tmp_bytes]),
-        );
+        let sizes = costs
+            .activation_bytes()
+            .into_iter()
+            .chain(costs.stages.iter().flat_map(|s| {
+                [
+                    s.graph_bytes,
+                    s.fwd_tmp_bytes,
+                    s.bwd_tmp_bytes,
+                    s.param_grad_bytes,
+                ]
+            }));
         let unit_bytes = sizes.fold(0, gcd).max(1);
         let max_slots = max_slots.max(1) as u64;
         let exact = available_bytes / unit_bytes <= max_slots;
@@ -421,6 +418,9 @@ struct Sizes {
     bwd_tmp: Vec<u64>,
     fwd_s: Vec<f64>,
     bwd_s: Vec<f64>,
+    /// `W_i = Σ_{j ≥ i} w_j` for `i` in `0..=n`: the parameter gradients held once
+    /// `B(i)` has run (`W_n = 0`).
+    param_grads_from: Vec<u64>,
 }
 
 impl Sizes {
@@ -429,6 +429,17 @@ impl Sizes {
         let per_stage = |field: fn(&crate::costs::StageCosts) -> u64| {
             costs.stages.iter().map(|s| slots(field(s))).collect()
         };
+        let mut param_grads_from: Vec<u64> = costs
+            .stages
+            .iter()
+            .rev()
+            .scan(0u64, |held, s| {
+                *held = held.saturating_add(s.param_grad_bytes);
+                Some(slots(*held))
+            })
+            .collect();
+        param_grads_from.reverse();
+        param_grads_from.push(0);
         Self {
             act: costs.activation_bytes().into_iter().map(slots).collect(),
             graph: per_stage(|s| s.graph_bytes),
@@ -436,6 +447,7 @@ impl Sizes {
             bwd_tmp: per_stage(|s| s.bwd_tmp_bytes),
             fwd_s: costs.stages.iter().map(|s| s.fwd_s).collect(),
             bwd_s: costs.stages.iter().map(|s| s.bwd_s).collect(),
+            param_grads_from,
         }
     }
 
@@ -443,21 +455,24 @@ impl Sizes {
         self.graph.len()
     }
 
-    /// `g(t)`: the gradient held before `B(t)`.
+    /// `g(t)`: the gradients held before `B(t)`, `δ_{t+1}` and `W_{t+1}`.
     fn grad_before_backward(&self, t: usize) -> u64 {
-        if t + 1 < self.num_stages() {
+        let delta = if t + 1 < self.num_stages() {
             self.act[t + 1]
         } else {
             0
-        }
+        };
+        delta.saturating_add(self.param_grads_from[t + 1])
     }
 
-    /// Peak of `B c`: `δ_{c+1}`, graph `c`, the new `δ_c` and transients.
+    /// Peak of `B c`: `δ_{c+1}`, graph `c`, the new `δ_c`, transients, and the
+    /// parameter gradients `W_c` (those of `B c` included).
     fn backward_peak(&self, c: usize) -> u64 {
         self.act[c + 1]
             .saturating_add(self.graph[c])
             .saturating_add(self.act[c])
             .saturating_add(self.bwd_tmp[c])
+            .saturating_add(self.param_grads_from[c])
     }
 
     /// Peak of `Fe c` within `[c, t]`, without `a_c`.
@@ -1104,11 +1119,12 @@ mod tests {
     /// A heterogeneous chain with small integer sizes. With `tape_holds_output`
     /// every graph is at least as large as its output (as on a real tape);
     /// otherwise graph sizes are arbitrary, exercising every term of the model.
-    fn random_chain(rng: &mut Rng, n: usize, tape_holds_output: bool) -> ChainCosts {
+    /// With `trains`, stages have parameter gradients (as in a training step).
+    fn random_chain(rng: &mut Rng, n: usize, tape_holds_output: bool, trains: bool) -> ChainCosts {
         let act: Vec<u64> = (0..=n).map(|_| rng.range(1, 8)).collect();
         let stages = (0..n)
             .map(|i| StageCosts {
-                param_grad_bytes: 0,
+                param_grad_bytes: if trains { rng.range(0, 6) } else { 0 },
                 fwd_s: 0.25 + rng.unit(),
                 bwd_s: 0.25 + 2.0 * rng.unit(),
                 input_bytes: act[i],
@@ -1258,7 +1274,7 @@ mod tests {
         let mut budgets_checked = 0;
         for index in 0..chains {
             let n = 1 + index % max_stages;
-            let costs = random_chain(&mut rng, n, index % 3 != 2);
+            let costs = random_chain(&mut rng, n, index % 3 != 2, index % 2 == 1);
             let min_bytes = min_feasible_budget(&costs);
             assert_eq!(
                 min_bytes,
@@ -1399,7 +1415,7 @@ mod tests {
         let mut rng = Rng(0x5DEE_CE66_D1CE_4E5B);
         for index in 0..40 {
             let n = 2 + index % 12;
-            let costs = random_chain(&mut rng, n, true);
+            let costs = random_chain(&mut rng, n, true, index % 2 == 1);
             for k in 1..=n {
                 let fixed = Schedule::every(n, k).simulate(&costs).unwrap();
                 let dp = general_plan(&costs, fixed.peak_bytes, &exact_options())

@@ -68,7 +68,9 @@ pub fn profile<M: ChainModel>(
     }
     let output_bytes = tensor_bytes(&x);
     let context_grad_bytes: u64 = context_grads.iter().flatten().map(tensor_bytes).sum();
-    let reserved_bytes = head_bytes + context_grad_bytes;
+    // The head's tokens are `a_0`, which the schedule's simulation counts itself.
+    let head_graph_bytes = head_bytes.saturating_sub(tensor_bytes(&head.tokens));
+    let reserved_bytes = head_graph_bytes + context_grad_bytes;
     Ok(ChainCosts::new(stages, output_bytes, reserved_bytes))
 }
 
