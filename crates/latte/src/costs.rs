@@ -1652,7 +1652,12 @@ mod replay {
             let context_grad_bytes: u64 = context_grads.iter().flatten().map(V::bytes).sum();
             // The head's tokens are `a_0`, which the schedule's simulation counts itself.
             let head_graph_bytes = head_bytes - head.tokens.bytes();
-            Ok((stages, work, output_bytes, head_graph_bytes + context_grad_bytes))
+            Ok((
+                stages,
+                work,
+                output_bytes,
+                head_graph_bytes + context_grad_bytes,
+            ))
         }
 
         /// `remat::profile`'s `measure_stage`.
