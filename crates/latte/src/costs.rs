@@ -14,7 +14,7 @@
 //! each backward rule reads): what a stage's graph keeps alive is what its backward reads —
 //! a matrix product's operands (only the one the other's gradient needs when one is a
 //! constant), `layer_norm`'s centred and normalised tensors (and small per-row
-//! statistics), the fused softmax's probabilities, the fused GELU's input, a product's
+//! statistics), the fused attention's `q`, `k` and `v`, the fused GELU's input, a product's
 //! factors —, besides the stage input (copied to a leaf) and output. The backward pass is replayed with the vendored candle's reverse-mode
 //! loop (`vendor/candle-core/src/backprop.rs`: node order, gradient accumulation without
 //! zero-filled accumulators, no gradients for constants, and gradients that hold on to
@@ -22,7 +22,7 @@
 //! stage's backward. The replay functions below mirror `nn/*.rs` and `model.rs` line by
 //! line; a change there must be mirrored here (`tests/costs_grid.rs` compares both).
 //!
-//! Two kernel sets exist: the CPU build uses latte-rs's fused softmax and GELU
+//! Two kernel sets exist: the CPU build uses latte-rs's fused attention and GELU
 //! ([`Kernels::Fused`]); other devices use candle's composed operations
 //! ([`Kernels::Composed`]), which keep more for the backward pass.
 //!
@@ -94,7 +94,8 @@ impl FromStr for Mode {
     }
 }
 
-/// Which implementation of softmax and GELU the model runs (see `nn/ops.rs`).
+/// Which implementation of attention and GELU the model runs (see `nn/fused_attention.rs`
+/// and `nn/ops.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kernels {
@@ -418,6 +419,7 @@ pub fn analytic_costs(
 /// with candle's allocation, view and autograd-retention rules.
 mod vt {
     use super::{CostsError, Kernels, Work};
+    use crate::nn::fused_attention::ThreadGroups;
     use candle_core::DType;
     use std::cell::Cell;
     use std::collections::{HashMap, HashSet};
@@ -500,6 +502,10 @@ mod vt {
             id
         }
 
+        fn count_matmul(&self, flops: f64) {
+            self.matmul_flops.set(self.matmul_flops.get() + flops);
+        }
+
         fn count_moved(&self, bytes: u64) {
             self.moved_bytes.set(self.moved_bytes.get() + bytes as f64);
         }
@@ -542,6 +548,8 @@ mod vt {
         Unary(V, Unary),
         ToDType(V),
         Fused(V, Fused),
+        /// `nn/fused_attention.rs`: `(q, k, v)`.
+        Attention(V, V, V),
     }
 
     /// Element-wise functions with a backward rule.
@@ -559,11 +567,47 @@ mod vt {
         NoBackward,
     }
 
-    /// latte-rs's fused kernels (`nn/ops.rs`).
+    /// latte-rs's fused element-wise kernels (`nn/ops.rs`).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub(super) enum Fused {
         Gelu,
-        Softmax,
+    }
+
+    /// The sizes of a fused attention call: `pairs` (batch, head) pairs of `s` queries
+    /// and `l` keys of width `d`.
+    struct AttentionShape {
+        pairs: usize,
+        s: usize,
+        l: usize,
+        d: usize,
+    }
+
+    impl AttentionShape {
+        fn of(q: &V, k: &V) -> Self {
+            let dims = q.dims();
+            Self {
+                pairs: dims[0] * dims[1],
+                s: dims[2],
+                l: k.dims()[2],
+                d: dims[3],
+            }
+        }
+
+        /// FLOPs of one `s × l × d` product for every pair.
+        fn product_flops(&self) -> f64 {
+            2.0 * (self.pairs * self.s * self.l * self.d) as f64
+        }
+
+        /// Bytes of every pair's f32 scores.
+        fn scores_bytes(&self) -> u64 {
+            (4 * self.pairs * self.s * self.l) as u64
+        }
+
+        /// `buffers` f32 `s × l` scratch buffers for each of the kernel's thread groups.
+        fn scratch_bytes(&self, buffers: usize) -> u64 {
+            let groups = ThreadGroups::for_pairs(self.pairs).groups;
+            (groups * buffers * 4 * self.s * self.l) as u64
+        }
     }
 
     /// A virtual tensor handle (candle's `Tensor`: cheap to clone).
@@ -880,9 +924,7 @@ mod vt {
             let mut dims = a[..rank - 2].to_vec();
             dims.extend([m, n]);
             let meter = self.meter();
-            meter
-                .matmul_flops
-                .set(meter.matmul_flops.get() + 2.0 * (batch * m * n * k) as f64);
+            meter.count_matmul(2.0 * (batch * m * n * k) as f64);
             let out = numel(&dims);
             meter.count_moved(bytes_of(&dims, self.dtype()) + self.bytes() + rhs.bytes());
             // The CPU backend has no bf16 kernel: both storages are widened to f32, multiplied
@@ -1059,6 +1101,90 @@ mod vt {
             )
         }
 
+        /// `nn/fused_attention.rs` forward on contiguous `q` `(b, h, s, d)`, `k` and `v`
+        /// `(b, h, l, d)`: half-precision operands widened to f32, the f32 output, one
+        /// `s × l` probability buffer per busy thread, and in half precision the narrowed
+        /// output (the f32 buffers then freed).
+        pub(super) fn fused_attention(q: &V, k: &V, v: &V) -> V {
+            let (q, k, v) = (q.contiguous(), k.contiguous(), v.contiguous());
+            let meter = q.meter().clone();
+            let shape = AttentionShape::of(&q, &k);
+            meter.count_matmul(2.0 * shape.product_flops());
+            meter.count_moved(q.bytes() + k.bytes() + v.bytes() + q.bytes());
+            meter.count_moved(2 * shape.scores_bytes());
+            let half = q.dtype() != DType::F32;
+            let widened = if half {
+                4 * (q.numel() + k.numel() + v.numel()) as u64
+            } else {
+                0
+            };
+            meter.alloc(widened);
+            let out_f32 = (4 * q.numel()) as u64;
+            meter.alloc(out_f32);
+            meter.alloc(shape.scratch_bytes(1));
+            meter.free(shape.scratch_bytes(1));
+            let op = (q.tracked() || k.tracked() || v.tracked())
+                .then(|| Op::Attention(q.clone(), k.clone(), v.clone()));
+            let storage = if half {
+                let narrowed = V::storage(&meter, q.numel(), q.dtype());
+                meter.free(out_f32);
+                narrowed
+            } else {
+                meter.free(out_f32);
+                V::storage(&meter, q.numel(), DType::F32)
+            };
+            meter.free(widened);
+            V::node(
+                &meter,
+                q.dims().to_vec(),
+                None,
+                q.dtype(),
+                storage,
+                op,
+                false,
+            )
+        }
+
+        /// The fused attention's `bwd`: the operands and the (contiguous) upstream
+        /// gradient widened in half precision, `dQ`, `dK`, `dV` in f32, two `s × l` buffers
+        /// per busy thread, then each gradient narrowed in half precision.
+        fn fused_attention_backward(q: &V, k: &V, v: &V, grad: &V) -> (V, V, V) {
+            let meter = q.meter().clone();
+            let shape = AttentionShape::of(q, k);
+            meter.count_matmul(5.0 * shape.product_flops());
+            meter.count_moved(2 * (q.bytes() + k.bytes() + v.bytes()) + grad.bytes());
+            meter.count_moved(4 * shape.scores_bytes());
+            let dtype = q.dtype();
+            let widened = if dtype == DType::F32 {
+                0
+            } else {
+                4 * (q.numel() + k.numel() + v.numel() + grad.numel()) as u64
+            };
+            meter.alloc(widened);
+            let f32_bytes = |t: &V| (4 * t.numel()) as u64;
+            for t in [q, k, v] {
+                meter.alloc(f32_bytes(t));
+            }
+            meter.alloc(shape.scratch_bytes(2));
+            meter.free(shape.scratch_bytes(2));
+            meter.free(widened);
+            let gradient = |t: &V| {
+                meter.free(f32_bytes(t));
+                V::zeros(&meter, t.dims(), dtype)
+            };
+            if dtype == DType::F32 {
+                // The f32 buffers become the gradients.
+                (gradient(q), gradient(k), gradient(v))
+            } else {
+                let narrowed = |t: &V| {
+                    let result = V::zeros(&meter, t.dims(), dtype);
+                    meter.free(f32_bytes(t));
+                    result
+                };
+                (narrowed(q), narrowed(k), narrowed(v))
+            }
+        }
+
         /// The backward kernel of a fused op (`apply_op2_no_bwd`): both operands widened to
         /// f32, the second becoming the result in f32.
         fn fused_backward(&self, grad: &V) -> V {
@@ -1171,6 +1297,7 @@ mod vt {
             | Op::Unary(a, _)
             | Op::ToDType(a)
             | Op::Fused(a, _) => vec![a],
+            Op::Attention(q, k, v) => vec![q, k, v],
         }
     }
 
@@ -1199,7 +1326,7 @@ mod vt {
                 Unary::Silu | Unary::NoBackward => (vec![true], true),
             },
             Op::Fused(_, Fused::Gelu) => (vec![true], false),
-            Op::Fused(_, Fused::Softmax) => (vec![false], true),
+            Op::Attention(..) => (vec![true, true, true], false),
         }
     }
 
@@ -1403,10 +1530,11 @@ mod vt {
                 let arg_grad = arg.fused_backward(&grad);
                 grads.accumulate(arg, &arg_grad);
             }
-            Op::Fused(arg, Fused::Softmax) => {
-                let grad = grad.contiguous();
-                let arg_grad = node.contiguous().fused_backward(&grad);
-                grads.accumulate(arg, &arg_grad);
+            Op::Attention(q, k, v) => {
+                let (dq, dk, dv) = V::fused_attention_backward(q, k, v, &grad.contiguous());
+                grads.accumulate(q, &dq);
+                grads.accumulate(k, &dk);
+                grads.accumulate(v, &dv);
             }
         }
         Ok(())
@@ -1754,31 +1882,17 @@ mod replay {
             }
         }
 
-        fn softmax_last_dim(&self, x: &V) -> V {
-            match self.kernels {
-                Kernels::Fused => x.contiguous().fused(Fused::Softmax),
-                Kernels::Composed => {
-                    let dtype = x.dtype();
-                    let x = x.to_dtype(DType::F32);
-                    let max = x.max_keepdim_last().detach();
-                    let exp = x.broadcast_sub(&max).unary(Unary::Exp);
-                    let last = exp.dims().len() - 1;
-                    let sum = exp.sum_keepdim(&[last]);
-                    exp.broadcast_div(&sum).to_dtype(dtype)
-                }
-            }
-        }
-
         // ---- nn/attention.rs ----
 
         fn attention(&self, a: &Attention, x: &V, context: Option<&V>) -> V {
             let context = context.unwrap_or(x);
-            let q = split_heads(a, &a.to_q.forward(x).affine(1.0));
+            let q = split_heads(a, &a.to_q.forward(x));
             let k = split_heads(a, &a.to_k.forward(context));
             let v = split_heads(a, &a.to_v.forward(context));
-            let scores = q.matmul(&k.t());
-            let weights = self.softmax_last_dim(&scores);
-            let heads = weights.matmul(&v);
+            let heads = match self.kernels {
+                Kernels::Fused => V::fused_attention(&q, &k, &v),
+                Kernels::Composed => composed_attention(&q, &k, &v),
+            };
             a.to_out.forward(&merge_heads(&heads))
         }
 
@@ -1960,6 +2074,19 @@ mod replay {
         x.reshape(&[b, s, a.heads, a.head_dim])
             .transpose(1, 2)
             .contiguous()
+    }
+
+    /// `attention::composed_attention`: the scaled scores, a softmax in f32, the product
+    /// with `v`.
+    fn composed_attention(q: &V, k: &V, v: &V) -> V {
+        let scores = q.affine(1.0).matmul(&k.t());
+        let dtype = scores.dtype();
+        let scores = scores.to_dtype(DType::F32);
+        let max = scores.max_keepdim_last().detach();
+        let exp = scores.broadcast_sub(&max).unary(Unary::Exp);
+        let last = exp.dims().len() - 1;
+        let sum = exp.sum_keepdim(&[last]);
+        exp.broadcast_div(&sum).to_dtype(dtype).matmul(v)
     }
 
     /// `Attention::merge_heads`: `(b, h, s, d) → (b, s, h·d)`.

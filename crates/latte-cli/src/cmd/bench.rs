@@ -80,6 +80,9 @@ struct Row {
     step_s_min: f64,
     peak_bytes: u64,
     predicted_peak_bytes: Option<u64>,
+    /// The planner's predicted extra time over a step without recomputation (0.1 = +10 %),
+    /// from the measured stage costs.
+    predicted_recompute: Option<f64>,
     repeats: usize,
 }
 
@@ -201,10 +204,15 @@ fn report(row: &Row, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(row)?);
     } else {
-        let predicted = row
-            .predicted_peak_bytes
-            .map(|b| format!(" (predicted {})", format_bytes(b)))
-            .unwrap_or_default();
+        let predicted = match (row.predicted_peak_bytes, row.predicted_recompute) {
+            (Some(bytes), Some(recompute)) => format!(
+                " (predicted {}, +{:.1} % time)",
+                format_bytes(bytes),
+                100.0 * recompute
+            ),
+            (Some(bytes), None) => format!(" (predicted {})", format_bytes(bytes)),
+            _ => String::new(),
+        };
         println!(
             "{:<18} median {:>8.3} s  min {:>8.3} s  peak {:>10}{predicted}",
             row.policy,
@@ -278,6 +286,11 @@ fn bench_policy(bench: &Bench<'_>, policy: &Policy, steps: Steps) -> Result<Row>
         }
     }
     times.sort_by(f64::total_cmp);
+    let predicted_recompute = plan.as_ref().and_then(|plan| {
+        let costs = plan.costs.as_ref()?;
+        let predicted = plan.schedule.simulate(costs).ok()?;
+        Some(predicted.time_s / costs.baseline_time_s() - 1.0)
+    });
     Ok(Row {
         mode,
         policy: match mode {
@@ -288,6 +301,7 @@ fn bench_policy(bench: &Bench<'_>, policy: &Policy, steps: Steps) -> Result<Row>
         step_s_min: times[0],
         peak_bytes,
         predicted_peak_bytes: plan.and_then(|p| p.predicted_peak_bytes),
+        predicted_recompute,
         repeats: steps.repeats,
     })
 }

@@ -1,12 +1,14 @@
 //! Multi-head scaled dot-product attention (diffusers `Attention` with `AttnProcessor2_0`):
 //! `softmax(q·kᵀ/√d)·v` per head, q/k/v and output projections with bias.
 //!
-//! Written with differentiable ops: candle's fused `sdpa` and `softmax_last_dim` record no
-//! backward; the softmax here is latte-rs's fused kernel with its own backward.
+//! On the CPU the attention proper is latte-rs's fused kernel with its own backward
+//! ([`super::fused_attention`]: no score-sized tensor is stored). Other devices use a
+//! composition of differentiable candle ops: candle's fused `sdpa` and `softmax_last_dim`
+//! record no backward.
 
+use super::fused_attention;
 use super::linear::Linear;
-use super::ops::softmax_last_dim;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// Keys `to_q`, `to_k`, `to_v`, `to_out.0`.
@@ -48,14 +50,14 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = self.split_heads(&(self.to_q.forward(x)? * scale)?)?;
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        // (b, h, s, d)·(b, h, d, l) → (b, h, s, l)
-        let scores = q.matmul(&k.t()?)?;
-        let weights = softmax_last_dim(&scores)?;
-        // (b, h, s, l)·(b, h, l, d) → (b, h, s, d)
-        let heads = weights.matmul(&v)?;
+        let heads = if q.device().is_cpu() {
+            fused_attention::attention(&q, &k, &v, scale)?
+        } else {
+            composed_attention(&q, &k, &v, scale)?
+        };
         self.to_out.forward(&self.merge_heads(&heads)?)
     }
 
@@ -72,4 +74,19 @@ impl Attention {
         let (b, h, s, d) = x.dims4()?;
         x.transpose(1, 2)?.reshape((b, s, h * d))
     }
+}
+
+/// `softmax(scale·q·kᵀ)·v` from differentiable candle ops, the softmax in f32:
+/// `q` `(b, h, s, d)`, `k` and `v` `(b, h, l, d)`.
+fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    // (b, h, s, d)·(b, h, d, l) → (b, h, s, l)
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    let dtype = scores.dtype();
+    let scores = scores.to_dtype(DType::F32)?;
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let exp = scores.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    let weights = exp.broadcast_div(&sum)?.to_dtype(dtype)?;
+    // (b, h, s, l)·(b, h, l, d) → (b, h, s, d)
+    weights.matmul(v)
 }

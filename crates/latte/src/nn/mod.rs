@@ -4,6 +4,7 @@ pub mod attention;
 pub mod block;
 pub mod embeddings;
 pub mod feed_forward;
+pub mod fused_attention;
 pub mod linear;
 pub mod norm;
 pub mod ops;

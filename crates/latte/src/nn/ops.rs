@@ -1,19 +1,15 @@
-//! Fused element-wise kernels with their own backward, for the two places where candle's
-//! composed formulations cost the most memory and time: the tanh-GELU of the MLP (its
-//! composed backward materialises a dozen activation-sized temporaries) and the attention
-//! softmax (the composed forward keeps four score-sized tensors alive for backward; the
-//! fused one only the probabilities). Each declares what its backward reads
-//! (`CustomOp1::bwd_reads`), so a stored graph keeps only that
-//! (`Tensor::release_unneeded_for_backward`): the GELU its input, the softmax its output.
+//! The fused tanh-GELU of the MLP, with its own backward: candle's composed GELU backward
+//! materialises a dozen activation-sized temporaries. It declares what its backward reads
+//! (`CustomOp1::bwd_reads`: the input), so a stored graph keeps only that
+//! (`Tensor::release_unneeded_for_backward`). The attention has its own fused kernel
+//! ([`super::fused_attention`]).
 //!
-//! The kernels run on CPU in f32 (half-precision inputs are widened per element). On other
-//! devices the functions fall back to differentiable compositions of candle ops.
+//! The kernel runs on CPU in f32 (half-precision inputs are widened per element). On other
+//! devices [`gelu_tanh`] falls back to candle's differentiable GELU.
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -31,20 +27,6 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(GeluTanh)
     } else {
         x.gelu()
-    }
-}
-
-/// Softmax over the last dimension (computed in f32, returned in `x`'s dtype).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(Softmax)
-    } else {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let max = x.max_keepdim(D::Minus1)?.detach();
-        let exp = x.broadcast_sub(&max)?.exp()?;
-        let sum = exp.sum_keepdim(D::Minus1)?;
-        exp.broadcast_div(&sum)?.to_dtype(dtype)
     }
 }
 
@@ -84,7 +66,7 @@ fn widened(storage: &CpuStorage, layout: &Layout) -> Result<Vec<f32>> {
 }
 
 /// f32 results narrowed back to `dtype`.
-fn narrowed(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+pub(super) fn narrowed(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(values),
         DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
@@ -157,84 +139,6 @@ impl CustomOp2 for GeluTanhBackward {
             .for_each(|(g, x)| {
                 for (g, &x) in g.iter_mut().zip(x) {
                     *g *= gelu_derivative(x);
-                }
-            });
-        Ok((narrowed(values, grad.dtype())?, grad_layout.shape().clone()))
-    }
-}
-
-/// Forward of [`softmax_last_dim`].
-struct Softmax;
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut values = widened(storage, layout)?;
-        values.par_chunks_mut(width).for_each(|row| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
-        });
-        Ok((narrowed(values, storage.dtype())?, layout.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.contiguous()?;
-        Ok(Some(
-            res.contiguous()?
-                .apply_op2_no_bwd(&grad, &SoftmaxBackward)?,
-        ))
-    }
-
-    /// The derivative is computed from the probabilities: a stored graph keeps the output
-    /// only, not the scores.
-    fn bwd_reads(&self) -> BackwardReads {
-        BackwardReads::RESULT
-    }
-}
-
-/// `y·(g − Σ g·y)` per row, from the probabilities `y` and the upstream gradient `g`.
-struct SoftmaxBackward;
-
-impl CustomOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        probs: &CpuStorage,
-        probs_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let width = probs_layout
-            .shape()
-            .dims()
-            .last()
-            .copied()
-            .unwrap_or(1)
-            .max(1);
-        let probs = widened(probs, probs_layout)?;
-        let mut values = widened(grad, grad_layout)?;
-        values
-            .par_chunks_mut(width)
-            .zip(probs.par_chunks(width))
-            .for_each(|(g, y)| {
-                let dot: f32 = g.iter().zip(y).map(|(g, y)| g * y).sum();
-                for (g, &y) in g.iter_mut().zip(y) {
-                    *g = y * (*g - dot);
                 }
             });
         Ok((narrowed(values, grad.dtype())?, grad_layout.shape().clone()))
@@ -323,30 +227,5 @@ mod tests {
                 "gelu'({x}) = {d}, not {derivative}"
             );
         }
-    }
-
-    #[test]
-    fn softmax_matches_the_composition_and_its_gradient() {
-        let x = input();
-        let weights = Tensor::arange(0f32, 96.0, &Device::Cpu)
-            .unwrap()
-            .reshape((4, 24))
-            .unwrap();
-        let fused = softmax_last_dim(x.as_tensor()).unwrap();
-        let composed = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-6);
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_composed = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(max_diff(g_fused.get(&x).unwrap(), g_composed.get(&x).unwrap()) < 1e-4);
     }
 }

@@ -1,0 +1,487 @@
+//! Fused scaled dot-product attention with its own backward, on the CPU:
+//! `O = softmax(s·Q·Kᵀ)·V` per (batch, head), computed one (batch, head) at a time so that
+//! the score matrix only ever exists as a per-thread scratch buffer.
+//!
+//! The composed formulation keeps the `(b, h, s, l)` probabilities for the backward pass
+//! (a score-sized tensor per attention, the largest thing a Latte block stores) and makes
+//! score-sized temporaries in both passes. Here a stored graph keeps `Q`, `K` and `V` only
+//! (what PyTorch's fused attention keeps, less its row statistics), and the backward pass
+//! recomputes the probabilities, as FlashAttention does:
+//!
+//! ```text
+//! P  = softmax(s·Q·Kᵀ)           dV = Pᵀ·dO
+//! dP = dO·Vᵀ                     dS = P ∘ (dP − rowsum(P ∘ dP))
+//! dQ = s·dS·K                    dK = s·dSᵀ·Q
+//! ```
+//!
+//! `rowsum(P ∘ dP)` equals `rowsum(dO ∘ O)`; computing it from `P` means the backward pass
+//! does not read `O`, so a stored graph need not keep the output either.
+//!
+//! Products run on the `gemm` crate (candle's CPU matmul kernel), one single-threaded call
+//! per (batch, head), runs of (batch, head) pairs spread over rayon's threads
+//! ([`ThreadGroups`]); every pair is computed the same way whatever the thread count, so
+//! results are deterministic. Half
+//! precision inputs are widened to f32 and the results narrowed back.
+
+use super::ops::narrowed;
+use candle_core::backend::BackendStorage;
+use candle_core::backprop::BackwardReads;
+use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::Once;
+
+/// `softmax(scale·q·kᵀ)·v` for `q`: `(b, h, s, d)`, `k` and `v`: `(b, h, l, d)`, on the CPU.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    allocate_packing_buffers();
+    let op = FusedAttention {
+        scale: scale as f32,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// gemm allocates a per-thread packing buffer (the size of the L2 cache) on a thread's first
+/// product. The kernel's pairs run on whichever rayon worker is free, so without this a
+/// worker's first product could fall in any measured step; allocating the buffer on every
+/// worker before the first attention keeps live-memory measurements deterministic.
+fn allocate_packing_buffers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        rayon::broadcast(|_| gemm_common::gemm::L2_SLAB.with(|_| ()));
+    });
+}
+
+/// The op; `scale` multiplies the scores.
+struct FusedAttention {
+    scale: f32,
+}
+
+/// Sizes of one call: `pairs` (batch, head) pairs of `s` queries and `l` keys of width `d`.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    pairs: usize,
+    s: usize,
+    l: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn new(q: &Shape, k: &Shape, v: &Shape) -> Result<Self> {
+        let (b, h, s, d) = q.dims4()?;
+        let (kb, kh, l, kd) = k.dims4()?;
+        if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+            candle_core::bail!(
+                "fused attention: q {:?}, k {:?} and v {:?} do not fit (expected (b, h, s, d), \
+                 (b, h, l, d), (b, h, l, d))",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        Ok(Self {
+            pairs: b * h,
+            s,
+            l,
+            d,
+        })
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::new(q_layout.shape(), k_layout.shape(), v_layout.shape())?;
+        let dtype = q.dtype();
+        let (q, k, v) = (
+            as_f32(q, q_layout)?,
+            as_f32(k, k_layout)?,
+            as_f32(v, v_layout)?,
+        );
+        let out = forward(&q, &k, &v, dims, self.scale);
+        Ok((narrowed(out, dtype)?, q_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_out = grad_out.contiguous()?;
+        let dims = Dims::new(q.shape(), k.shape(), v.shape())?;
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        let (g_storage, g_layout) = grad_out.storage_and_layout();
+        let (dq, dk, dv) = backward(
+            &as_f32(cpu(&q_storage)?, q_layout)?,
+            &as_f32(cpu(&k_storage)?, k_layout)?,
+            &as_f32(cpu(&v_storage)?, v_layout)?,
+            &as_f32(cpu(&g_storage)?, g_layout)?,
+            dims,
+            self.scale,
+        );
+        let dtype = q.dtype();
+        let device = q.device();
+        let tensor = |values: Vec<f32>, shape: &Shape| -> Result<Tensor> {
+            match dtype {
+                DType::F32 => Tensor::from_vec(values, shape, device),
+                DType::F16 => Tensor::from_vec(
+                    values.into_iter().map(f16::from_f32).collect::<Vec<_>>(),
+                    shape,
+                    device,
+                ),
+                DType::BF16 => Tensor::from_vec(
+                    values.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
+                    shape,
+                    device,
+                ),
+                other => candle_core::bail!("fused attention: unsupported dtype {other:?}"),
+            }
+        };
+        Ok((
+            Some(tensor(dq, q.shape())?),
+            Some(tensor(dk, k.shape())?),
+            Some(tensor(dv, v.shape())?),
+        ))
+    }
+
+    /// The backward pass recomputes the probabilities from `q` and `k` and reads `v`; it
+    /// never reads the output.
+    fn bwd_reads(&self) -> BackwardReads {
+        BackwardReads {
+            args: [true; 3],
+            res: false,
+        }
+    }
+}
+
+/// The CPU storage behind a tensor the op received.
+fn cpu(storage: &Storage) -> Result<&CpuStorage> {
+    match storage {
+        Storage::Cpu(storage) => Ok(storage),
+        _ => candle_core::bail!("fused attention runs on the CPU only"),
+    }
+}
+
+/// The contiguous elements of a storage as f32: borrowed when already f32, else widened.
+fn as_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<Cow<'a, [f32]>> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg("fused attention expects contiguous inputs".into()))?;
+    Ok(match storage {
+        CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
+        CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        other => candle_core::bail!("fused attention: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// How [`attention`] spreads `pairs` (batch, head) pairs over rayon's threads: `groups`
+/// runs of `per_group` consecutive pairs (the last may be shorter), each with its own
+/// scratch buffers, all allocated before the parallel loop (so the peak does not depend
+/// on how the threads are scheduled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadGroups {
+    /// Number of groups (one scratch set each).
+    pub groups: usize,
+    /// Pairs per group.
+    pub per_group: usize,
+}
+
+impl ThreadGroups {
+    /// The split for `pairs` pairs on the current rayon pool.
+    pub fn for_pairs(pairs: usize) -> Self {
+        let threads = rayon::current_num_threads().clamp(1, pairs.max(1));
+        let per_group = pairs.div_ceil(threads).max(1);
+        Self {
+            groups: pairs.div_ceil(per_group),
+            per_group,
+        }
+    }
+}
+
+/// `O` for every (batch, head) pair.
+fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
+    let Dims { pairs, s, l, d } = dims;
+    let mut out = vec![0f32; pairs * s * d];
+    if out.is_empty() {
+        return out;
+    }
+    let split = ThreadGroups::for_pairs(pairs);
+    let mut scratch: Vec<Vec<f32>> = (0..split.groups).map(|_| vec![0f32; s * l]).collect();
+    out.par_chunks_mut(split.per_group * s * d)
+        .zip(scratch.par_iter_mut())
+        .enumerate()
+        .for_each(|(group, (out, probs))| {
+            for (i, out) in out.chunks_mut(s * d).enumerate() {
+                let pair = group * split.per_group + i;
+                let q = Mat::row_major(&q[pair * s * d..][..s * d], s, d);
+                let k = Mat::row_major(&k[pair * l * d..][..l * d], l, d);
+                let v = Mat::row_major(&v[pair * l * d..][..l * d], l, d);
+                probabilities(probs, q, k, scale);
+                matmul(out, Mat::row_major(probs, s, l), v, 1.0);
+            }
+        });
+    out
+}
+
+/// `(dQ, dK, dV)` for every (batch, head) pair.
+fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    grad_out: &[f32],
+    dims: Dims,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims { pairs, s, l, d } = dims;
+    let mut dq = vec![0f32; pairs * s * d];
+    let mut dk = vec![0f32; pairs * l * d];
+    let mut dv = vec![0f32; pairs * l * d];
+    if dq.is_empty() || dk.is_empty() {
+        return (dq, dk, dv);
+    }
+    let split = ThreadGroups::for_pairs(pairs);
+    let mut scratch: Vec<(Vec<f32>, Vec<f32>)> = (0..split.groups)
+        .map(|_| (vec![0f32; s * l], vec![0f32; s * l]))
+        .collect();
+    let per = split.per_group;
+    dq.par_chunks_mut(per * s * d)
+        .zip(dk.par_chunks_mut(per * l * d))
+        .zip(dv.par_chunks_mut(per * l * d))
+        .zip(scratch.par_iter_mut())
+        .enumerate()
+        .for_each(|(group, (((dq, dk), dv), (probs, grad_scores)))| {
+            let outputs = dq
+                .chunks_mut(s * d)
+                .zip(dk.chunks_mut(l * d))
+                .zip(dv.chunks_mut(l * d));
+            for (i, ((dq, dk), dv)) in outputs.enumerate() {
+                let pair = group * per + i;
+                let q = Mat::row_major(&q[pair * s * d..][..s * d], s, d);
+                let k = Mat::row_major(&k[pair * l * d..][..l * d], l, d);
+                let v = Mat::row_major(&v[pair * l * d..][..l * d], l, d);
+                let grad_out = Mat::row_major(&grad_out[pair * s * d..][..s * d], s, d);
+                probabilities(probs, q, k, scale);
+                let p = Mat::row_major(probs, s, l);
+                matmul(dv, p.t(), grad_out, 1.0);
+                matmul(grad_scores, grad_out, v.t(), 1.0);
+                for (dp, p) in grad_scores.chunks_mut(l).zip(probs.chunks(l)) {
+                    let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
+                    for (dp, &p) in dp.iter_mut().zip(p) {
+                        *dp = p * (*dp - dot);
+                    }
+                }
+                let grad_scores = Mat::row_major(grad_scores, s, l);
+                matmul(dq, grad_scores, k, scale);
+                matmul(dk, grad_scores.t(), q, scale);
+            }
+        });
+    (dq, dk, dv)
+}
+
+/// `probs = softmax(scale·q·kᵀ)`, row by row (`s × l`, row-major).
+fn probabilities(probs: &mut [f32], q: Mat<'_>, k: Mat<'_>, scale: f32) {
+    matmul(probs, q, k.t(), scale);
+    for row in probs.chunks_mut(k.rows) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// A strided read-only f32 matrix.
+#[derive(Debug, Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// `rows × cols` stored row by row in `data`.
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose (a view).
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst = scale · a · b`, `dst` row-major `a.rows × b.cols`, on the calling thread.
+fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, scale: f32) {
+    assert_eq!(a.cols, b.rows, "fused attention: inner dimensions differ");
+    assert!(
+        a.in_bounds() && b.in_bounds(),
+        "fused attention: view out of bounds"
+    );
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(dst.len() >= m * n, "fused attention: destination too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the views lie inside their slices (checked above), `dst` holds `m × n`
+    // row-major elements, and no operand aliases `dst` (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// The composed reference: `softmax(scale·q·kᵀ)·v` with candle's differentiable ops.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let max = scores.max_keepdim(D::Minus1).unwrap().detach();
+        let exp = scores.broadcast_sub(&max).unwrap().exp().unwrap();
+        let sum = exp.sum_keepdim(D::Minus1).unwrap();
+        exp.broadcast_div(&sum).unwrap().matmul(v).unwrap()
+    }
+
+    fn var(dims: (usize, usize, usize, usize), seed: u64) -> Var {
+        let n = dims.0 * dims.1 * dims.2 * dims.3;
+        let values: Vec<f32> = (0..n as u64)
+            .map(|i| ((i * 2654435761 + seed * 97) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        Var::from_vec(values, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale
+    }
+
+    /// Output and the gradients of q, k and v against the composed ops, self-attention
+    /// (`s = l`) and cross-attention (`s ≠ l`). Both sides run in f32 with different
+    /// summation orders: agreement to a few f32 ulps of the largest value (1e-5).
+    #[test]
+    fn matches_the_composed_attention_and_its_gradients() {
+        for (s, l) in [(7, 7), (5, 3), (1, 9)] {
+            let q = var((2, 3, s, 4), 1);
+            let k = var((2, 3, l, 4), 2);
+            let v = var((2, 3, l, 4), 3);
+            let weights = var((2, 3, s, 4), 4);
+            let scale = 0.5;
+            let fused = attention(&q, &k, &v, scale).unwrap();
+            let reference = composed(&q, &k, &v, scale);
+            assert!(max_relative_diff(&fused, &reference) < 1e-5);
+            let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
+            let fused_grads = loss(&fused).backward().unwrap();
+            let reference_grads = loss(&reference).backward().unwrap();
+            for x in [&q, &k, &v] {
+                let (a, b) = (fused_grads.get(x).unwrap(), reference_grads.get(x).unwrap());
+                assert!(
+                    max_relative_diff(a, b) < 1e-5,
+                    "s {s}, l {l}: {}",
+                    max_relative_diff(a, b)
+                );
+            }
+        }
+    }
+
+    /// Half precision computes in f32 and rounds once: within bf16's rounding of the f32
+    /// result (2⁻⁸ relative).
+    #[test]
+    fn half_precision_rounds_the_f32_result() {
+        let (q, k, v) = (
+            var((1, 2, 6, 4), 5),
+            var((1, 2, 6, 4), 6),
+            var((1, 2, 6, 4), 7),
+        );
+        let f32_out = attention(&q, &k, &v, 0.5).unwrap();
+        let half = |t: &Var| t.as_tensor().to_dtype(DType::BF16).unwrap();
+        let bf16_out = attention(&half(&q), &half(&k), &half(&v), 0.5)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(bf16_out.dtype(), DType::F32);
+        // Inputs rounded to bf16 as well: a few bf16 ulps.
+        assert!(max_relative_diff(&bf16_out, &f32_out) < 4.0 / 256.0);
+    }
+
+    #[test]
+    fn rejects_mismatched_shapes() {
+        let q = var((1, 2, 3, 4), 1);
+        let k = var((1, 2, 5, 8), 2);
+        let err = attention(&q, &k, &k, 1.0).unwrap_err().to_string();
+        assert!(err.contains("do not fit"), "{err}");
+    }
+}
