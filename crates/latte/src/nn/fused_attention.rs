@@ -23,14 +23,13 @@
 //! results are deterministic. Half
 //! precision inputs are widened to f32 and the results narrowed back.
 
-use super::ops::narrowed;
+use super::ops::{narrowed, widened};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
-use candle_core::{CpuStorage, CustomOp3, DType, Error, Layout, Result, Shape, Storage, Tensor};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
-use half::{bf16, f16};
 use rayon::prelude::*;
-use std::borrow::Cow;
 use std::sync::Once;
 
 /// `softmax(scale·q·kᵀ)·v` for `q`: `(b, h, s, d)`, `k` and `v`: `(b, h, l, d)`, on the CPU.
@@ -107,9 +106,9 @@ impl CustomOp3 for FusedAttention {
         let dims = Dims::new(q_layout.shape(), k_layout.shape(), v_layout.shape())?;
         let dtype = q.dtype();
         let (q, k, v) = (
-            as_f32(q, q_layout)?,
-            as_f32(k, k_layout)?,
-            as_f32(v, v_layout)?,
+            widened(q, q_layout)?,
+            widened(k, k_layout)?,
+            widened(v, v_layout)?,
         );
         let out = forward(&q, &k, &v, dims, self.scale);
         Ok((narrowed(out, dtype)?, q_layout.shape().clone()))
@@ -130,30 +129,21 @@ impl CustomOp3 for FusedAttention {
         let (v_storage, v_layout) = v.storage_and_layout();
         let (g_storage, g_layout) = grad_out.storage_and_layout();
         let (dq, dk, dv) = backward(
-            &as_f32(cpu(&q_storage)?, q_layout)?,
-            &as_f32(cpu(&k_storage)?, k_layout)?,
-            &as_f32(cpu(&v_storage)?, v_layout)?,
-            &as_f32(cpu(&g_storage)?, g_layout)?,
+            &widened(cpu(&q_storage)?, q_layout)?,
+            &widened(cpu(&k_storage)?, k_layout)?,
+            &widened(cpu(&v_storage)?, v_layout)?,
+            &widened(cpu(&g_storage)?, g_layout)?,
             dims,
             self.scale,
         );
-        let dtype = q.dtype();
-        let device = q.device();
         let tensor = |values: Vec<f32>, shape: &Shape| -> Result<Tensor> {
-            match dtype {
-                DType::F32 => Tensor::from_vec(values, shape, device),
-                DType::F16 => Tensor::from_vec(
-                    values.into_iter().map(f16::from_f32).collect::<Vec<_>>(),
-                    shape,
-                    device,
-                ),
-                DType::BF16 => Tensor::from_vec(
-                    values.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
-                    shape,
-                    device,
-                ),
-                other => candle_core::bail!("fused attention: unsupported dtype {other:?}"),
-            }
+            let storage = Storage::Cpu(narrowed(values, q.dtype())?);
+            Ok(Tensor::from_storage(
+                storage,
+                shape,
+                BackpropOp::none(),
+                false,
+            ))
         };
         Ok((
             Some(tensor(dq, q.shape())?),
@@ -178,19 +168,6 @@ fn cpu(storage: &Storage) -> Result<&CpuStorage> {
         Storage::Cpu(storage) => Ok(storage),
         _ => candle_core::bail!("fused attention runs on the CPU only"),
     }
-}
-
-/// The contiguous elements of a storage as f32: borrowed when already f32, else widened.
-fn as_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<Cow<'a, [f32]>> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg("fused attention expects contiguous inputs".into()))?;
-    Ok(match storage {
-        CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
-        CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
-        CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
-        other => candle_core::bail!("fused attention: unsupported dtype {:?}", other.dtype()),
-    })
 }
 
 /// How [`attention`] spreads `pairs` (batch, head) pairs over rayon's threads: `groups`
@@ -398,7 +375,7 @@ fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, scale: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
+    use candle_core::{DType, Device, Var, D};
 
     /// The composed reference: `softmax(scale·q·kᵀ)·v` with candle's differentiable ops.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {

@@ -12,6 +12,7 @@ use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// √(2/π), the tanh-GELU's inner scale.
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -52,15 +53,15 @@ fn gelu_derivative(x: f32) -> f32 {
     s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
 }
 
-/// The contiguous elements of a storage, widened to f32.
-fn widened(storage: &CpuStorage, layout: &Layout) -> Result<Vec<f32>> {
+/// The contiguous elements of a storage as f32: borrowed when already f32, else widened.
+pub(super) fn widened<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<Cow<'a, [f32]>> {
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| Error::Msg("fused kernel expects a contiguous input".into()))?;
     Ok(match storage {
-        CpuStorage::F32(v) => v[start..end].to_vec(),
-        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
+        CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
         other => candle_core::bail!("fused kernel: unsupported dtype {:?}", other.dtype()),
     })
 }
@@ -81,7 +82,7 @@ fn map_elements(
     layout: &Layout,
     f: impl Fn(f32) -> f32 + Sync,
 ) -> Result<CpuStorage> {
-    let mut values = widened(storage, layout)?;
+    let mut values = widened(storage, layout)?.into_owned();
     values.par_chunks_mut(CHUNK).for_each(|chunk| {
         for v in chunk.iter_mut() {
             *v = f(*v);
@@ -131,8 +132,8 @@ impl CustomOp2 for GeluTanhBackward {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = widened(x, x_layout)?;
-        let mut values = widened(grad, grad_layout)?;
+        let x = widened(x, x_layout)?.into_owned();
+        let mut values = widened(grad, grad_layout)?.into_owned();
         values
             .par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
