@@ -1,5 +1,6 @@
 //! Analytic cost model of the Latte chain: what `remat::profile::profile` would measure
-//! for every scheduled stage (spatial blocks, temporal blocks, the tail) and for the head,
+//! for every scheduled stage (the attention and feed-forward halves of the spatial and
+//! temporal blocks, the tail) and for the head,
 //! computed from shapes and dtypes alone, without allocating a tensor.
 //!
 //! # How the bytes are derived
@@ -15,7 +16,7 @@
 //! a matrix product's operands (only the one the other's gradient needs when one is a
 //! constant), `layer_norm`'s centred and normalised tensors (and small per-row
 //! statistics), the fused attention's `q`, `k` and `v`, the fused GELU's input, a product's
-//! factors —, besides the stage input (copied to a leaf) and output. The backward pass is replayed with the vendored candle's reverse-mode
+//! factors —, besides the stage input (a leaf sharing its storage) and output. The backward pass is replayed with the vendored candle's reverse-mode
 //! loop (`vendor/candle-core/src/backprop.rs`: node order, gradient accumulation without
 //! zero-filled accumulators, no gradients for constants, and gradients that hold on to
 //! the graph nodes they were computed from), which gives the transient peak of every
@@ -359,7 +360,7 @@ pub fn static_memory(
 /// The analytic costs of one workload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatteCosts {
-    /// Per scheduled stage (spatial and temporal blocks in order, the tail last); the
+    /// Per scheduled stage (block halves in order, the tail last); the
     /// head's graph (without its tokens, `a_0`), context and context gradients are
     /// `reserved_bytes`.
     pub chain: ChainCosts,
@@ -408,8 +409,11 @@ pub fn analytic_costs(
             stage
         })
         .collect();
+    // Blocks begin at every attention half and at the tail (`LatteChain::starts_block`).
+    let block_starts = (0..=4 * config.num_layers).step_by(2).collect();
     Ok(LatteCosts {
-        chain: ChainCosts::new(stages, output_bytes, reserved_bytes),
+        chain: ChainCosts::new(stages, output_bytes, reserved_bytes)
+            .with_block_starts(block_starts),
         work,
         memory,
     })
@@ -897,17 +901,14 @@ mod vt {
             )
         }
 
-        /// `Var::from_tensor` of a non-variable: a copy made a leaf variable.
-        pub(super) fn make_var(&self) -> V {
-            let meter = self.meter().clone();
-            meter.count_moved(2 * self.bytes());
-            let storage = V::storage(&meter, self.numel(), self.dtype());
+        /// `remat::grads::leaf_var`: a leaf variable sharing the storage.
+        pub(super) fn leaf(&self) -> V {
             V::node(
-                &meter,
-                self.dims().to_vec(),
-                None,
+                self.meter(),
+                self.0.dims.clone(),
+                Some(self.0.strides.clone()),
                 self.dtype(),
-                storage,
+                self.0.storage.clone(),
                 None,
                 true,
             )
@@ -1235,6 +1236,19 @@ mod vt {
         /// Bytes of every gradient held.
         pub(super) fn total_bytes(&self) -> u64 {
             self.0.values().map(V::bytes).sum()
+        }
+
+        /// `remat::grads::merge_params`: adds `other`'s gradients into these (a new sum
+        /// where one is present: a parameter shared by several stages, such as a block's
+        /// modulation table, holds one gradient).
+        pub(super) fn merge(&mut self, other: &Grads) {
+            for (id, grad) in &other.0 {
+                let merged = match self.0.get(id) {
+                    Some(existing) => existing.add(grad),
+                    None => grad.clone(),
+                };
+                self.0.insert(*id, merged);
+            }
         }
 
         /// The patched `GradStore::accumulate`.
@@ -1605,7 +1619,7 @@ mod vt {
 
 /// The model code replayed on virtual tensors, mirroring `nn/*.rs` and `model.rs`.
 mod replay {
-    use super::vt::{backward, release_unneeded, Fused, Meter, Unary, V};
+    use super::vt::{backward, release_unneeded, Fused, Grads, Meter, Unary, V};
     use super::{CostsError, Kernels, Mode, StageWork};
     use crate::config::{InputGeometry, LatteConfig};
     use candle_core::DType;
@@ -1749,29 +1763,41 @@ mod replay {
             let head_bytes = self.meter.live() - head_start;
 
             let layers = self.config.num_layers;
-            let spatial = self.block(true);
-            let temporal = self.block(false);
+            // Weights of their own per layer, as gradients accumulate per parameter.
+            let blocks: Vec<[Block; 2]> = (0..layers)
+                .map(|_| [self.block(true), self.block(false)])
+                .collect();
             let d = self.config.hidden_size();
             let tail_table = self.param(&[2, d]);
             let p = self.config.patch_size;
             let proj_out = self.linear(d, p * p * self.config.out_channels, true);
 
+            // Each block runs as two stages, its attention and its feed-forward half, and
+            // blocks alternate spatial and temporal (`LatteChain`).
+            let halves = 4 * layers;
             let mut x = head.tokens.detach();
-            let mut stages = Vec::with_capacity(2 * layers + 1);
-            let mut work = Vec::with_capacity(2 * layers + 1);
+            let mut stages = Vec::with_capacity(halves + 1);
+            let mut work = Vec::with_capacity(halves + 1);
             let mut context_grads: Vec<Option<V>> = vec![None; head.context.len()];
-            for i in 0..=2 * layers {
+            let mut param_grads = Grads::default();
+            for i in 0..=halves {
+                let (block, attention_half) = (i / 2, i.is_multiple_of(2));
+                let (layer, temporal) = (block / 2, block % 2 == 1);
                 let run = |input: &V| -> V {
-                    if i == 2 * layers {
-                        self.tail(input, &head.context, &tail_table, &proj_out)
-                    } else if i % 2 == 0 {
-                        self.spatial_stage(&spatial, input, &head.context)
+                    if i == halves {
+                        return self.tail(input, &head.context, &tail_table, &proj_out);
+                    }
+                    let b = &blocks[layer][usize::from(temporal)];
+                    if !attention_half {
+                        self.feed_forward_half(b, input, &head.context[0])
+                    } else if !temporal {
+                        self.attention_half(b, input, &head.context[0], Some(&head.context[2]))
                     } else {
-                        self.temporal_stage(&temporal, i / 2, input, &head.context)
+                        self.temporal_attention(b, layer, input, &head.context)
                     }
                 };
                 let (costs, stage_work, next) =
-                    self.measure_stage(&x, run, &head, &mut context_grads)?;
+                    self.measure_stage(&x, run, &head, &mut context_grads, &mut param_grads)?;
                 stages.push(costs);
                 work.push(stage_work);
                 x = next;
@@ -1795,13 +1821,14 @@ mod replay {
             run: impl Fn(&V) -> V,
             head: &Head,
             context_grads: &mut [Option<V>],
+            param_grads: &mut Grads,
         ) -> Result<(StageCosts, StageWork, V), CostsError> {
             let meter = &self.meter;
             let input_bytes = x.bytes();
             meter.take_work();
             let before = meter.live();
             meter.reset_peak();
-            let input = x.detach().make_var();
+            let input = x.leaf();
             let output = run(&input);
             release_unneeded(&[&output]);
             let forward = meter.take_work();
@@ -1815,7 +1842,6 @@ mod replay {
             meter.reset_peak();
             let mut store = backward(&output, &grad_output)?;
             let backward_work = meter.take_work();
-            let peak = meter.peak();
             drop(output);
             let input_grad = store.remove(&input);
             for (leaf, (context, sum)) in head
@@ -1834,8 +1860,11 @@ mod replay {
                 }
             }
             // What is left are the parameters' gradients.
-            let param_grad_bytes = store.total_bytes();
+            let params_before = param_grads.total_bytes();
+            param_grads.merge(&store);
             drop(store);
+            let param_grad_bytes = param_grads.total_bytes() - params_before;
+            let peak = meter.peak();
             drop(input_grad);
             let bwd_tmp_bytes = peak.saturating_sub(before + input_bytes + param_grad_bytes);
             meter.take_work();
@@ -1898,33 +1927,40 @@ mod replay {
 
         // ---- nn/feed_forward.rs, nn/block.rs ----
 
-        fn block_forward(&self, b: &Block, h: &V, timestep: &V, captions: Option<&V>) -> V {
-            let (n, d) = (h.dims()[0], h.dims()[2]);
-            let modulation = timestep
-                .reshape(&[n, 6, d])
-                .broadcast_add(&b.table.unsqueeze(0));
-            let part = |i: usize| modulation.narrow(1, i, 1);
-            let (shift_msa, scale_msa, gate_msa) = (part(0), part(1), part(2));
-            let (shift_mlp, scale_mlp, gate_mlp) = (part(3), part(4), part(5));
-
+        fn attention_half(&self, b: &Block, h: &V, timestep: &V, captions: Option<&V>) -> V {
+            let [shift_msa, scale_msa, gate_msa] = self.modulation(b, timestep, 0);
             let x = self.modulate(&self.layer_norm(h), &shift_msa, &scale_msa);
             let h = h.add(&self.attention(&b.attn1, &x, None).broadcast_mul(&gate_msa));
-            let h = match (&b.attn2, captions) {
+            match (&b.attn2, captions) {
                 (Some(attn2), Some(captions)) => h.add(&self.attention(attn2, &h, Some(captions))),
                 _ => h,
-            };
-            let x = self.modulate(&self.layer_norm(&h), &shift_mlp, &scale_mlp);
+            }
+        }
+
+        fn feed_forward_half(&self, b: &Block, h: &V, timestep: &V) -> V {
+            let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(b, timestep, 3);
+            let x = self.modulate(&self.layer_norm(h), &shift_mlp, &scale_mlp);
             let ff = b.ff_out.forward(&self.gelu_tanh(&b.ff_in.forward(&x)));
             h.add(&ff.broadcast_mul(&gate_mlp))
         }
 
-        // ---- model.rs ----
-
-        fn spatial_stage(&self, b: &Block, x: &V, context: &[V]) -> V {
-            self.block_forward(b, x, &context[0], Some(&context[2]))
+        fn modulation(&self, b: &Block, timestep: &V, first: usize) -> [V; 3] {
+            let (n, d) = (timestep.dims()[0], timestep.dims()[1] / 6);
+            let table = b.table.narrow(0, first, 3).unsqueeze(0);
+            let rows = timestep
+                .reshape(&[n, 6, d])
+                .narrow(1, first, 3)
+                .broadcast_add(&table);
+            [
+                rows.narrow(1, 0, 1),
+                rows.narrow(1, 1, 1),
+                rows.narrow(1, 2, 1),
+            ]
         }
 
-        fn temporal_stage(&self, b: &Block, layer: usize, x: &V, context: &[V]) -> V {
+        // ---- model.rs ----
+
+        fn temporal_attention(&self, b: &Block, layer: usize, x: &V, context: &[V]) -> V {
             let batch = self.geometry.batch;
             let mut sequences = swap_sequence_axes(x, batch);
             if layer == 0 && self.geometry.frames > 1 {
@@ -1932,7 +1968,7 @@ mod replay {
                 let positions = self.constant_table(self.geometry.frames, d, x.dtype());
                 sequences = sequences.broadcast_add(&positions);
             }
-            let out = self.block_forward(b, &sequences, &context[1], None);
+            let out = self.attention_half(b, &sequences, &context[1], None);
             swap_sequence_axes(&out, batch)
         }
 
@@ -1980,12 +2016,8 @@ mod replay {
                 false,
             );
             let timestep = V::existing(&self.meter, &[g.batch], DType::I64, false);
-            let hidden = if wants[0] { hidden.make_var() } else { hidden };
-            let captions = if wants[2] {
-                captions.make_var()
-            } else {
-                captions
-            };
+            let hidden = if wants[0] { hidden.leaf() } else { hidden };
+            let captions = if wants[2] { captions.leaf() } else { captions };
 
             let d = c.hidden_size();
             let p = c.patch_size;
@@ -2049,13 +2081,7 @@ mod replay {
             let leaves: Vec<bool> = context.iter().map(V::tracked).collect();
             let stage_context: Vec<V> = context
                 .iter()
-                .map(|t| {
-                    if t.tracked() {
-                        t.detach().make_var()
-                    } else {
-                        t.clone()
-                    }
-                })
+                .map(|t| if t.tracked() { t.leaf() } else { t.clone() })
                 .collect();
             let mut kept = context;
             kept.extend([hidden, captions]);
@@ -2185,7 +2211,7 @@ mod tests {
             .unwrap()
         };
         let (one, two) = (costs(1), costs(2));
-        assert_eq!(one.chain.num_stages(), 2 * 28 + 1);
+        assert_eq!(one.chain.num_stages(), 4 * 28 + 1);
         // Stage inputs: b·f·n·d activations in bf16.
         assert_eq!(one.chain.stages[0].input_bytes, 16 * 32 * 32 * 1152 * 2);
         // Output: (b, 8, f, 64, 64) in bf16.

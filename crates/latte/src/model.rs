@@ -1,8 +1,9 @@
 //! `LatteTransformer3DModel` (diffusers `models/transformers/latte_transformer_3d.py`,
 //! diffusers 0.42.1) exposed as a chain for `remat`: a **head** (patch and position
 //! embedding, adaLN-single timestep embedding, caption projection), **stages** (spatial
-//! block i, then temporal block i, for every layer), and a **tail** (final modulation,
-//! norm, projection, unpatchify). The model never sees a checkpoint policy.
+//! block i, then temporal block i, for every layer; each block as two stages, its
+//! attention half and its feed-forward half), and a **tail** (final modulation, norm,
+//! projection, unpatchify). The model never sees a checkpoint policy.
 
 use crate::config::LatteConfig;
 use crate::nn::block::{BlockSpec, TransformerBlock};
@@ -266,17 +267,63 @@ fn swap_sequence_axes(x: &Tensor, batch: usize) -> Result<Tensor> {
         .reshape((batch * len, per_batch, d))
 }
 
+/// Which half of a transformer block a stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Half {
+    /// Self-attention, and cross-attention in spatial blocks.
+    Attention,
+    /// The modulated feed-forward network.
+    FeedForward,
+}
+
+/// What one stage of the chain computes.
+#[derive(Debug, Clone, Copy)]
+struct StagePart {
+    layer: usize,
+    temporal: bool,
+    half: Half,
+}
+
 impl LatteChain<'_> {
-    fn is_temporal_stage(&self, index: usize) -> bool {
-        self.temporal && index % 2 == 1
+    /// Stages run block by block, each block as its attention half then its feed-forward
+    /// half; blocks alternate spatial and temporal when temporal attention is on.
+    fn part(&self, index: usize) -> StagePart {
+        let block = index / 2;
+        let half = if index.is_multiple_of(2) {
+            Half::Attention
+        } else {
+            Half::FeedForward
+        };
+        let (layer, temporal) = if self.temporal {
+            (block / 2, block % 2 == 1)
+        } else {
+            (block, false)
+        };
+        StagePart {
+            layer,
+            temporal,
+            half,
+        }
     }
 
-    fn layer_of(&self, index: usize) -> usize {
-        if self.temporal {
-            index / 2
-        } else {
-            index
+    /// The temporal attention half: moves to `(b·n, f, d)`, adds the temporal position
+    /// embedding before the first temporal block, attends across frames, moves back.
+    fn temporal_attention(&self, layer: usize, x: &Tensor, ctx: &LatteContext) -> Result<Tensor> {
+        let geometry = ctx.geometry;
+        // (b·f, n, d) → (b·n, f, d)
+        let mut sequences = swap_sequence_axes(x, geometry.batch)?;
+        if layer == 0 && geometry.frames > 1 {
+            let d = self.model.config.hidden_size();
+            let positions = temporal_positions(d, geometry.frames, x.dtype(), x.device())?;
+            sequences = sequences.broadcast_add(&positions)?;
         }
+        let out = self.model.temporal_transformer_blocks[layer].attention_half(
+            &sequences,
+            &ctx.timestep_temporal,
+            None,
+        )?;
+        // (b·n, f, d) → (b·f, n, d)
+        swap_sequence_axes(&out, geometry.batch)
     }
 }
 
@@ -318,41 +365,33 @@ impl ChainModel for LatteChain<'_> {
 
     fn num_stages(&self) -> usize {
         let layers = self.model.config.num_layers;
-        if self.temporal {
-            2 * layers
-        } else {
-            layers
-        }
+        let blocks = if self.temporal { 2 * layers } else { layers };
+        2 * blocks
     }
 
-    /// Spatial stages attend within each frame over `(b·f, n, d)`; temporal stages move to
-    /// `(b·n, f, d)`, attend across frames, and move back.
+    /// Spatial attention attends within each frame over `(b·f, n, d)`; temporal attention
+    /// moves to `(b·n, f, d)`, attends across frames, and moves back. The feed-forward
+    /// halves are token-wise and stay in the frame-major layout, reading the per-frame
+    /// modulation (every row of a video carries the same values).
     fn stage_forward(&self, index: usize, x: &Tensor, ctx: &LatteContext) -> Result<Tensor> {
-        let layer = self.layer_of(index);
-        let geometry = ctx.geometry;
-        if !self.is_temporal_stage(index) {
-            let _span = tracing::trace_span!("spatial_block", layer).entered();
-            return self.model.transformer_blocks[layer].forward(
-                x,
-                &ctx.timestep_spatial,
-                Some(&ctx.captions),
-            );
+        let StagePart {
+            layer,
+            temporal,
+            half,
+        } = self.part(index);
+        let blocks = if temporal {
+            &self.model.temporal_transformer_blocks
+        } else {
+            &self.model.transformer_blocks
+        };
+        let _span = tracing::trace_span!("stage", layer, temporal, ?half).entered();
+        match (half, temporal) {
+            (Half::Attention, false) => {
+                blocks[layer].attention_half(x, &ctx.timestep_spatial, Some(&ctx.captions))
+            }
+            (Half::Attention, true) => self.temporal_attention(layer, x, ctx),
+            (Half::FeedForward, _) => blocks[layer].feed_forward_half(x, &ctx.timestep_spatial),
         }
-        let _span = tracing::trace_span!("temporal_block", layer).entered();
-        // (b·f, n, d) → (b·n, f, d)
-        let mut sequences = swap_sequence_axes(x, geometry.batch)?;
-        if layer == 0 && geometry.frames > 1 {
-            let d = self.model.config.hidden_size();
-            let positions = temporal_positions(d, geometry.frames, x.dtype(), x.device())?;
-            sequences = sequences.broadcast_add(&positions)?;
-        }
-        let out = self.model.temporal_transformer_blocks[layer].forward(
-            &sequences,
-            &ctx.timestep_temporal,
-            None,
-        )?;
-        // (b·n, f, d) → (b·f, n, d)
-        swap_sequence_axes(&out, geometry.batch)
     }
 
     /// Tokens `(b·f, n, d)` → `(b, out_channels, f, h, w)`.
@@ -382,12 +421,18 @@ impl ChainModel for LatteChain<'_> {
             .reshape((batch, c, frames, grid_h * p, grid_w * p))
     }
 
+    fn starts_block(&self, index: usize) -> bool {
+        self.part(index).half == Half::Attention
+    }
+
+    /// `spatial.3.attn`, `temporal.3.ff`, … (diffusers' module names).
     fn stage_name(&self, index: usize) -> String {
-        let kind = if self.is_temporal_stage(index) {
-            "temporal"
-        } else {
-            "spatial"
+        let part = self.part(index);
+        let kind = if part.temporal { "temporal" } else { "spatial" };
+        let half = match part.half {
+            Half::Attention => "attn",
+            Half::FeedForward => "ff",
         };
-        format!("{kind}.{}", self.layer_of(index))
+        format!("{kind}.{}.{half}", part.layer)
     }
 }

@@ -221,10 +221,15 @@ fn predicted_peaks_match_measured_peaks() {
         let costs = analytic(&cfg, &g, c.dtype, c.mode).chain;
         let n = scheduled_stages(&model.chain(true));
         assert_eq!(n, costs.num_stages());
+        let blocks = costs.block_starts();
         let (label, schedule, predicted) = match c.policy {
             Policy::None => ("none".to_string(), Schedule::store_all(n), None),
-            Policy::Every(k) => (format!("every:{k}"), Schedule::every(n, k), None),
-            Policy::Sqrt => ("sqrt".to_string(), Schedule::sqrt(n), None),
+            Policy::Every(k) => (
+                format!("every:{k}"),
+                Schedule::every_block(n, &blocks, k),
+                None,
+            ),
+            Policy::Sqrt => ("sqrt".to_string(), Schedule::sqrt_blocks(n, &blocks), None),
             Policy::Budget(fraction) => {
                 let low = min_budget(&costs);
                 let high = Schedule::store_all(n).simulate(&costs).unwrap().peak_bytes;

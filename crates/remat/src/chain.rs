@@ -33,6 +33,15 @@ pub trait ChainModel {
     /// The last stage's output → the model output.
     fn tail(&self, x: &Tensor, ctx: &Self::Context) -> Result<Tensor>;
 
+    /// Whether stage `index` begins one of the model's blocks: the units that the fixed
+    /// policies (`every:K`, `sqrt`) count and checkpoint. A model splits a block into
+    /// several stages so that the planner may keep one part's graph and recompute another.
+    /// Stage 0 always begins a block, and so does the tail. By default every stage does.
+    fn starts_block(&self, index: usize) -> bool {
+        let _ = index;
+        true
+    }
+
     /// A short name for reports (`spatial.3`).
     fn stage_name(&self, index: usize) -> String {
         format!("stage.{index}")

@@ -43,6 +43,10 @@ pub struct ChainCosts {
     pub output_bytes: u64,
     /// Bytes added to every instant of a schedule (held all along).
     pub reserved_bytes: u64,
+    /// The stages that begin a block of the model, ascending from 0 (see
+    /// [`ChainCosts::block_starts`]); empty when every stage is a block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<usize>,
 }
 
 /// Why a [`ChainCosts`] cannot be planned for.
@@ -61,6 +65,14 @@ pub enum CostsError {
         /// The offending value.
         value: f64,
     },
+    /// The block starts are not ascending stage indices beginning at 0.
+    #[error("block starts {starts:?} must ascend from stage 0 and stay below {stages} stages")]
+    BadBlocks {
+        /// The offending block starts.
+        starts: Vec<usize>,
+        /// Number of stages.
+        stages: usize,
+    },
 }
 
 impl ChainCosts {
@@ -70,6 +82,28 @@ impl ChainCosts {
             stages,
             output_bytes,
             reserved_bytes,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// The same costs for a model whose blocks span several stages: `starts` are the
+    /// stages that begin a block (see [`ChainCosts::block_starts`]).
+    pub fn with_block_starts(mut self, starts: Vec<usize>) -> Self {
+        let every_stage = starts.iter().copied().eq(0..self.stages.len());
+        self.blocks = if every_stage { Vec::new() } else { starts };
+        self
+    }
+
+    /// The stages that begin a block: the units that the fixed policies (`every:K`,
+    /// `sqrt`) count and checkpoint. A model may split each block into several stages so
+    /// that the planner can keep the graph of one part and recompute another; the fixed
+    /// policies still checkpoint whole blocks, as PyTorch's per-block checkpointing does.
+    /// Every stage when the model declared no blocks.
+    pub fn block_starts(&self) -> Vec<usize> {
+        if self.blocks.is_empty() {
+            (0..self.stages.len()).collect()
+        } else {
+            self.blocks.clone()
         }
     }
 
@@ -118,8 +152,8 @@ impl ChainCosts {
         self.forward_time_s() + self.backward_time_s()
     }
 
-    /// Checks that the chain is non-empty and that every time is a finite,
-    /// non-negative number.
+    /// Checks that the chain is non-empty, that every time is a finite, non-negative
+    /// number and that the block starts ascend from stage 0 within the chain.
     pub fn validate(&self) -> Result<(), CostsError> {
         if self.stages.is_empty() {
             return Err(CostsError::Empty);
@@ -134,6 +168,16 @@ impl ChainCosts {
                     });
                 }
             }
+        }
+        let n = self.stages.len();
+        let ascending = self.blocks.windows(2).all(|w| w[0] < w[1]);
+        let in_range = self.blocks.first().is_none_or(|&first| first == 0)
+            && self.blocks.last().is_none_or(|&last| last < n);
+        if !(ascending && in_range) {
+            return Err(CostsError::BadBlocks {
+                starts: self.blocks.clone(),
+                stages: n,
+            });
         }
         Ok(())
     }
@@ -185,5 +229,24 @@ mod tests {
         assert!(err.to_string().contains("stage 1: bwd_s"), "{err}");
         costs.stages[1].bwd_s = -1.0;
         assert!(costs.validate().is_err());
+    }
+
+    #[test]
+    fn block_starts_default_to_every_stage_and_are_validated() {
+        let stages = vec![stage(3, 1.0), stage(5, 0.5), stage(4, 0.5)];
+        let costs = ChainCosts::new(stages, 7, 0);
+        assert_eq!(costs.block_starts(), vec![0, 1, 2]);
+        let same = costs.clone().with_block_starts(vec![0, 1, 2]);
+        assert_eq!(same, costs, "every stage a block is the default");
+        let halves = costs.clone().with_block_starts(vec![0, 2]);
+        assert_eq!(halves.block_starts(), vec![0, 2]);
+        assert_eq!(halves.validate(), Ok(()));
+        for bad in [vec![1, 2], vec![0, 2, 1], vec![0, 3], vec![0, 0]] {
+            let err = costs.clone().with_block_starts(bad.clone()).validate();
+            assert!(
+                matches!(err, Err(CostsError::BadBlocks { .. })),
+                "{bad:?}: {err:?}"
+            );
+        }
     }
 }

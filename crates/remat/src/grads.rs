@@ -113,6 +113,15 @@ pub fn scheduled_stages<M: ChainModel>(model: &M) -> usize {
     model.num_stages() + 1
 }
 
+/// The scheduled stages that begin a block of `model` (see [`ChainModel::starts_block`]):
+/// stage 0, the stages the model marks, and the tail.
+pub fn block_starts<M: ChainModel>(model: &M) -> Vec<usize> {
+    let stages = model.num_stages();
+    (0..=stages)
+        .filter(|&i| i == 0 || i == stages || model.starts_block(i))
+        .collect()
+}
+
 /// Runs the forward pass of `model` under `schedule`: the ops before the first backward.
 ///
 /// The schedule covers [`scheduled_stages`] stages: the model's stages and, last, its tail
@@ -405,9 +414,10 @@ pub(crate) fn release_unneeded(roots: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// A leaf variable holding `x`'s values (no graph behind it).
+/// A leaf variable holding `x`'s values (no graph behind it), sharing `x`'s storage:
+/// a stored stage costs no copy of its input.
 pub(crate) fn leaf_var(x: &Tensor) -> Result<Var> {
-    Var::from_tensor(&x.detach())
+    Var::from_tensor(&x.detach_as_variable())
 }
 
 /// `x` as a leaf variable when `wanted`, else `x` unchanged.

@@ -180,8 +180,15 @@ pub fn plan_with(
     let mut candidates = vec![min_memory];
     candidates.extend(general_plan(costs, budget_bytes, options)?);
     candidates.extend(persistent_plan(costs, budget_bytes, options)?);
+    let block_starts = costs.block_starts();
     for k in 1..n {
         candidates.push(simulated(Schedule::every(n, k), costs)?);
+        if k < block_starts.len() && block_starts.len() < n {
+            candidates.push(simulated(
+                Schedule::every_block(n, &block_starts, k),
+                costs,
+            )?);
+        }
     }
     candidates
         .into_iter()
@@ -203,14 +210,14 @@ pub fn min_feasible_budget(costs: &ChainCosts) -> u64 {
 /// The schedule a policy asks for, with its simulation.
 pub fn schedule_for(policy: &Policy, costs: &ChainCosts) -> Result<Plan, PlanError> {
     costs.validate()?;
-    let n = costs.num_stages();
-    let schedule = match *policy {
-        Policy::None => Schedule::store_all(n),
-        Policy::Every(k) => Schedule::every(n, k),
-        Policy::Sqrt => Schedule::sqrt(n),
-        Policy::Budget(budget_bytes) => return plan(costs, budget_bytes),
-    };
-    simulated(schedule, costs)
+    match (
+        *policy,
+        policy.fixed_schedule(costs.num_stages(), &costs.block_starts()),
+    ) {
+        (_, Some(schedule)) => simulated(schedule, costs),
+        (Policy::Budget(budget_bytes), None) => plan(costs, budget_bytes),
+        (other, None) => Err(PlanError::Internal(format!("`{other}` has no schedule"))),
+    }
 }
 
 /// The exact DP's schedule (none when nothing fits at the slot granularity

@@ -9,6 +9,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::schedule::Schedule;
+
 /// A number of bytes. [`fmt::Display`] is for humans (`512.0 MiB`, one
 /// decimal, binary units); [`ByteSize::to_exact_string`] is exact and parses
 /// back; [`FromStr`] reads plain bytes or a decimal (`KB`, `MB`, `GB`, `TB`)
@@ -132,12 +134,26 @@ impl FromStr for ByteSize {
 pub enum Policy {
     /// `none`: keep every stage's graph (no recomputation).
     None,
-    /// `every:K`: checkpoint every K-th stage input (K ≥ 1).
+    /// `every:K`: checkpoint the input of every K-th block (K ≥ 1).
     Every(usize),
-    /// `sqrt`: `every:⌈√n⌉`.
+    /// `sqrt`: `every:⌈√blocks⌉`.
     Sqrt,
     /// `budget:SIZE`: the fastest schedule whose peak fits SIZE bytes.
     Budget(u64),
+}
+
+impl Policy {
+    /// The schedule of a fixed policy for a chain of `n` scheduled stages whose blocks
+    /// begin at `block_starts` (`every:K` and `sqrt` count blocks, not stages); `None`
+    /// for `budget:`, which needs the chain's costs and the planner.
+    pub fn fixed_schedule(&self, n: usize, block_starts: &[usize]) -> Option<Schedule> {
+        match *self {
+            Policy::None => Some(Schedule::store_all(n)),
+            Policy::Every(k) => Some(Schedule::every_block(n, block_starts, k)),
+            Policy::Sqrt => Some(Schedule::sqrt_blocks(n, block_starts)),
+            Policy::Budget(_) => None,
+        }
+    }
 }
 
 /// Why a text is not a policy.
@@ -150,7 +166,7 @@ pub enum ParsePolicyError {
     #[error("`{0}`: K in every:K must be a whole number ≥ 1")]
     BadEvery(String),
     /// `every:0`.
-    #[error("`every:0`: K must be ≥ 1 (every:1 checkpoints every stage)")]
+    #[error("`every:0`: K must be ≥ 1 (every:1 checkpoints every block)")]
     EveryZero,
     /// `budget:SIZE` with a bad size.
     #[error("`{text}`: bad budget: {source}")]

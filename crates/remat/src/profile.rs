@@ -71,7 +71,8 @@ pub fn profile<M: ChainModel>(
     // The head's tokens are `a_0`, which the schedule's simulation counts itself.
     let head_graph_bytes = head_bytes.saturating_sub(tensor_bytes(&head.tokens));
     let reserved_bytes = head_graph_bytes + context_grad_bytes;
-    Ok(ChainCosts::new(stages, output_bytes, reserved_bytes))
+    Ok(ChainCosts::new(stages, output_bytes, reserved_bytes)
+        .with_block_starts(grads::block_starts(model)))
 }
 
 /// Runs scheduled stage `i` forward with its graph and backward once, measuring its
@@ -185,13 +186,7 @@ pub fn resolve_policy<M: ChainModel>(
     meter: &dyn MemoryMeter,
 ) -> std::result::Result<ResolvedPlan, ResolveError> {
     let n = grads::scheduled_stages(model);
-    let fixed = match *policy {
-        Policy::None => Some(Schedule::store_all(n)),
-        Policy::Every(k) => Some(Schedule::every(n, k)),
-        Policy::Sqrt => Some(Schedule::sqrt(n)),
-        Policy::Budget(_) => None,
-    };
-    if let Some(schedule) = fixed {
+    if let Some(schedule) = policy.fixed_schedule(n, &grads::block_starts(model)) {
         return Ok(ResolvedPlan {
             schedule,
             predicted_peak_bytes: None,

@@ -534,7 +534,34 @@ impl Schedule {
     }
 
     /// Checkpoints `a_0, a_k, a_2k, …` (`k = 0` is taken as 1; `k ≥ n` is
-    /// [`Schedule::store_all`]).
+    /// [`Schedule::store_all`]): [`Schedule::segments`] of `k` stages each.
+    /// `every(n, 1)` checkpoints every stage input.
+    pub fn every(n: usize, k: usize) -> Self {
+        let starts: Vec<usize> = (0..n).step_by(k.max(1)).collect();
+        Self::segments(n, &starts)
+    }
+
+    /// [`Schedule::every`] with `k = ⌈√n⌉`.
+    pub fn sqrt(n: usize) -> Self {
+        Self::every(n, ceil_sqrt(n))
+    }
+
+    /// `every:K` over blocks: checkpoints the input of every `k`-th block (`k = 0` is
+    /// taken as 1), a block being the stages from one of `block_starts` to the next
+    /// (see [`ChainCosts::block_starts`]).
+    pub fn every_block(n: usize, block_starts: &[usize], k: usize) -> Self {
+        let starts: Vec<usize> = block_starts.iter().copied().step_by(k.max(1)).collect();
+        Self::segments(n, &starts)
+    }
+
+    /// `sqrt` over blocks: [`Schedule::every_block`] with `k = ⌈√blocks⌉`.
+    pub fn sqrt_blocks(n: usize, block_starts: &[usize]) -> Self {
+        Self::every_block(n, block_starts, ceil_sqrt(block_starts.len()))
+    }
+
+    /// Checkpoints the inputs of the segments that begin at stage 0 and at each of
+    /// `starts` (ascending; 0 and starts `≥ n` add nothing), each ending where the next
+    /// begins.
     ///
     /// Forward: every segment but the last runs `CF` on its first stage and
     /// `Fn` on the others, so only segment inputs stay kept. The last segment
@@ -543,32 +570,34 @@ impl Schedule {
     /// graphs, now next to `δ_n`, so doing it directly saves work without
     /// raising the peak. Each earlier segment, from last to first, is then
     /// recomputed with `Fe` from its kept input and back-propagated.
-    /// `every(n, 1)` checkpoints every stage input.
-    pub fn every(n: usize, k: usize) -> Self {
-        let k = k.max(1);
-        let starts: Vec<usize> = (0..n).step_by(k).collect();
+    pub fn segments(n: usize, starts: &[usize]) -> Self {
+        let bounds: Vec<usize> = std::iter::once(0)
+            .chain(
+                starts
+                    .iter()
+                    .copied()
+                    .filter(|&start| start > 0 && start < n),
+            )
+            .chain(std::iter::once(n))
+            .collect();
+        let segments: Vec<(usize, usize)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let mut ops = Vec::with_capacity(3 * n);
-        let Some((&last_start, earlier)) = starts.split_last() else {
+        let Some((&(last_start, _), earlier)) = segments.split_last() else {
             return Self::new(ops);
         };
-        for &start in earlier {
+        for &(start, end) in earlier {
             ops.push(Op::CheckpointForward(start));
-            ops.extend((start + 1..start + k).map(Op::Forward));
+            ops.extend((start + 1..end).map(Op::Forward));
         }
         let mut push_segment = |start: usize, end: usize| {
             ops.extend((start..end).map(Op::ForwardKeep));
             ops.extend((start..end).rev().map(Op::Backward));
         };
         push_segment(last_start, n);
-        for &start in earlier.iter().rev() {
-            push_segment(start, start + k);
+        for &(start, end) in earlier.iter().rev() {
+            push_segment(start, end);
         }
         Self::new(ops)
-    }
-
-    /// [`Schedule::every`] with `k = ⌈√n⌉`.
-    pub fn sqrt(n: usize) -> Self {
-        Self::every(n, ceil_sqrt(n))
     }
 }
 
@@ -778,6 +807,22 @@ mod tests {
         assert_eq!(Schedule::sqrt(10), Schedule::every(10, 4));
         assert_eq!(Schedule::sqrt(9), Schedule::every(9, 3));
         assert!(Schedule::every(0, 2).is_empty());
+        // Two blocks of two stages, then the tail as a block of its own.
+        let blocks = [0, 2, 4];
+        assert_eq!(Schedule::every_block(5, &blocks, 1), Schedule::every(5, 2));
+        assert_eq!(
+            Schedule::every_block(5, &blocks, 2).to_string(),
+            "CF0 Fn1 Fn2 Fn3 Fe4 B4 Fe0 Fe1 Fe2 Fe3 B3 B2 B1 B0"
+        );
+        assert_eq!(
+            Schedule::sqrt_blocks(5, &blocks),
+            Schedule::every_block(5, &blocks, 2)
+        );
+        assert_eq!(
+            Schedule::segments(6, &[0, 1, 4]).to_string(),
+            "CF0 CF1 Fn2 Fn3 Fe4 Fe5 B5 B4 Fe1 Fe2 Fe3 B3 B2 B1 Fe0 B0"
+        );
+        assert_eq!(Schedule::segments(4, &[]), Schedule::store_all(4));
         assert_eq!(
             (0..20).map(ceil_sqrt).collect::<Vec<_>>(),
             vec![0, 1, 2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5]

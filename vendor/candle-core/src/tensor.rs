@@ -2392,6 +2392,23 @@ impl Tensor {
         }
     }
 
+    /// A leaf variable sharing this tensor's storage (latte-rs patch 4): the same values
+    /// made a leaf for gradients without the copy that `Var::from_tensor` makes of a
+    /// non-variable. The values must not be written through it (`Var::set`): they are
+    /// this tensor's.
+    pub fn detach_as_variable(&self) -> Tensor {
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op: BackpropOp::none(),
+            is_variable: true,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Tensor(Arc::new(tensor_))
+    }
+
     /// If the target device is the same as the tensor device, only a shallow copy is performed.
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         if self.device().same_device(device) {

@@ -576,11 +576,12 @@ fn candidates_for(
             costs: evaluated.source,
         })
     };
+    let blocks = costs.block_starts();
     let mut rows = vec![
         make("none".into(), Schedule::store_all(n))?,
-        make("every:1".into(), Schedule::every(n, 1))?,
-        make("every:2".into(), Schedule::every(n, 2))?,
-        make("sqrt".into(), Schedule::sqrt(n))?,
+        make("every:1".into(), Schedule::every_block(n, &blocks, 1))?,
+        make("every:2".into(), Schedule::every_block(n, &blocks, 2))?,
+        make("sqrt".into(), Schedule::sqrt_blocks(n, &blocks))?,
     ];
     let activation_budget = budget_bytes.saturating_sub(outside);
     if let Ok(plan) = plan_within(costs, activation_budget) {

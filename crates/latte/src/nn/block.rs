@@ -7,6 +7,10 @@
 //! h += attn2(h, captions)                                 (spatial blocks only)
 //! h += gate₂ · ff(norm(h)·(1 + scale₂) + shift₂)
 //! ```
+//!
+//! The block runs as two halves, attention and feed-forward, which the model schedules as
+//! separate stages so that the checkpoint planner may keep one half's graph and recompute
+//! the other.
 
 use super::attention::Attention;
 use super::feed_forward::FeedForward;
@@ -66,35 +70,53 @@ impl TransformerBlock {
         })
     }
 
-    /// `h`: `(n, s, d)` token sequences; `timestep`: `(n, 6·d)` modulation, one row per
-    /// sequence; `captions`: `(n, l, d)`, required by spatial blocks.
-    pub fn forward(
+    /// The attention half: `h += gate₁ · attn1(norm(h)·(1 + scale₁) + shift₁)`, then the
+    /// cross-attention of spatial blocks. `h`: `(n, s, d)` token sequences; `timestep`:
+    /// `(n, 6·d)` modulation, one row per sequence; `captions`: `(n, l, d)`, required by
+    /// spatial blocks.
+    pub fn attention_half(
         &self,
         h: &Tensor,
         timestep: &Tensor,
         captions: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (n, _, d) = h.dims3()?;
-        // (6, d) + (n, 6, d) → six (n, 1, d) modulation vectors
-        let modulation = timestep
-            .reshape((n, 6, d))?
-            .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
-        let part = |i: usize| modulation.narrow(1, i, 1);
-        let (shift_msa, scale_msa, gate_msa) = (part(0)?, part(1)?, part(2)?);
-        let (shift_mlp, scale_mlp, gate_mlp) = (part(3)?, part(4)?, part(5)?);
-
+        let [shift_msa, scale_msa, gate_msa] = self.modulation(timestep, 0)?;
         let x = modulate(&layer_norm(h, self.norm_eps)?, &shift_msa, &scale_msa)?;
         let h = (h + self.attn1.forward(&x, None)?.broadcast_mul(&gate_msa)?)?;
-        let h = match &self.attn2 {
+        match &self.attn2 {
             Some(attn2) => {
                 let captions = captions.ok_or_else(|| {
                     candle_core::Error::Msg("a spatial block needs the caption tokens".into())
                 })?;
-                (&h + attn2.forward(&h, Some(captions))?)?
+                &h + attn2.forward(&h, Some(captions))?
             }
-            None => h,
-        };
-        let x = modulate(&layer_norm(&h, self.norm_eps)?, &shift_mlp, &scale_mlp)?;
+            None => Ok(h),
+        }
+    }
+
+    /// The feed-forward half: `h += gate₂ · ff(norm(h)·(1 + scale₂) + shift₂)`. Token-wise,
+    /// so any layout of the tokens into `(n, s, d)` sequences gives the same result, as
+    /// long as `timestep` has the `(n, 6·d)` modulation of each sequence's video.
+    pub fn feed_forward_half(&self, h: &Tensor, timestep: &Tensor) -> Result<Tensor> {
+        let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(timestep, 3)?;
+        let x = modulate(&layer_norm(h, self.norm_eps)?, &shift_mlp, &scale_mlp)?;
         h + self.ff.forward(&x)?.broadcast_mul(&gate_mlp)?
+    }
+
+    /// Rows `first..first + 3` of `scale_shift_table + t`: three `(n, 1, d)` vectors
+    /// (shift, scale, gate) from the `(n, 6·d)` modulation.
+    fn modulation(&self, timestep: &Tensor, first: usize) -> Result<[Tensor; 3]> {
+        let (n, six_d) = timestep.dims2()?;
+        let d = six_d / 6;
+        let table = self.scale_shift_table.narrow(0, first, 3)?.unsqueeze(0)?;
+        let rows = timestep
+            .reshape((n, 6, d))?
+            .narrow(1, first, 3)?
+            .broadcast_add(&table)?;
+        Ok([
+            rows.narrow(1, 0, 1)?,
+            rows.narrow(1, 1, 1)?,
+            rows.narrow(1, 2, 1)?,
+        ])
     }
 }
