@@ -554,6 +554,8 @@ mod vt {
         Fused(V, Fused),
         /// `nn/fused_attention.rs`: `(q, k, v)`.
         Attention(V, V, V),
+        /// `nn/fused_norm.rs`: `(x, shift, scale)`.
+        ModulatedNorm(V, V, V),
     }
 
     /// Element-wise functions with a backward rule.
@@ -1186,6 +1188,86 @@ mod vt {
             }
         }
 
+        /// `nn/fused_norm.rs` forward on contiguous `x` `(n, s, d)`, `shift` and `scale`
+        /// `(n, 1, d)`: half-precision operands widened to f32, the f32 output, and in half
+        /// precision the narrowed output (the f32 buffers then freed).
+        pub(super) fn modulated_norm(x: &V, shift: &V, scale: &V) -> V {
+            let (x, shift, scale) = (x.contiguous(), shift.contiguous(), scale.contiguous());
+            let meter = x.meter().clone();
+            meter.count_moved(2 * x.bytes() + 4 * x.numel() as u64);
+            let half = x.dtype() != DType::F32;
+            let widened = if half {
+                4 * (x.numel() + shift.numel() + scale.numel()) as u64
+            } else {
+                0
+            };
+            meter.alloc(widened);
+            let out_f32 = (4 * x.numel()) as u64;
+            meter.alloc(out_f32);
+            let op = (x.tracked() || shift.tracked() || scale.tracked())
+                .then(|| Op::ModulatedNorm(x.clone(), shift.clone(), scale.clone()));
+            let storage = if half {
+                let narrowed = V::storage(&meter, x.numel(), x.dtype());
+                meter.free(out_f32);
+                narrowed
+            } else {
+                meter.free(out_f32);
+                V::storage(&meter, x.numel(), DType::F32)
+            };
+            meter.free(widened);
+            V::node(
+                &meter,
+                x.dims().to_vec(),
+                None,
+                x.dtype(),
+                storage,
+                op,
+                false,
+            )
+        }
+
+        /// The modulated norm's `bwd`: `x`, `scale` and the upstream gradient widened in
+        /// half precision, `dx` and the wanted modulation gradients (those of tracked
+        /// operands) in f32, the widened copies freed, then each gradient narrowed in half
+        /// precision.
+        fn modulated_norm_backward(
+            x: &V,
+            shift: &V,
+            scale: &V,
+            grad: &V,
+        ) -> (V, Option<V>, Option<V>) {
+            let meter = x.meter().clone();
+            meter.count_moved(3 * x.bytes() + grad.bytes());
+            let dtype = x.dtype();
+            let widened = if dtype == DType::F32 {
+                0
+            } else {
+                4 * (x.numel() + scale.numel() + grad.numel()) as u64
+            };
+            meter.alloc(widened);
+            let f32_bytes = |t: &V| (4 * t.numel()) as u64;
+            meter.alloc(f32_bytes(x));
+            for t in [shift, scale].into_iter().filter(|t| t.tracked()) {
+                meter.alloc(f32_bytes(t));
+            }
+            meter.free(widened);
+            let gradient = |t: &V| {
+                if dtype == DType::F32 {
+                    // The f32 buffer becomes the gradient.
+                    meter.free(f32_bytes(t));
+                    V::zeros(&meter, t.dims(), dtype)
+                } else {
+                    let result = V::zeros(&meter, t.dims(), dtype);
+                    meter.free(f32_bytes(t));
+                    result
+                }
+            };
+            let dx = gradient(x);
+            let d_shift = shift.tracked().then(|| gradient(shift));
+            let d_scale = scale.tracked().then(|| gradient(scale));
+            (dx, d_shift, d_scale)
+        }
+
         /// The backward kernel of a fused op (`apply_op2_no_bwd`): both operands widened to
         /// f32, the second becoming the result in f32.
         fn fused_backward(&self, grad: &V) -> V {
@@ -1311,7 +1393,7 @@ mod vt {
             | Op::Unary(a, _)
             | Op::ToDType(a)
             | Op::Fused(a, _) => vec![a],
-            Op::Attention(q, k, v) => vec![q, k, v],
+            Op::Attention(q, k, v) | Op::ModulatedNorm(q, k, v) => vec![q, k, v],
         }
     }
 
@@ -1341,6 +1423,7 @@ mod vt {
             },
             Op::Fused(_, Fused::Gelu) => (vec![true], false),
             Op::Attention(..) => (vec![true, true, true], false),
+            Op::ModulatedNorm(..) => (vec![true, false, true], false),
         }
     }
 
@@ -1549,6 +1632,16 @@ mod vt {
                 grads.accumulate(q, &dq);
                 grads.accumulate(k, &dk);
                 grads.accumulate(v, &dv);
+            }
+            Op::ModulatedNorm(x, shift, scale) => {
+                let (dx, d_shift, d_scale) =
+                    V::modulated_norm_backward(x, shift, scale, &grad.contiguous());
+                grads.accumulate(x, &dx);
+                for (t, g) in [(shift, d_shift), (scale, d_scale)] {
+                    if let Some(g) = g {
+                        grads.accumulate(t, &g);
+                    }
+                }
             }
         }
         Ok(())
@@ -1902,6 +1995,13 @@ mod replay {
             x.broadcast_mul(&scale.affine(1.0)).broadcast_add(shift)
         }
 
+        fn modulated_layer_norm(&self, x: &V, shift: &V, scale: &V) -> V {
+            match self.kernels {
+                Kernels::Fused => V::modulated_norm(x, shift, scale),
+                Kernels::Composed => self.modulate(&self.layer_norm(x), shift, scale),
+            }
+        }
+
         // ---- nn/ops.rs ----
 
         fn gelu_tanh(&self, x: &V) -> V {
@@ -1929,7 +2029,7 @@ mod replay {
 
         fn attention_half(&self, b: &Block, h: &V, timestep: &V, captions: Option<&V>) -> V {
             let [shift_msa, scale_msa, gate_msa] = self.modulation(b, timestep, 0);
-            let x = self.modulate(&self.layer_norm(h), &shift_msa, &scale_msa);
+            let x = self.modulated_layer_norm(h, &shift_msa, &scale_msa);
             let h = h.add(&self.attention(&b.attn1, &x, None).broadcast_mul(&gate_msa));
             match (&b.attn2, captions) {
                 (Some(attn2), Some(captions)) => h.add(&self.attention(attn2, &h, Some(captions))),
@@ -1939,7 +2039,7 @@ mod replay {
 
         fn feed_forward_half(&self, b: &Block, h: &V, timestep: &V) -> V {
             let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(b, timestep, 3);
-            let x = self.modulate(&self.layer_norm(h), &shift_mlp, &scale_mlp);
+            let x = self.modulated_layer_norm(h, &shift_mlp, &scale_mlp);
             let ff = b.ff_out.forward(&self.gelu_tanh(&b.ff_in.forward(&x)));
             h.add(&ff.broadcast_mul(&gate_mlp))
         }
@@ -1980,7 +2080,7 @@ mod replay {
                 .reshape(&[rows, 1, d])
                 .broadcast_add(&table.unsqueeze(0));
             let (shift, scale) = (modulation.narrow(1, 0, 1), modulation.narrow(1, 1, 1));
-            let x = self.modulate(&self.layer_norm(x), &shift, &scale);
+            let x = self.modulated_layer_norm(x, &shift, &scale);
             let patches = proj_out.forward(&x);
             let (p, oc) = (c.patch_size, c.out_channels);
             let (gh, gw) = (g.height / p, g.width / p);

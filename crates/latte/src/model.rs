@@ -11,7 +11,7 @@ use crate::nn::embeddings::{
     temporal_positions, AdaLayerNormSingle, CaptionProjection, PatchEmbed,
 };
 use crate::nn::linear::Linear;
-use crate::nn::norm::{layer_norm, modulate};
+use crate::nn::norm::modulated_layer_norm;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use remat::chain::{ChainModel, StageContext};
@@ -411,7 +411,7 @@ impl ChainModel for LatteChain<'_> {
             .reshape((rows, 1, d))?
             .broadcast_add(&model.scale_shift_table.unsqueeze(0)?)?;
         let (shift, scale) = (modulation.narrow(1, 0, 1)?, modulation.narrow(1, 1, 1)?);
-        let x = modulate(&layer_norm(x, OUTPUT_NORM_EPS)?, &shift, &scale)?;
+        let x = modulated_layer_norm(x, &shift, &scale, OUTPUT_NORM_EPS)?;
         let patches = model.proj_out.forward(&x)?;
         let (p, c) = (cfg.patch_size, cfg.out_channels);
         // (b·f, gh·gw, p·p·c) → (b, f, gh, gw, p, p, c) → (b, c, f, gh, p, gw, p)

@@ -14,7 +14,7 @@
 
 use super::attention::Attention;
 use super::feed_forward::FeedForward;
-use super::norm::{layer_norm, modulate};
+use super::norm::modulated_layer_norm;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -81,7 +81,7 @@ impl TransformerBlock {
         captions: Option<&Tensor>,
     ) -> Result<Tensor> {
         let [shift_msa, scale_msa, gate_msa] = self.modulation(timestep, 0)?;
-        let x = modulate(&layer_norm(h, self.norm_eps)?, &shift_msa, &scale_msa)?;
+        let x = modulated_layer_norm(h, &shift_msa, &scale_msa, self.norm_eps)?;
         let h = (h + self.attn1.forward(&x, None)?.broadcast_mul(&gate_msa)?)?;
         match &self.attn2 {
             Some(attn2) => {
@@ -99,7 +99,7 @@ impl TransformerBlock {
     /// long as `timestep` has the `(n, 6·d)` modulation of each sequence's video.
     pub fn feed_forward_half(&self, h: &Tensor, timestep: &Tensor) -> Result<Tensor> {
         let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(timestep, 3)?;
-        let x = modulate(&layer_norm(h, self.norm_eps)?, &shift_mlp, &scale_mlp)?;
+        let x = modulated_layer_norm(h, &shift_mlp, &scale_mlp, self.norm_eps)?;
         h + self.ff.forward(&x)?.broadcast_mul(&gate_mlp)?
     }
 

@@ -23,11 +23,10 @@
 //! results are deterministic. Half
 //! precision inputs are widened to f32 and the results narrowed back.
 
-use super::ops::{narrowed, widened};
+use super::ops::{cpu, narrowed, tensor_from_f32, widened};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::sync::Once;
@@ -136,15 +135,7 @@ impl CustomOp3 for FusedAttention {
             dims,
             self.scale,
         );
-        let tensor = |values: Vec<f32>, shape: &Shape| -> Result<Tensor> {
-            let storage = Storage::Cpu(narrowed(values, q.dtype())?);
-            Ok(Tensor::from_storage(
-                storage,
-                shape,
-                BackpropOp::none(),
-                false,
-            ))
-        };
+        let tensor = |values, shape| tensor_from_f32(values, q.dtype(), shape);
         Ok((
             Some(tensor(dq, q.shape())?),
             Some(tensor(dk, k.shape())?),
@@ -159,14 +150,6 @@ impl CustomOp3 for FusedAttention {
             args: [true; 3],
             res: false,
         }
-    }
-}
-
-/// The CPU storage behind a tensor the op received.
-fn cpu(storage: &Storage) -> Result<&CpuStorage> {
-    match storage {
-        Storage::Cpu(storage) => Ok(storage),
-        _ => candle_core::bail!("fused attention runs on the CPU only"),
     }
 }
 

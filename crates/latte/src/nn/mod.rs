@@ -5,6 +5,7 @@ pub mod block;
 pub mod embeddings;
 pub mod feed_forward;
 pub mod fused_attention;
+pub mod fused_norm;
 pub mod linear;
 pub mod norm;
 pub mod ops;

@@ -1,8 +1,25 @@
 //! Layer normalisation without affine parameters, and the adaLN modulation that replaces
-//! them in Latte, written with differentiable primitives (candle's fused `layer_norm`
-//! records no backward).
+//! them in Latte: one fused op with its own backward on the CPU
+//! ([`super::fused_norm`]), differentiable primitives elsewhere (candle's fused
+//! `layer_norm` records no backward).
 
+use super::fused_norm;
 use candle_core::{DType, Result, Tensor, D};
+
+/// adaLN: `layer_norm(x)·(1 + scale) + shift` for `x`: `(n, s, d)` and `shift`, `scale`:
+/// `(n, 1, d)` (one row per sequence, broadcast over its tokens).
+pub fn modulated_layer_norm(
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        fused_norm::modulated_layer_norm(x, shift, scale, eps)
+    } else {
+        modulate(&layer_norm(x, eps)?, shift, scale)
+    }
+}
 
 /// `LayerNorm(elementwise_affine=False)` over the last dimension, computed in f32 for
 /// half-precision inputs (as PyTorch's kernels accumulate) and returned in `x`'s dtype.

@@ -9,7 +9,10 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor};
+use candle_core::op::BackpropOp;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Storage, Tensor,
+};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -74,6 +77,25 @@ pub(super) fn narrowed(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
         DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
         other => candle_core::bail!("fused kernel: unsupported dtype {other:?}"),
     })
+}
+
+/// f32 results as a constant tensor of `dtype` and `shape` (a custom op's gradient).
+pub(super) fn tensor_from_f32(values: Vec<f32>, dtype: DType, shape: &Shape) -> Result<Tensor> {
+    let storage = Storage::Cpu(narrowed(values, dtype)?);
+    Ok(Tensor::from_storage(
+        storage,
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// The CPU storage behind a tensor a fused op received.
+pub(super) fn cpu(storage: &Storage) -> Result<&CpuStorage> {
+    match storage {
+        Storage::Cpu(storage) => Ok(storage),
+        _ => candle_core::bail!("the fused kernels run on the CPU only"),
+    }
 }
 
 /// Applies `f` element-wise in parallel to an f32/f16/bf16 storage.
