@@ -11,10 +11,11 @@ sides so that drift of the machine (other load, clocks) falls on both:
     torch ``--checkpointing``; latte ``--policies budget:X`` where X is the
     ``peak_bytes`` that the torch ``--checkpointing`` run of the same round measured.
 
-``every:1`` keeps the input of every remat stage and recomputes the stage in the
-backward; a stage of latte-rs's chain is one spatial or one temporal block, so it is the
-same schedule as diffusers' ``enable_gradient_checkpointing()``, which wraps each
-spatial and temporal block in ``torch.utils.checkpoint``.
+``every:1`` keeps the input of every spatial and temporal block and recomputes the
+block in the backward (latte-rs schedules a block as two stages, its attention and
+feed-forward halves; the fixed policies count blocks), so it is the same schedule as
+diffusers' ``enable_gradient_checkpointing()``, which wraps each spatial and temporal
+block in ``torch.utils.checkpoint``.
 
 Each invocation reports the median of its ``--repeats`` timed steps after ``--warmup``
 untimed ones, and its peak tensor memory. A row of the table compares the median over
@@ -361,8 +362,9 @@ def section(results: Results, args: argparse.Namespace, started: datetime, wall_
         "",
         *ratio_table(results, args),
         "",
-        "¹ latte-rs `--policies every:1` keeps the input of every remat stage, and a stage is one "
-        "spatial or one temporal block: one checkpoint per block, as diffusers' "
+        "¹ latte-rs `--policies every:1` keeps the input of every spatial and temporal block "
+        "(the fixed policies count blocks; the planner sees each block's two halves): one "
+        "checkpoint per block, as diffusers' "
         "`enable_gradient_checkpointing()` (`bench_torch.py --checkpointing`).  ",
         "² latte-rs `--policies budget:X`, X = the `peak_bytes` of the PyTorch per-block run of the "
         "same round, against that run's time.",
