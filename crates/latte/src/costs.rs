@@ -1105,9 +1105,7 @@ mod vt {
         }
 
         /// `nn/fused_attention.rs` forward on contiguous `q` `(b, h, s, d)`, `k` and `v`
-        /// `(b, h, l, d)`: half-precision operands widened to f32, the f32 output, one
-        /// `s × l` probability buffer per busy thread, and in half precision the narrowed
-        /// output (the f32 buffers then freed).
+        /// `(b, h, l, d)`, with one `s × l` probability buffer per busy thread.
         pub(super) fn fused_attention(q: &V, k: &V, v: &V) -> V {
             let (q, k, v) = (q.contiguous(), k.contiguous(), v.contiguous());
             let meter = q.meter().clone();
@@ -1115,33 +1113,43 @@ mod vt {
             meter.count_matmul(2.0 * shape.product_flops());
             meter.count_moved(q.bytes() + k.bytes() + v.bytes() + q.bytes());
             meter.count_moved(2 * shape.scores_bytes());
-            let half = q.dtype() != DType::F32;
+            V::fused3([q, k, v], shape.scratch_bytes(1), Op::Attention)
+        }
+
+        /// The forward of a fused three-operand CPU kernel (the attention, the modulated
+        /// norm) on contiguous operands: half-precision operands widened to f32, the f32
+        /// output (the first operand's shape), `scratch_bytes` allocated and freed, and in
+        /// half precision the narrowed output (the f32 buffers then freed).
+        fn fused3(operands: [V; 3], scratch_bytes: u64, make: fn(V, V, V) -> Op) -> V {
+            let [a, b, c] = operands;
+            let meter = a.meter().clone();
+            let half = a.dtype() != DType::F32;
             let widened = if half {
-                4 * (q.numel() + k.numel() + v.numel()) as u64
+                4 * (a.numel() + b.numel() + c.numel()) as u64
             } else {
                 0
             };
             meter.alloc(widened);
-            let out_f32 = (4 * q.numel()) as u64;
+            let out_f32 = (4 * a.numel()) as u64;
             meter.alloc(out_f32);
-            meter.alloc(shape.scratch_bytes(1));
-            meter.free(shape.scratch_bytes(1));
-            let op = (q.tracked() || k.tracked() || v.tracked())
-                .then(|| Op::Attention(q.clone(), k.clone(), v.clone()));
+            meter.alloc(scratch_bytes);
+            meter.free(scratch_bytes);
+            let op = (a.tracked() || b.tracked() || c.tracked())
+                .then(|| make(a.clone(), b.clone(), c.clone()));
             let storage = if half {
-                let narrowed = V::storage(&meter, q.numel(), q.dtype());
+                let narrowed = V::storage(&meter, a.numel(), a.dtype());
                 meter.free(out_f32);
                 narrowed
             } else {
                 meter.free(out_f32);
-                V::storage(&meter, q.numel(), DType::F32)
+                V::storage(&meter, a.numel(), DType::F32)
             };
             meter.free(widened);
             V::node(
                 &meter,
-                q.dims().to_vec(),
+                a.dims().to_vec(),
                 None,
-                q.dtype(),
+                a.dtype(),
                 storage,
                 op,
                 false,
@@ -1189,41 +1197,11 @@ mod vt {
         }
 
         /// `nn/fused_norm.rs` forward on contiguous `x` `(n, s, d)`, `shift` and `scale`
-        /// `(n, 1, d)`: half-precision operands widened to f32, the f32 output, and in half
-        /// precision the narrowed output (the f32 buffers then freed).
+        /// `(n, 1, d)`.
         pub(super) fn modulated_norm(x: &V, shift: &V, scale: &V) -> V {
             let (x, shift, scale) = (x.contiguous(), shift.contiguous(), scale.contiguous());
-            let meter = x.meter().clone();
-            meter.count_moved(2 * x.bytes() + 4 * x.numel() as u64);
-            let half = x.dtype() != DType::F32;
-            let widened = if half {
-                4 * (x.numel() + shift.numel() + scale.numel()) as u64
-            } else {
-                0
-            };
-            meter.alloc(widened);
-            let out_f32 = (4 * x.numel()) as u64;
-            meter.alloc(out_f32);
-            let op = (x.tracked() || shift.tracked() || scale.tracked())
-                .then(|| Op::ModulatedNorm(x.clone(), shift.clone(), scale.clone()));
-            let storage = if half {
-                let narrowed = V::storage(&meter, x.numel(), x.dtype());
-                meter.free(out_f32);
-                narrowed
-            } else {
-                meter.free(out_f32);
-                V::storage(&meter, x.numel(), DType::F32)
-            };
-            meter.free(widened);
-            V::node(
-                &meter,
-                x.dims().to_vec(),
-                None,
-                x.dtype(),
-                storage,
-                op,
-                false,
-            )
+            x.meter().count_moved(2 * x.bytes() + 4 * x.numel() as u64);
+            V::fused3([x, shift, scale], 0, Op::ModulatedNorm)
         }
 
         /// The modulated norm's `bwd`: `x`, `scale` and the upstream gradient widened in
