@@ -1246,13 +1246,19 @@ mod vt {
             (dx, d_shift, d_scale)
         }
 
-        /// The backward kernel of a fused op (`apply_op2_no_bwd`): both operands widened to
-        /// f32, the second becoming the result in f32.
+        /// The backward kernel of a fused op (`apply_op2_no_bwd`): the input read in place
+        /// when f32 (widened to a copy in half precision) and the gradient copied to f32,
+        /// that copy becoming the result.
         fn fused_backward(&self, grad: &V) -> V {
             let meter = self.meter().clone();
             let widened = (grad.numel() * 4) as u64;
             meter.count_moved(3 * widened);
-            meter.alloc(widened);
+            let input_copy = if self.dtype() == DType::F32 {
+                0
+            } else {
+                widened
+            };
+            meter.alloc(input_copy);
             let result = if grad.dtype() == DType::F32 {
                 let storage = V::storage(&meter, grad.numel(), DType::F32);
                 V::node(
@@ -1278,7 +1284,7 @@ mod vt {
                     false,
                 )
             };
-            meter.free(widened);
+            meter.free(input_copy);
             result
         }
     }

@@ -154,7 +154,7 @@ impl CustomOp2 for GeluTanhBackward {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = widened(x, x_layout)?.into_owned();
+        let x = widened(x, x_layout)?;
         let mut values = widened(grad, grad_layout)?.into_owned();
         values
             .par_chunks_mut(CHUNK)
