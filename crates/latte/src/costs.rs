@@ -654,6 +654,21 @@ mod vt {
         (numel(dims) * dtype.size_in_bytes()) as u64
     }
 
+    /// Bytes of `t`'s elements in f32.
+    fn f32_bytes(t: &V) -> u64 {
+        (4 * t.numel()) as u64
+    }
+
+    /// What `ops::widened` allocates for `operands`: nothing for f32 (read in place), an
+    /// f32 copy of each in half precision.
+    fn widened_copy_bytes(operands: &[&V]) -> u64 {
+        operands
+            .iter()
+            .filter(|t| t.dtype() != DType::F32)
+            .map(|t| f32_bytes(t))
+            .sum()
+    }
+
     /// Numpy broadcasting of two shapes.
     fn broadcast_shape(a: &[usize], b: &[usize]) -> Vec<usize> {
         let rank = a.len().max(b.len());
@@ -1116,6 +1131,21 @@ mod vt {
             V::fused3([q, k, v], shape.scratch_bytes(1), Op::Attention)
         }
 
+        /// `ops::tensor_from_f32` on an f32 buffer of `dims` already counted as live: the
+        /// buffer becomes the tensor in f32; in half precision a narrowed copy is made and
+        /// the buffer freed.
+        fn from_f32_buffer(meter: &Rc<Meter>, dims: &[usize], dtype: DType) -> V {
+            let buffer = (4 * numel(dims)) as u64;
+            if dtype == DType::F32 {
+                meter.free(buffer);
+                V::zeros(meter, dims, dtype)
+            } else {
+                let result = V::zeros(meter, dims, dtype);
+                meter.free(buffer);
+                result
+            }
+        }
+
         /// The forward of a fused three-operand CPU kernel (the attention, the modulated
         /// norm) on contiguous operands: half-precision operands widened to f32, the f32
         /// output (the first operand's shape), `scratch_bytes` allocated and freed, and in
@@ -1124,13 +1154,9 @@ mod vt {
             let [a, b, c] = operands;
             let meter = a.meter().clone();
             let half = a.dtype() != DType::F32;
-            let widened = if half {
-                4 * (a.numel() + b.numel() + c.numel()) as u64
-            } else {
-                0
-            };
+            let widened = widened_copy_bytes(&[&a, &b, &c]);
             meter.alloc(widened);
-            let out_f32 = (4 * a.numel()) as u64;
+            let out_f32 = f32_bytes(&a);
             meter.alloc(out_f32);
             meter.alloc(scratch_bytes);
             meter.free(scratch_bytes);
@@ -1165,42 +1191,23 @@ mod vt {
             meter.count_matmul(5.0 * shape.product_flops());
             meter.count_moved(2 * (q.bytes() + k.bytes() + v.bytes()) + grad.bytes());
             meter.count_moved(4 * shape.scores_bytes());
-            let dtype = q.dtype();
-            let widened = if dtype == DType::F32 {
-                0
-            } else {
-                4 * (q.numel() + k.numel() + v.numel() + grad.numel()) as u64
-            };
+            let widened = widened_copy_bytes(&[q, k, v, grad]);
             meter.alloc(widened);
-            let f32_bytes = |t: &V| (4 * t.numel()) as u64;
             for t in [q, k, v] {
                 meter.alloc(f32_bytes(t));
             }
             meter.alloc(shape.scratch_bytes(2));
             meter.free(shape.scratch_bytes(2));
             meter.free(widened);
-            let gradient = |t: &V| {
-                meter.free(f32_bytes(t));
-                V::zeros(&meter, t.dims(), dtype)
-            };
-            if dtype == DType::F32 {
-                // The f32 buffers become the gradients.
-                (gradient(q), gradient(k), gradient(v))
-            } else {
-                let narrowed = |t: &V| {
-                    let result = V::zeros(&meter, t.dims(), dtype);
-                    meter.free(f32_bytes(t));
-                    result
-                };
-                (narrowed(q), narrowed(k), narrowed(v))
-            }
+            let gradient = |t: &V| V::from_f32_buffer(&meter, t.dims(), q.dtype());
+            (gradient(q), gradient(k), gradient(v))
         }
 
         /// `nn/fused_norm.rs` forward on contiguous `x` `(n, s, d)`, `shift` and `scale`
         /// `(n, 1, d)`.
         pub(super) fn modulated_norm(x: &V, shift: &V, scale: &V) -> V {
             let (x, shift, scale) = (x.contiguous(), shift.contiguous(), scale.contiguous());
-            x.meter().count_moved(2 * x.bytes() + 4 * x.numel() as u64);
+            x.meter().count_moved(2 * x.bytes() + f32_bytes(&x));
             V::fused3([x, shift, scale], 0, Op::ModulatedNorm)
         }
 
@@ -1216,30 +1223,14 @@ mod vt {
         ) -> (V, Option<V>, Option<V>) {
             let meter = x.meter().clone();
             meter.count_moved(3 * x.bytes() + grad.bytes());
-            let dtype = x.dtype();
-            let widened = if dtype == DType::F32 {
-                0
-            } else {
-                4 * (x.numel() + scale.numel() + grad.numel()) as u64
-            };
+            let widened = widened_copy_bytes(&[x, scale, grad]);
             meter.alloc(widened);
-            let f32_bytes = |t: &V| (4 * t.numel()) as u64;
             meter.alloc(f32_bytes(x));
             for t in [shift, scale].into_iter().filter(|t| t.tracked()) {
                 meter.alloc(f32_bytes(t));
             }
             meter.free(widened);
-            let gradient = |t: &V| {
-                if dtype == DType::F32 {
-                    // The f32 buffer becomes the gradient.
-                    meter.free(f32_bytes(t));
-                    V::zeros(&meter, t.dims(), dtype)
-                } else {
-                    let result = V::zeros(&meter, t.dims(), dtype);
-                    meter.free(f32_bytes(t));
-                    result
-                }
-            };
+            let gradient = |t: &V| V::from_f32_buffer(&meter, t.dims(), t.dtype());
             let dx = gradient(x);
             let d_shift = shift.tracked().then(|| gradient(shift));
             let d_scale = scale.tracked().then(|| gradient(scale));
@@ -1251,13 +1242,9 @@ mod vt {
         /// that copy becoming the result.
         fn fused_backward(&self, grad: &V) -> V {
             let meter = self.meter().clone();
-            let widened = (grad.numel() * 4) as u64;
+            let widened = f32_bytes(grad);
             meter.count_moved(3 * widened);
-            let input_copy = if self.dtype() == DType::F32 {
-                0
-            } else {
-                widened
-            };
+            let input_copy = widened_copy_bytes(&[self]);
             meter.alloc(input_copy);
             let result = if grad.dtype() == DType::F32 {
                 let storage = V::storage(&meter, grad.numel(), DType::F32);
