@@ -58,6 +58,10 @@ impl Latte {
     /// Builds the model from `vb`: mmapped weights for inference, or a `VarMap`-backed
     /// builder (fresh or loaded values) for training. Keys follow diffusers exactly.
     pub fn new(config: &LatteConfig, vb: VarBuilder) -> Result<Self> {
+        if vb.device().is_cpu() {
+            // Before the first step, so that no measured step holds it.
+            crate::nn::gemm_scratch::allocate_packing_buffers();
+        }
         let dim = config.hidden_size();
         let block = |cross_attention| BlockSpec {
             num_heads: config.num_heads,

@@ -153,12 +153,16 @@ fn check_against_profile(
             rel(p.graph_bytes, m.graph_bytes) < 0.03,
             "{label} stage {i} graph"
         );
-        // Within 5 %, or within 8 KiB for small backward passes (the tail's in training
-        // is ~27 KiB here, of which the replay misses ~4 KiB of short-lived modulation
-        // gradients); the whole-step peaks below are held to 10 %.
+        // Within 5 %, or within 16 KiB for these small backward passes (20–190 KiB).
+        // The replay does not model gemm's own scratch: the packing buffers and
+        // bookkeeping that a product split across worker threads allocates per call,
+        // sized from the CPU's cache sizes. With one worker (RAYON_NUM_THREADS=1) every
+        // stage here is within 4 %; with two, the train tail's backward measures 4.4 KiB
+        // more on a 512 KiB-L2 AVX2 machine and the bf16 guide's middle stage 8.9 KiB
+        // more on a 1 MiB-L2 AVX-512 one. The whole-step peaks below are held to 10 %.
         let backward_gap = p.bwd_tmp_bytes.abs_diff(m.bwd_tmp_bytes);
         assert!(
-            rel(p.bwd_tmp_bytes, m.bwd_tmp_bytes) < 0.05 || backward_gap <= 8 << 10,
+            rel(p.bwd_tmp_bytes, m.bwd_tmp_bytes) < 0.05 || backward_gap <= 16 << 10,
             "{label} stage {i} backward"
         );
     }

@@ -29,27 +29,15 @@ use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
-use std::sync::Once;
 
 /// `softmax(scale·q·kᵀ)·v` for `q`: `(b, h, s, d)`, `k` and `v`: `(b, h, l, d)`, on the CPU.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    allocate_packing_buffers();
+    super::gemm_scratch::allocate_packing_buffers();
     let op = FusedAttention {
         scale: scale as f32,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
-}
-
-/// gemm allocates a per-thread packing buffer (the size of the L2 cache) on a thread's first
-/// product. The kernel's pairs run on whichever rayon worker is free, so without this a
-/// worker's first product could fall in any measured step; allocating the buffer on every
-/// worker before the first attention keeps live-memory measurements deterministic.
-fn allocate_packing_buffers() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        rayon::broadcast(|_| gemm_common::gemm::L2_SLAB.with(|_| ()));
-    });
 }
 
 /// The op; `scale` multiplies the scores.

@@ -6,6 +6,7 @@ pub mod embeddings;
 pub mod feed_forward;
 pub mod fused_attention;
 pub mod fused_norm;
+pub mod gemm_scratch;
 pub mod linear;
 pub mod norm;
 pub mod ops;
