@@ -40,6 +40,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Activations are freed and allocated again every step: keep their pages.
+    remat::host_heap::retain_freed_memory();
     let cli = Cli::parse();
     cli.global.init_tracing();
     let result = match cli.command {

@@ -12,6 +12,7 @@
 pub mod chain;
 pub mod costs;
 pub mod grads;
+pub mod host_heap;
 pub mod meter;
 pub mod planner;
 pub mod policy;
