@@ -29,7 +29,7 @@ The table goes between ``<!-- bench_compare:begin -->`` and ``<!-- bench_compare
 of the output file (appended when the markers are missing; the file is created when
 missing), written atomically, with the machine, versions and exact commands.
 
-Usage (from the repository root, after ``cargo build -p latte-cli``)::
+Usage (from the repository root, after ``cargo build --release -p latte-cli``)::
 
     .venv/bin/python tools/bench_compare.py --dry-run
     .venv/bin/python tools/bench_compare.py --preset medium --rounds 2
@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--latte", default="target/debug/latte", help="the latte binary (cargo build -p latte-cli)")
+    parser.add_argument("--latte", default="target/release/latte", help="the latte binary (cargo build --release -p latte-cli)")
     parser.add_argument("--python", default=".venv/bin/python", help="Python with torch and diffusers")
     parser.add_argument("--preset", default="medium", help="preset for both sides (default medium)")
     parser.add_argument(
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(args)
         return 0
     if not Path(args.latte).is_file():
-        print(f"{args.latte} not found: build it with `cargo build -p latte-cli`", file=sys.stderr)
+        print(f"{args.latte} not found: build it with `cargo build --release -p latte-cli`", file=sys.stderr)
         return 2
     started, clock = datetime.now(timezone.utc), time.monotonic()
     load_before = os.getloadavg()[0]
