@@ -554,6 +554,8 @@ mod vt {
         Fused(V, Fused),
         /// `nn/fused_attention.rs`: `(q, k, v)`.
         Attention(V, V, V),
+        /// `nn/gelu_linear.rs`: `(h, W, b)`.
+        GeluLinear(V, V, V),
         /// `nn/fused_norm.rs`: `(x, shift, scale)`.
         ModulatedNorm(V, V, V),
     }
@@ -661,6 +663,11 @@ mod vt {
 
     /// What `ops::widened` allocates for `operands`: nothing for f32 (read in place), an
     /// f32 copy of each in half precision.
+    /// Bytes of one row block of f32 GELU output in `nn/gelu_linear.rs`.
+    fn gelu_block_bytes(rows: usize, inner: usize) -> u64 {
+        (4 * crate::nn::gelu_linear::block_rows(inner).min(rows) * inner) as u64
+    }
+
     fn widened_copy_bytes(operands: &[&V]) -> u64 {
         operands
             .iter()
@@ -1237,6 +1244,61 @@ mod vt {
             (dx, d_shift, d_scale)
         }
 
+        /// `nn/gelu_linear.rs` forward on contiguous f32 `h` `(rows, inner)`, `W`
+        /// `(out, inner)` and `b` `(out,)`: the output, then one row block of GELU output
+        /// as scratch, and gemm's packed copy of it (the left operand of each product).
+        pub(super) fn gelu_linear(h: &V, w: &V, b: &V) -> V {
+            let (h, w, b) = (h.contiguous(), w.contiguous(), b.contiguous());
+            let meter = h.meter().clone();
+            let (rows, inner, out) = (h.dims()[0], h.dims()[1], w.dims()[0]);
+            meter.count_matmul(2.0 * (rows * inner * out) as f64);
+            meter.count_moved(2 * h.bytes() + w.bytes() + (4 * rows * out) as u64);
+            let storage = V::storage(&meter, rows * out, DType::F32);
+            let scratch = gelu_block_bytes(rows, inner);
+            meter.alloc(2 * scratch);
+            meter.free(2 * scratch);
+            let op = (h.tracked() || w.tracked() || b.tracked())
+                .then(|| Op::GeluLinear(h.clone(), w.clone(), b.clone()));
+            V::node(
+                &meter,
+                vec![rows, out],
+                None,
+                DType::F32,
+                storage,
+                op,
+                false,
+            )
+        }
+
+        /// Its `bwd`: `∂b` (a sum over rows) when `b` is tracked, then `∂h` and, when `W`
+        /// is tracked, `∂W` and one row block of recomputed GELU output; each product's
+        /// left operand (a row block of `∂y`, or its transpose) packed by gemm.
+        fn gelu_linear_backward(h: &V, w: &V, b: &V, grad: &V) -> (V, Option<V>, Option<V>) {
+            let meter = h.meter().clone();
+            let (rows, inner, out) = (h.dims()[0], h.dims()[1], w.dims()[0]);
+            let products = if w.tracked() { 2.0 } else { 1.0 };
+            meter.count_matmul(products * 2.0 * (rows * inner * out) as f64);
+            meter.count_moved(3 * h.bytes() + grad.bytes());
+            let db = b.tracked().then(|| grad.sum_keepdim(&[0]).squeeze(0));
+            meter.alloc(f32_bytes(h));
+            let scratch = gelu_block_bytes(rows, inner);
+            if w.tracked() {
+                meter.alloc(f32_bytes(w));
+                meter.alloc(scratch);
+            }
+            let packed_grad = scratch / inner as u64 * out as u64;
+            meter.alloc(packed_grad);
+            meter.free(packed_grad);
+            if w.tracked() {
+                meter.free(scratch);
+            }
+            let dh = V::from_f32_buffer(&meter, h.dims(), DType::F32);
+            let dw = w
+                .tracked()
+                .then(|| V::from_f32_buffer(&meter, w.dims(), DType::F32));
+            (dh, dw, db)
+        }
+
         /// The backward kernel of a fused op (`apply_op2_no_bwd`): the input read in place
         /// when f32 (widened to a copy in half precision) and the gradient copied to f32,
         /// that copy becoming the result.
@@ -1364,7 +1426,9 @@ mod vt {
             | Op::Unary(a, _)
             | Op::ToDType(a)
             | Op::Fused(a, _) => vec![a],
-            Op::Attention(q, k, v) | Op::ModulatedNorm(q, k, v) => vec![q, k, v],
+            Op::Attention(q, k, v) | Op::ModulatedNorm(q, k, v) | Op::GeluLinear(q, k, v) => {
+                vec![q, k, v]
+            }
         }
     }
 
@@ -1395,6 +1459,7 @@ mod vt {
             Op::Fused(_, Fused::Gelu) => (vec![true], false),
             Op::Attention(..) => (vec![true, true, true], false),
             Op::ModulatedNorm(..) => (vec![true, false, true], false),
+            Op::GeluLinear(..) => (vec![true, true, false], false),
         }
     }
 
@@ -1603,6 +1668,15 @@ mod vt {
                 grads.accumulate(q, &dq);
                 grads.accumulate(k, &dk);
                 grads.accumulate(v, &dv);
+            }
+            Op::GeluLinear(h, w, b) => {
+                let (dh, dw, db) = V::gelu_linear_backward(h, w, b, &grad.contiguous());
+                grads.accumulate(h, &dh);
+                for (t, g) in [(w, dw), (b, db)] {
+                    if let Some(g) = g {
+                        grads.accumulate(t, &g);
+                    }
+                }
             }
             Op::ModulatedNorm(x, shift, scale) => {
                 let (dx, d_shift, d_scale) =
@@ -1982,6 +2056,22 @@ mod replay {
             }
         }
 
+        // ---- nn/gelu_linear.rs ----
+
+        fn gelu_linear(&self, h: &V, linear: &Linear) -> V {
+            match &linear.bias {
+                Some(bias) if self.kernels == Kernels::Fused && h.dtype() == DType::F32 => {
+                    let mut dims = h.dims().to_vec();
+                    let inner = dims.pop().unwrap_or(1);
+                    let rows = h.numel() / inner.max(1);
+                    let y = V::gelu_linear(&h.reshape(&[rows, inner]), &linear.weight, bias);
+                    dims.push(linear.weight.dims()[0]);
+                    y.reshape(&dims)
+                }
+                _ => linear.forward(&self.gelu_tanh(h)),
+            }
+        }
+
         // ---- nn/attention.rs ----
 
         fn attention(&self, a: &Attention, x: &V, context: Option<&V>) -> V {
@@ -2011,7 +2101,7 @@ mod replay {
         fn feed_forward_half(&self, b: &Block, h: &V, timestep: &V) -> V {
             let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(b, timestep, 3);
             let x = self.modulated_layer_norm(h, &shift_mlp, &scale_mlp);
-            let ff = b.ff_out.forward(&self.gelu_tanh(&b.ff_in.forward(&x)));
+            let ff = self.gelu_linear(&b.ff_in.forward(&x), &b.ff_out);
             h.add(&ff.broadcast_mul(&gate_mlp))
         }
 

@@ -60,7 +60,7 @@ impl Latte {
     pub fn new(config: &LatteConfig, vb: VarBuilder) -> Result<Self> {
         if vb.device().is_cpu() {
             // Before the first step, so that no measured step holds it.
-            crate::nn::gemm_scratch::allocate_packing_buffers();
+            crate::nn::matrix::allocate_packing_buffers();
         }
         let dim = config.hidden_size();
         let block = |cross_attention| BlockSpec {

@@ -1,8 +1,8 @@
 //! The transformer MLP: `Linear → GELU(tanh) → Linear` (diffusers `FeedForward` with
 //! `activation_fn="gelu-approximate"`, `mult=4`).
 
+use super::gelu_linear::gelu_linear;
 use super::linear::Linear;
-use super::ops::gelu_tanh;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -23,9 +23,9 @@ impl FeedForward {
         })
     }
 
-    /// `(…, dim) → (…, dim)`.
+    /// `(…, dim) → (…, dim)`; the GELU and the second projection are one op on the CPU
+    /// in f32 ([`gelu_linear`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out
-            .forward(&gelu_tanh(&self.proj_in.forward(x)?)?)
+        gelu_linear(&self.proj_in.forward(x)?, &self.proj_out)
     }
 }

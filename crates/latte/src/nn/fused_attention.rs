@@ -23,16 +23,16 @@
 //! results are deterministic. Half
 //! precision inputs are widened to f32 and the results narrowed back.
 
+use super::matrix::{matmul, Mat};
 use super::ops::{cpu, narrowed, tensor_from_f32, widened};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// `softmax(scale·q·kᵀ)·v` for `q`: `(b, h, s, d)`, `k` and `v`: `(b, h, l, d)`, on the CPU.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    super::gemm_scratch::allocate_packing_buffers();
+    super::matrix::allocate_packing_buffers();
     let op = FusedAttention {
         scale: scale as f32,
     };
@@ -259,87 +259,6 @@ fn probabilities(probs: &mut [f32], q: Mat<'_>, k: Mat<'_>, scale: f32) {
         for x in row.iter_mut() {
             *x *= inv;
         }
-    }
-}
-
-/// A strided read-only f32 matrix.
-#[derive(Debug, Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// `rows × cols` stored row by row in `data`.
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose (a view).
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    /// Whether every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.data.len()
-    }
-}
-
-/// `dst = scale · a · b`, `dst` row-major `a.rows × b.cols`, on the calling thread.
-fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, scale: f32) {
-    assert_eq!(a.cols, b.rows, "fused attention: inner dimensions differ");
-    assert!(
-        a.in_bounds() && b.in_bounds(),
-        "fused attention: view out of bounds"
-    );
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    assert!(dst.len() >= m * n, "fused attention: destination too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the views lie inside their slices (checked above), `dst` holds `m × n`
-    // row-major elements, and no operand aliases `dst` (it is borrowed mutably).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
     }
 }
 

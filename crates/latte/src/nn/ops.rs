@@ -23,7 +23,7 @@ const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
 
 /// Rows handed to one rayon task by the element-wise kernels.
-const CHUNK: usize = 4096;
+pub(super) const CHUNK: usize = 4096;
 
 /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, PyTorch's `gelu(approximate="tanh")`.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
@@ -47,11 +47,11 @@ fn gelu_gate(x: f32) -> f32 {
     1.0 / (1.0 + (-2.0 * u).exp())
 }
 
-fn gelu_value(x: f32) -> f32 {
+pub(super) fn gelu_value(x: f32) -> f32 {
     x * gelu_gate(x)
 }
 
-fn gelu_derivative(x: f32) -> f32 {
+pub(super) fn gelu_derivative(x: f32) -> f32 {
     let s = gelu_gate(x);
     s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
 }
