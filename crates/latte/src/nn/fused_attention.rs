@@ -264,6 +264,7 @@ fn probabilities(probs: &mut [f32], q: Mat<'_>, k: Mat<'_>, scale: f32) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::max_relative_diff;
     use super::*;
     use candle_core::{DType, Device, Var, D};
 
@@ -282,18 +283,6 @@ mod tests {
             .map(|i| ((i * 2654435761 + seed * 97) % 1000) as f32 / 250.0 - 2.0)
             .collect();
         Var::from_vec(values, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_relative_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale
     }
 
     /// Output and the gradients of q, k and v against the composed ops, self-attention

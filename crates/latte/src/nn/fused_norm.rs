@@ -265,6 +265,7 @@ fn backward(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::max_relative_diff;
     use super::*;
     use crate::nn::norm::{layer_norm, modulate};
     use candle_core::{Device, Var};
@@ -277,14 +278,6 @@ mod tests {
 
     fn var(dims: (usize, usize, usize), seed: u64) -> Var {
         Var::from_vec(values(dims.0 * dims.1 * dims.2, seed), dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_relative_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_dtype(DType::F32).unwrap();
-        let b = b.to_dtype(DType::F32).unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
     }
 
     /// `(n, 1, d)` shift and scale as the model takes them: strided views into a

@@ -221,6 +221,7 @@ impl CustomOp3 for GeluLinear {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::max_relative_diff;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -228,18 +229,6 @@ mod tests {
         (0..n)
             .map(|i| (((i * 37 + seed * 11) % 29) as f32 - 14.0) / 9.0)
             .collect()
-    }
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.max(1e-30)
     }
 
     /// Output and every gradient against the composed ops, with more rows than one block
@@ -257,7 +246,7 @@ mod tests {
         let fused = gelu_linear(h.as_tensor(), &linear).unwrap();
         let composed = linear.forward(&gelu_tanh(h.as_tensor()).unwrap()).unwrap();
         // f32 sums of `inner` products in another order: ~1e-6 relative.
-        assert!(max_rel_diff(&fused, &composed) < 1e-5);
+        assert!(max_relative_diff(&fused, &composed) < 1e-5);
         let grads = |y: Tensor| {
             (y * &cotangent)
                 .unwrap()
@@ -269,7 +258,7 @@ mod tests {
         let (gf, gc) = (grads(fused), grads(composed));
         for (name, var) in [("h", &h), ("W", &w), ("b", &b)] {
             let (a, c) = (gf.get(var).unwrap(), gc.get(var).unwrap());
-            let diff = max_rel_diff(a, c);
+            let diff = max_relative_diff(a, c);
             assert!(diff < 1e-5, "∂{name}: {diff}");
         }
     }
@@ -288,7 +277,7 @@ mod tests {
         assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
         let composed = linear.forward(&gelu_tanh(h.as_tensor()).unwrap()).unwrap();
         let expected = composed.sum_all().unwrap().backward().unwrap();
-        let diff = max_rel_diff(grads.get(&h).unwrap(), expected.get(&h).unwrap());
+        let diff = max_relative_diff(grads.get(&h).unwrap(), expected.get(&h).unwrap());
         assert!(diff < 1e-5, "{diff}");
     }
 

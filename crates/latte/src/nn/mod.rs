@@ -11,3 +11,5 @@ pub mod linear;
 pub mod matrix;
 pub mod norm;
 pub mod ops;
+#[cfg(test)]
+mod test_support;

@@ -1,0 +1,19 @@
+//! Helpers shared by the fused kernels' unit tests.
+
+use candle_core::{DType, Tensor};
+
+/// `max |a − b| / max |b|` in f32: the largest difference relative to the reference's
+/// scale.
+pub(super) fn max_relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = &b.to_dtype(DType::F32).unwrap();
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30)
+}
