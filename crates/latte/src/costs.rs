@@ -661,13 +661,13 @@ mod vt {
         (4 * t.numel()) as u64
     }
 
-    /// What `ops::widened` allocates for `operands`: nothing for f32 (read in place), an
-    /// f32 copy of each in half precision.
-    /// Bytes of one row block of f32 GELU output in `nn/gelu_linear.rs`.
-    fn gelu_block_bytes(rows: usize, inner: usize) -> u64 {
-        (4 * crate::nn::gelu_linear::block_rows(inner).min(rows) * inner) as u64
+    /// Rows of one row block of `nn/gelu_linear.rs` for `rows × inner` input.
+    fn gelu_block_rows(rows: usize, inner: usize) -> usize {
+        crate::nn::gelu_linear::block_rows(inner).min(rows)
     }
 
+    /// What `ops::widened` allocates for `operands`: nothing for f32 (read in place), an
+    /// f32 copy of each in half precision.
     fn widened_copy_bytes(operands: &[&V]) -> u64 {
         operands
             .iter()
@@ -1254,7 +1254,7 @@ mod vt {
             meter.count_matmul(2.0 * (rows * inner * out) as f64);
             meter.count_moved(2 * h.bytes() + w.bytes() + (4 * rows * out) as u64);
             let storage = V::storage(&meter, rows * out, DType::F32);
-            let scratch = gelu_block_bytes(rows, inner);
+            let scratch = (4 * gelu_block_rows(rows, inner) * inner) as u64;
             meter.alloc(2 * scratch);
             meter.free(2 * scratch);
             let op = (h.tracked() || w.tracked() || b.tracked())
@@ -1281,12 +1281,13 @@ mod vt {
             meter.count_moved(3 * h.bytes() + grad.bytes());
             let db = b.tracked().then(|| grad.sum_keepdim(&[0]).squeeze(0));
             meter.alloc(f32_bytes(h));
-            let scratch = gelu_block_bytes(rows, inner);
+            let block_rows = gelu_block_rows(rows, inner);
+            let scratch = (4 * block_rows * inner) as u64;
             if w.tracked() {
                 meter.alloc(f32_bytes(w));
                 meter.alloc(scratch);
             }
-            let packed_grad = scratch / inner as u64 * out as u64;
+            let packed_grad = (4 * block_rows * out) as u64;
             meter.alloc(packed_grad);
             meter.free(packed_grad);
             if w.tracked() {

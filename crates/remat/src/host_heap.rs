@@ -4,7 +4,8 @@
 //! (megabytes to gigabytes) over and over. glibc's default serves every block above its
 //! mmap threshold (at most 32 MiB, dynamically lowered) with a fresh `mmap` and returns
 //! it to the kernel on `free`, so each new activation costs one page fault and one page
-//! clear per 4 KiB — on the `medium` preset about a quarter of a forward pass.
+//! clear per 4 KiB — on the `medium` preset a sixth of a forward pass's profile, and a
+//! quarter of its time.
 //! [`retain_freed_memory`] makes the heap keep what it frees for the next request, the
 //! way PyTorch's CUDA caching allocator keeps device blocks: the process's resident
 //! memory then stays at its high-water mark instead of shrinking between steps.
@@ -18,8 +19,10 @@
 /// On Linux with glibc it serves every request from the heap (no `mmap`ed chunks) and
 /// never trims the heap's top. One exception remains: a block larger than a thread heap
 /// (64 MiB) requested by a thread other than the main one is still `mmap`ed (candle
-/// allocates a tensor on the thread that calls the op, usually the main thread). Returns whether the allocator accepted both settings;
-/// `false` on other platforms, where the system allocator is left as it is.
+/// allocates a tensor on the thread that calls the op, usually the main thread).
+///
+/// Returns whether the allocator accepted both settings; `false` on other platforms,
+/// where the system allocator is left as it is.
 pub fn retain_freed_memory() -> bool {
     imp::retain_freed_memory()
 }

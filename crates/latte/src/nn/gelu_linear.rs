@@ -20,11 +20,12 @@
 
 use super::linear::Linear;
 use super::matrix::{matmul_parallel, Mat};
-use super::ops::{cpu, gelu_derivative, gelu_tanh, gelu_value, tensor_from_f32, widened, CHUNK};
+use super::ops::{
+    cpu, gelu_into, gelu_tanh, multiply_by_gelu_derivative, tensor_from_f32, widened,
+};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Bytes of f32 GELU output a row block holds (the op's scratch).
 pub const BLOCK_BYTES: usize = 8 << 20;
@@ -82,17 +83,6 @@ impl Dims {
             .step_by(step)
             .map(move |start| (start, step.min(rows - start)))
     }
-}
-
-/// `dst[i] = GELU(h[i])`, in parallel.
-fn gelu_into(dst: &mut [f32], h: &[f32]) {
-    dst.par_chunks_mut(CHUNK)
-        .zip(h.par_chunks(CHUNK))
-        .for_each(|(dst, h)| {
-            for (d, &x) in dst.iter_mut().zip(h) {
-                *d = gelu_value(x);
-            }
-        });
 }
 
 /// The op on `(h, W, b)`.
@@ -184,14 +174,7 @@ impl CustomOp3 for GeluLinear {
             let grad_y = Mat::row_major(&grad_y[start * out..(start + len) * out], len, out);
             let grad_h = &mut grad_h[start * inner..(start + len) * inner];
             matmul_parallel(grad_h, grad_y, weight, false);
-            grad_h
-                .par_chunks_mut(CHUNK)
-                .zip(h.par_chunks(CHUNK))
-                .for_each(|(d, h)| {
-                    for (d, &x) in d.iter_mut().zip(h) {
-                        *d *= gelu_derivative(x);
-                    }
-                });
+            multiply_by_gelu_derivative(grad_h, h);
             if want_w {
                 let g = &mut g[..len * inner];
                 gelu_into(g, h);

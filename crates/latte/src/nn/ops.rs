@@ -23,7 +23,7 @@ const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
 
 /// Rows handed to one rayon task by the element-wise kernels.
-pub(super) const CHUNK: usize = 4096;
+const CHUNK: usize = 4096;
 
 /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, PyTorch's `gelu(approximate="tanh")`.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
@@ -47,13 +47,35 @@ fn gelu_gate(x: f32) -> f32 {
     1.0 / (1.0 + (-2.0 * u).exp())
 }
 
-pub(super) fn gelu_value(x: f32) -> f32 {
+fn gelu_value(x: f32) -> f32 {
     x * gelu_gate(x)
 }
 
-pub(super) fn gelu_derivative(x: f32) -> f32 {
+fn gelu_derivative(x: f32) -> f32 {
     let s = gelu_gate(x);
     s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
+}
+
+/// `dst[i] = GELU(x[i])`, in parallel.
+pub(super) fn gelu_into(dst: &mut [f32], x: &[f32]) {
+    dst.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(dst, x)| {
+            for (d, &x) in dst.iter_mut().zip(x) {
+                *d = gelu_value(x);
+            }
+        });
+}
+
+/// `grad[i] *= GELU'(x[i])`, in parallel: the GELU's backward in place.
+pub(super) fn multiply_by_gelu_derivative(grad: &mut [f32], x: &[f32]) {
+    grad.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(g, x)| {
+            for (g, &x) in g.iter_mut().zip(x) {
+                *g *= gelu_derivative(x);
+            }
+        });
 }
 
 /// The contiguous elements of a storage as f32: borrowed when already f32, else widened.
@@ -156,14 +178,7 @@ impl CustomOp2 for GeluTanhBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let x = widened(x, x_layout)?;
         let mut values = widened(grad, grad_layout)?.into_owned();
-        values
-            .par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(g, x)| {
-                for (g, &x) in g.iter_mut().zip(x) {
-                    *g *= gelu_derivative(x);
-                }
-            });
+        multiply_by_gelu_derivative(&mut values, &x);
         Ok((narrowed(values, grad.dtype())?, grad_layout.shape().clone()))
     }
 }
