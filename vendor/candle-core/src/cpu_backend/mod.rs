@@ -344,6 +344,26 @@ impl ReduceSum<'_> {
                     }
                     return Ok(dst);
                 };
+                // latte-rs patch 5: when the last dimension is kept, the source is a
+                // sequence of contiguous runs (the dimensions after the last reduced one),
+                // each adding to a contiguous run of the destination: one index
+                // computation per run instead of one per element, and a loop that
+                // vectorises. Every element adds in the same order as below.
+                let last_reduced = self.reduce_dims[self.reduce_dims.len() - 1];
+                let run: usize = src_l.shape().dims()[last_reduced + 1..].iter().product();
+                if run > 1 {
+                    for (run_index, src_run) in src.chunks_exact(run).enumerate() {
+                        let mut dst_index = run_index * run;
+                        for &(dim, stride) in self.reduce_dims_and_stride.iter() {
+                            let (pre, post) = (dst_index / stride, dst_index % stride);
+                            dst_index = (pre / dim) * stride + post;
+                        }
+                        for (d, &s) in dst[dst_index..dst_index + run].iter_mut().zip(src_run) {
+                            *d += s;
+                        }
+                    }
+                    return Ok(dst);
+                }
                 for (unstr_index, &src) in src.iter().enumerate() {
                     let mut dst_index = unstr_index;
                     // Set the reduce_dims indexes to 0.
