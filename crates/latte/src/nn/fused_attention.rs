@@ -25,6 +25,7 @@
 
 use super::matrix::{matmul, Mat};
 use super::ops::{cpu, narrowed, tensor_from_f32, widened};
+use super::simd;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -231,12 +232,14 @@ fn backward(
                 let p = Mat::row_major(probs, s, l);
                 matmul(dv, p.t(), grad_out, 1.0);
                 matmul(grad_scores, grad_out, v.t(), 1.0);
-                for (dp, p) in grad_scores.chunks_mut(l).zip(probs.chunks(l)) {
-                    let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
-                    for (dp, &p) in dp.iter_mut().zip(p) {
-                        *dp = p * (*dp - dot);
+                simd::vectorized(|| {
+                    for (dp, p) in grad_scores.chunks_mut(l).zip(probs.chunks(l)) {
+                        let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
+                        for (dp, &p) in dp.iter_mut().zip(p) {
+                            *dp = p * (*dp - dot);
+                        }
                     }
-                }
+                });
                 let grad_scores = Mat::row_major(grad_scores, s, l);
                 matmul(dq, grad_scores, k, scale);
                 matmul(dk, grad_scores.t(), q, scale);
@@ -248,18 +251,20 @@ fn backward(
 /// `probs = softmax(scale·q·kᵀ)`, row by row (`s × l`, row-major).
 fn probabilities(probs: &mut [f32], q: Mat<'_>, k: Mat<'_>, scale: f32) {
     matmul(probs, q, k.t(), scale);
-    for row in probs.chunks_mut(k.rows) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+    simd::vectorized(|| {
+        for row in probs.chunks_mut(k.rows) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = simd::exp(*x - max);
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
         }
-        let inv = 1.0 / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
-    }
+    })
 }
 
 #[cfg(test)]

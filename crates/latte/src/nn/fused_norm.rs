@@ -21,6 +21,7 @@
 //! followed by the modulation in that dtype; arithmetic is f32 throughout.
 
 use super::ops::{cpu, narrowed, tensor_from_f32, widened};
+use super::simd;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -71,20 +72,12 @@ impl Dims {
     }
 }
 
-/// Rounding of an f32 value to `dtype` and back (the identity for f32).
-fn rounding(dtype: DType) -> fn(f32) -> f32 {
-    match dtype {
-        DType::F16 => |v| f16::from_f32(v).to_f32(),
-        DType::BF16 => |v| bf16::from_f32(v).to_f32(),
-        _ => |v| v,
-    }
-}
-
 /// Mean and `1 / √(var + eps)` of one row (as `layer_norm` computes them).
+#[inline(always)]
 fn moments(row: &[f32], eps: f32) -> (f32, f32) {
     let d = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / d;
-    let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let mean = simd::sum(row, |v| v) / d;
+    let variance = simd::sum(row, |v| (v - mean) * (v - mean)) / d;
     (mean, 1.0 / (variance + eps).sqrt())
 }
 
@@ -104,14 +97,21 @@ impl CustomOp3 for ModulatedLayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::new(x_layout.shape(), shift_layout.shape(), scale_layout.shape())?;
         let dtype = x.dtype();
-        let out = forward(
-            &widened(x, x_layout)?,
-            &widened(shift, shift_layout)?,
-            &widened(scale, scale_layout)?,
-            dims,
-            self.eps,
-            rounding(dtype),
+        let (x, shift, scale) = (
+            widened(x, x_layout)?,
+            widened(shift, shift_layout)?,
+            widened(scale, scale_layout)?,
         );
+        // Rounding of an f32 value to the model's dtype and back (the identity for f32).
+        let out = match dtype {
+            DType::F16 => forward(&x, &shift, &scale, dims, self.eps, |v| {
+                f16::from_f32(v).to_f32()
+            }),
+            DType::BF16 => forward(&x, &shift, &scale, dims, self.eps, |v| {
+                bf16::from_f32(v).to_f32()
+            }),
+            _ => forward(&x, &shift, &scale, dims, self.eps, |v| v),
+        };
         Ok((narrowed(out, dtype)?, x_layout.shape().clone()))
     }
 
@@ -168,7 +168,7 @@ fn forward(
     scale: &[f32],
     dims: Dims,
     eps: f32,
-    round: fn(f32) -> f32,
+    round: impl Fn(f32) -> f32 + Copy + Sync,
 ) -> Vec<f32> {
     let Dims { s, d, .. } = dims;
     let mut out = vec![0f32; x.len()];
@@ -177,13 +177,16 @@ fn forward(
         .zip(shift.par_chunks(d).zip(scale.par_chunks(d)))
         .for_each(|((out, x), (shift, scale))| {
             let one_plus_scale: Vec<f32> = scale.iter().map(|c| round(1.0 + c)).collect();
-            for (out, x) in out.chunks_mut(d).zip(x.chunks(d)) {
-                let (mean, inv_std) = moments(x, eps);
-                for (((y, &x), &a), &b) in out.iter_mut().zip(x).zip(&one_plus_scale).zip(shift) {
-                    let normalised = round((x - mean) * inv_std);
-                    *y = round(round(normalised * a) + b);
+            simd::vectorized(|| {
+                for (out, x) in out.chunks_mut(d).zip(x.chunks(d)) {
+                    let (mean, inv_std) = moments(x, eps);
+                    let rows = out.iter_mut().zip(x).zip(&one_plus_scale).zip(shift);
+                    for (((y, &x), &a), &b) in rows {
+                        let normalised = round((x - mean) * inv_std);
+                        *y = round(round(normalised * a) + b);
+                    }
                 }
-            }
+            })
         });
     out
 }
@@ -232,29 +235,31 @@ fn backward(
         .zip(scale.par_chunks(d))
         .zip(shift_rows.into_par_iter().zip(scale_rows))
         .for_each(|((((dx, x), grad), scale), (d_shift, d_scale))| {
-            let mut normalised = vec![0f32; d];
-            for ((dx, x), grad) in dx.chunks_mut(d).zip(x.chunks(d)).zip(grad.chunks(d)) {
-                let (mean, inv_std) = moments(x, eps);
-                let (mut mean_dxn, mut mean_dxn_xn) = (0f32, 0f32);
-                for k in 0..d {
-                    let xn = (x[k] - mean) * inv_std;
-                    normalised[k] = xn;
-                    let dxn = grad[k] * (1.0 + scale[k]);
-                    mean_dxn += dxn;
-                    mean_dxn_xn += dxn * xn;
+            let (mut normalised, mut grad_normalised) = (vec![0f32; d], vec![0f32; d]);
+            simd::vectorized(|| {
+                for ((dx, x), grad) in dx.chunks_mut(d).zip(x.chunks(d)).zip(grad.chunks(d)) {
+                    let (mean, inv_std) = moments(x, eps);
+                    for (xn, &x) in normalised.iter_mut().zip(x) {
+                        *xn = (x - mean) * inv_std;
+                    }
+                    for ((dxn, &g), &c) in grad_normalised.iter_mut().zip(grad).zip(scale) {
+                        *dxn = g * (1.0 + c);
+                    }
+                    let mean_dxn = simd::sum(&grad_normalised, |g| g) / d as f32;
+                    let mean_dxn_xn =
+                        simd::sum_pairs(&grad_normalised, &normalised, |g, xn| g * xn) / d as f32;
+                    let rows = dx.iter_mut().zip(&grad_normalised).zip(&normalised);
+                    for ((dx, &dxn), &xn) in rows {
+                        *dx = inv_std * (dxn - mean_dxn - xn * mean_dxn_xn);
+                    }
+                    for (acc, &g) in d_shift.iter_mut().zip(grad) {
+                        *acc += g;
+                    }
+                    for ((acc, &g), &xn) in d_scale.iter_mut().zip(grad).zip(&normalised) {
+                        *acc += g * xn;
+                    }
                 }
-                let (mean_dxn, mean_dxn_xn) = (mean_dxn / d as f32, mean_dxn_xn / d as f32);
-                for k in 0..d {
-                    let dxn = grad[k] * (1.0 + scale[k]);
-                    dx[k] = inv_std * (dxn - mean_dxn - normalised[k] * mean_dxn_xn);
-                }
-                for (acc, &g) in d_shift.iter_mut().zip(grad) {
-                    *acc += g;
-                }
-                for ((acc, &g), &xn) in d_scale.iter_mut().zip(grad).zip(&normalised) {
-                    *acc += g * xn;
-                }
-            }
+            })
         });
     Gradients {
         x: dx,

@@ -11,5 +11,6 @@ pub mod linear;
 pub mod matrix;
 pub mod norm;
 pub mod ops;
+mod simd;
 #[cfg(test)]
 mod test_support;

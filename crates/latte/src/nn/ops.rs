@@ -7,6 +7,7 @@
 //! The kernel runs on CPU in f32 (half-precision inputs are widened per element). On other
 //! devices [`gelu_tanh`] falls back to candle's differentiable GELU.
 
+use super::simd;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::op::BackpropOp;
@@ -42,15 +43,18 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 // small model's training step), and no cancellation in 1 + tanh u near u = −∞.
 
 /// σ(2u) for the tanh-GELU's inner argument u of `x`.
+#[inline(always)]
 fn gelu_gate(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
-    1.0 / (1.0 + (-2.0 * u).exp())
+    1.0 / (1.0 + simd::exp(-2.0 * u))
 }
 
+#[inline(always)]
 fn gelu_value(x: f32) -> f32 {
     x * gelu_gate(x)
 }
 
+#[inline(always)]
 fn gelu_derivative(x: f32) -> f32 {
     let s = gelu_gate(x);
     s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
@@ -61,9 +65,11 @@ pub(super) fn gelu_into(dst: &mut [f32], x: &[f32]) {
     dst.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(dst, x)| {
-            for (d, &x) in dst.iter_mut().zip(x) {
-                *d = gelu_value(x);
-            }
+            simd::vectorized(|| {
+                for (d, &x) in dst.iter_mut().zip(x) {
+                    *d = gelu_value(x);
+                }
+            })
         });
 }
 
@@ -72,9 +78,11 @@ pub(super) fn multiply_by_gelu_derivative(grad: &mut [f32], x: &[f32]) {
     grad.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(g, x)| {
-            for (g, &x) in g.iter_mut().zip(x) {
-                *g *= gelu_derivative(x);
-            }
+            simd::vectorized(|| {
+                for (g, &x) in g.iter_mut().zip(x) {
+                    *g *= gelu_derivative(x);
+                }
+            })
         });
 }
 
