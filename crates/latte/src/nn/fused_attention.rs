@@ -29,6 +29,7 @@ use super::simd;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// `softmax(scale·q·kᵀ)·v` for `q`: `(b, h, s, d)`, `k` and `v`: `(b, h, l, d)`, on the CPU.
@@ -232,14 +233,7 @@ fn backward(
                 let p = Mat::row_major(probs, s, l);
                 matmul(dv, p.t(), grad_out, 1.0);
                 matmul(grad_scores, grad_out, v.t(), 1.0);
-                simd::vectorized(|| {
-                    for (dp, p) in grad_scores.chunks_mut(l).zip(probs.chunks(l)) {
-                        let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
-                        for (dp, &p) in dp.iter_mut().zip(p) {
-                            *dp = p * (*dp - dot);
-                        }
-                    }
-                });
+                softmax_backward(grad_scores, probs, l);
                 let grad_scores = Mat::row_major(grad_scores, s, l);
                 matmul(dq, grad_scores, k, scale);
                 matmul(dk, grad_scores.t(), q, scale);
@@ -251,20 +245,33 @@ fn backward(
 /// `probs = softmax(scale·q·kᵀ)`, row by row (`s × l`, row-major).
 fn probabilities(probs: &mut [f32], q: Mat<'_>, k: Mat<'_>, scale: f32) {
     matmul(probs, q, k.t(), scale);
-    simd::vectorized(|| {
-        for row in probs.chunks_mut(k.rows) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = simd::exp(*x - max);
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
+    softmax(probs, k.rows);
+}
+
+/// Every row of `scores` (rows of `cols`) replaced by its softmax.
+#[multiversion(targets = "simd")]
+fn softmax(scores: &mut [f32], cols: usize) {
+    for row in scores.chunks_mut(cols) {
+        let max = simd::max(row);
+        for x in row.iter_mut() {
+            *x = simd::exp(*x - max);
         }
-    })
+        let inv = 1.0 / simd::sum(row, |x| x);
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// `dS = P ∘ (dP − rowsum(P ∘ dP))` in place of `dP` (`grad`), rows of `cols`.
+#[multiversion(targets = "simd")]
+fn softmax_backward(grad: &mut [f32], probs: &[f32], cols: usize) {
+    for (dp, p) in grad.chunks_mut(cols).zip(probs.chunks(cols)) {
+        let dot = simd::sum_pairs(dp, p, |dp, p| dp * p);
+        for (dp, &p) in dp.iter_mut().zip(p) {
+            *dp = p * (*dp - dot);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// `layer_norm(x)·(1 + scale) + shift` for `x`: `(n, s, d)` and `shift`, `scale`:
@@ -177,18 +178,29 @@ fn forward(
         .zip(shift.par_chunks(d).zip(scale.par_chunks(d)))
         .for_each(|((out, x), (shift, scale))| {
             let one_plus_scale: Vec<f32> = scale.iter().map(|c| round(1.0 + c)).collect();
-            simd::vectorized(|| {
-                for (out, x) in out.chunks_mut(d).zip(x.chunks(d)) {
-                    let (mean, inv_std) = moments(x, eps);
-                    let rows = out.iter_mut().zip(x).zip(&one_plus_scale).zip(shift);
-                    for (((y, &x), &a), &b) in rows {
-                        let normalised = round((x - mean) * inv_std);
-                        *y = round(round(normalised * a) + b);
-                    }
-                }
-            })
+            modulate_rows(out, x, &one_plus_scale, shift, eps, round)
         });
     out
+}
+
+/// `y` for the rows of one sequence.
+#[multiversion(targets = "simd")]
+fn modulate_rows(
+    out: &mut [f32],
+    x: &[f32],
+    one_plus_scale: &[f32],
+    shift: &[f32],
+    eps: f32,
+    round: impl Fn(f32) -> f32,
+) {
+    let d = shift.len();
+    for (out, x) in out.chunks_mut(d).zip(x.chunks(d)) {
+        let (mean, inv_std) = moments(x, eps);
+        for (((y, &x), &a), &b) in out.iter_mut().zip(x).zip(one_plus_scale).zip(shift) {
+            let normalised = round((x - mean) * inv_std);
+            *y = round(round(normalised * a) + b);
+        }
+    }
 }
 
 /// Which modulation gradients the backward pass computes (constants get none).
@@ -235,36 +247,48 @@ fn backward(
         .zip(scale.par_chunks(d))
         .zip(shift_rows.into_par_iter().zip(scale_rows))
         .for_each(|((((dx, x), grad), scale), (d_shift, d_scale))| {
-            let (mut normalised, mut grad_normalised) = (vec![0f32; d], vec![0f32; d]);
-            simd::vectorized(|| {
-                for ((dx, x), grad) in dx.chunks_mut(d).zip(x.chunks(d)).zip(grad.chunks(d)) {
-                    let (mean, inv_std) = moments(x, eps);
-                    for (xn, &x) in normalised.iter_mut().zip(x) {
-                        *xn = (x - mean) * inv_std;
-                    }
-                    for ((dxn, &g), &c) in grad_normalised.iter_mut().zip(grad).zip(scale) {
-                        *dxn = g * (1.0 + c);
-                    }
-                    let mean_dxn = simd::sum(&grad_normalised, |g| g) / d as f32;
-                    let mean_dxn_xn =
-                        simd::sum_pairs(&grad_normalised, &normalised, |g, xn| g * xn) / d as f32;
-                    let rows = dx.iter_mut().zip(&grad_normalised).zip(&normalised);
-                    for ((dx, &dxn), &xn) in rows {
-                        *dx = inv_std * (dxn - mean_dxn - xn * mean_dxn_xn);
-                    }
-                    for (acc, &g) in d_shift.iter_mut().zip(grad) {
-                        *acc += g;
-                    }
-                    for ((acc, &g), &xn) in d_scale.iter_mut().zip(grad).zip(&normalised) {
-                        *acc += g * xn;
-                    }
-                }
-            })
+            backward_rows(dx, x, grad, scale, d_shift, d_scale, eps)
         });
     Gradients {
         x: dx,
         shift: wanted.shift.then_some(d_shift),
         scale: wanted.scale.then_some(d_scale),
+    }
+}
+
+/// The backward pass over the rows of one sequence: `dx`, and the sums over its tokens of
+/// the modulation gradients (`d_shift`, `d_scale`: empty when not wanted).
+#[multiversion(targets = "simd")]
+fn backward_rows(
+    dx: &mut [f32],
+    x: &[f32],
+    grad: &[f32],
+    scale: &[f32],
+    d_shift: &mut [f32],
+    d_scale: &mut [f32],
+    eps: f32,
+) {
+    let d = scale.len();
+    let (mut normalised, mut grad_normalised) = (vec![0f32; d], vec![0f32; d]);
+    for ((dx, x), grad) in dx.chunks_mut(d).zip(x.chunks(d)).zip(grad.chunks(d)) {
+        let (mean, inv_std) = moments(x, eps);
+        for (xn, &x) in normalised.iter_mut().zip(x) {
+            *xn = (x - mean) * inv_std;
+        }
+        for ((dxn, &g), &c) in grad_normalised.iter_mut().zip(grad).zip(scale) {
+            *dxn = g * (1.0 + c);
+        }
+        let mean_dxn = simd::sum(&grad_normalised, |g| g) / d as f32;
+        let mean_dxn_xn = simd::sum_pairs(&grad_normalised, &normalised, |g, xn| g * xn) / d as f32;
+        for ((dx, &dxn), &xn) in dx.iter_mut().zip(&grad_normalised).zip(&normalised) {
+            *dx = inv_std * (dxn - mean_dxn - xn * mean_dxn_xn);
+        }
+        for (acc, &g) in d_shift.iter_mut().zip(grad) {
+            *acc += g;
+        }
+        for ((acc, &g), &xn) in d_scale.iter_mut().zip(grad).zip(&normalised) {
+            *acc += g * xn;
+        }
     }
 }
 

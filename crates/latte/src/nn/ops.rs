@@ -15,6 +15,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Storage, Tensor,
 };
 use half::{bf16, f16};
+use multiversion::multiversion;
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -64,26 +65,28 @@ fn gelu_derivative(x: f32) -> f32 {
 pub(super) fn gelu_into(dst: &mut [f32], x: &[f32]) {
     dst.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(dst, x)| {
-            simd::vectorized(|| {
-                for (d, &x) in dst.iter_mut().zip(x) {
-                    *d = gelu_value(x);
-                }
-            })
-        });
+        .for_each(|(dst, x)| gelu_run(dst, x));
+}
+
+#[multiversion(targets = "simd")]
+fn gelu_run(dst: &mut [f32], x: &[f32]) {
+    for (d, &x) in dst.iter_mut().zip(x) {
+        *d = gelu_value(x);
+    }
 }
 
 /// `grad[i] *= GELU'(x[i])`, in parallel: the GELU's backward in place.
 pub(super) fn multiply_by_gelu_derivative(grad: &mut [f32], x: &[f32]) {
     grad.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(g, x)| {
-            simd::vectorized(|| {
-                for (g, &x) in g.iter_mut().zip(x) {
-                    *g *= gelu_derivative(x);
-                }
-            })
-        });
+        .for_each(|(g, x)| gelu_backward_run(g, x));
+}
+
+#[multiversion(targets = "simd")]
+fn gelu_backward_run(grad: &mut [f32], x: &[f32]) {
+    for (g, &x) in grad.iter_mut().zip(x) {
+        *g *= gelu_derivative(x);
+    }
 }
 
 /// The contiguous elements of a storage as f32: borrowed when already f32, else widened.

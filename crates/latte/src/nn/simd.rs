@@ -1,20 +1,16 @@
 //! Element-wise loops at the CPU's full vector width.
 //!
 //! The crate is compiled for baseline x86-64, so a plain loop vectorises with SSE2 only
-//! and `f32::exp` is a scalar libm call per element. [`vectorized`] runs a kernel compiled
-//! for the widest extension the CPU has (AVX-512 or AVX2 + FMA on x86-64, detected at run
-//! time by `pulp`, as gemm does for its kernels), and [`exp`] is an exponential written so
-//! that such loops vectorise: the softmax and the tanh-GELU spend most of their time in it.
-//! Row sums ([`sum`], [`sum_pairs`]) keep interleaved partial sums, which a vector register holds.
+//! and `f32::exp` is a scalar libm call per element. The fused kernels' element-wise
+//! functions are therefore compiled once per SIMD extension (AVX-512, AVX2 + FMA, …) with
+//! `#[multiversion(targets = "simd")]` and the widest the CPU has is chosen at run time;
+//! the `#[inline(always)]` helpers here are inlined into each version. [`exp`] is an
+//! exponential written so that such loops vectorise (the softmax and the tanh-GELU spend
+//! most of their time in it), and the row reductions ([`sum`], [`sum_pairs`], [`max`])
+//! keep interleaved partial results, which a vector register holds.
 
-/// Runs `kernel` compiled for the widest SIMD extension the CPU has; plain loops inside
-/// it (and the `#[inline(always)]` functions they call, like [`exp`]) vectorise.
-#[inline(always)]
-pub(super) fn vectorized<R>(kernel: impl FnOnce() -> R) -> R {
-    pulp::Arch::new().dispatch(kernel)
-}
-
-/// `eˣ` in f32 within 2 ulp, branch-free so that loops calling it vectorise.
+/// `eˣ` in f32 within 2 ulp, branch-free and without float-to-integer conversions (which
+/// Rust saturates, and which then do not vectorise), so that loops calling it vectorise.
 ///
 /// Cephes' `expf`: `x = n·ln 2 + r` with `|r| ≤ ½ ln 2`, `eʳ` by a degree-7 polynomial,
 /// `2ⁿ` by building the exponent bits. Inputs are clamped to `[−87.3, 88]`, where `2ⁿ`
@@ -24,8 +20,13 @@ pub(super) fn vectorized<R>(kernel: impl FnOnce() -> R) -> R {
 pub(super) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2²³ rounds to an integer (to nearest, ties to even) that then sits in
+    // the low mantissa bits.
+    const ROUNDING: f32 = 12_582_912.0;
+    const ROUNDING_BITS: u32 = 0x4B40_0000;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let shifted = x * std::f32::consts::LOG2_E + ROUNDING;
+    let n = shifted - ROUNDING;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_2e-3;
@@ -34,38 +35,62 @@ pub(super) fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n + 127 in [1, 254], the biased exponent of 2ⁿ.
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUNDING_BITS)
+        .wrapping_add(127);
+    e_r * f32::from_bits(biased << 23)
 }
 
-/// Partial sums kept by [`sum_pairs`]: one AVX-512 register of f32.
+/// Partial results kept by the row reductions: one AVX-512 register of f32.
 const LANES: usize = 16;
 
-/// `Σ f(a[k], b[k])` over two rows of equal length, in [`LANES`] interleaved partial sums
-/// (added in a fixed order at the end), so that the loop vectorises: a single running
-/// sum is one dependent addition per element, which no compiler may reorder.
+/// Folds `f(a[k], b[k])` over two rows of equal length with `combine`, in [`LANES`]
+/// interleaved partial results (combined in a fixed order at the end), so that the loop
+/// vectorises: a single running result is one dependent operation per element, which no
+/// compiler may reorder.
 #[inline(always)]
-pub(super) fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    assert_eq!(a.len(), b.len(), "sum_pairs: rows of different lengths");
-    let mut partial = [0f32; LANES];
+fn fold_pairs(
+    a: &[f32],
+    b: &[f32],
+    identity: f32,
+    f: impl Fn(f32, f32) -> f32,
+    combine: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    assert_eq!(a.len(), b.len(), "row reduction: rows of different lengths");
+    let mut partial = [identity; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks
+    let tail = a_chunks
         .remainder()
         .iter()
         .zip(b_chunks.remainder())
-        .map(|(&a, &b)| f(a, b))
-        .sum();
+        .fold(identity, |acc, (&a, &b)| combine(acc, f(a, b)));
     for (a, b) in a_chunks.zip(b_chunks) {
         for lane in 0..LANES {
-            partial[lane] += f(a[lane], b[lane]);
+            partial[lane] = combine(partial[lane], f(a[lane], b[lane]));
         }
     }
-    partial.iter().sum::<f32>() + tail
+    combine(partial.into_iter().fold(identity, &combine), tail)
 }
 
-/// `Σ f(row[k])`, as [`sum_pairs`] adds.
+/// `Σ f(a[k], b[k])` over two rows of equal length (see [`fold_pairs`]).
+#[inline(always)]
+pub(super) fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    fold_pairs(a, b, 0.0, f, |acc, v| acc + v)
+}
+
+/// `Σ f(row[k])` (see [`fold_pairs`]).
 #[inline(always)]
 pub(super) fn sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     sum_pairs(row, row, |v, _| f(v))
+}
+
+/// The largest element of `row` (−∞ for an empty row; NaNs are skipped as `f32::max`
+/// skips them).
+#[inline(always)]
+pub(super) fn max(row: &[f32]) -> f32 {
+    fold_pairs(row, row, f32::NEG_INFINITY, |v, _| v, f32::max)
 }
 
 #[cfg(test)]
@@ -105,7 +130,7 @@ mod tests {
             let b: Vec<f32> = (0..len)
                 .map(|i| ((i * 11 % 23) as f32 - 11.0) / 5.0)
                 .collect();
-            let got = vectorized(|| sum_pairs(&a, &b, |a, b| a * b));
+            let got = sum_pairs(&a, &b, |a, b| a * b);
             let want: f64 = a.iter().zip(&b).map(|(&a, &b)| a as f64 * b as f64).sum();
             let scale: f64 = a
                 .iter()
@@ -120,14 +145,29 @@ mod tests {
     }
 
     #[test]
+    fn max_finds_the_largest_element_anywhere_in_the_row() {
+        for len in [1, 15, 16, 17, 100] {
+            for at in [0, len / 2, len - 1] {
+                let mut row: Vec<f32> = (0..len).map(|i| -(i as f32)).collect();
+                row[at] = 5.0;
+                assert_eq!(max(&row), 5.0, "length {len}, at {at}");
+            }
+        }
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+    }
+
+    #[multiversion::multiversion(targets = "simd")]
+    fn exp_all(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = exp(x);
+        }
+    }
+
+    #[test]
     fn vectorized_loops_compute_what_scalar_ones_do() {
         let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 7.0).collect();
         let mut wide = vec![0f32; x.len()];
-        vectorized(|| {
-            for (y, &x) in wide.iter_mut().zip(&x) {
-                *y = exp(x);
-            }
-        });
+        exp_all(&mut wide, &x);
         let scalar: Vec<f32> = x.iter().map(|&x| exp(x)).collect();
         assert_eq!(wide, scalar);
     }
