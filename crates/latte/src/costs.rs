@@ -218,15 +218,17 @@ pub struct Throughput {
 }
 
 impl Throughput {
-    /// Rough defaults: two busy CPU cores running candle's kernels (calibrated with
-    /// `latte plan --measure` on the `small` preset), or an H100-class GPU (dense
-    /// tensor-core rates in half precision; not calibrated).
+    /// Rough defaults: two CPU cores with AVX-512 running the fused kernels (f32:
+    /// calibrated with `latte plan --measure` on the `medium` preset, guide mode, which
+    /// measured 312 GFLOP/s and 13.8 GB/s; half precision on the `small` preset with older
+    /// kernels), or an H100-class GPU (dense tensor-core rates in half precision; not
+    /// calibrated).
     pub fn default_for(kernels: Kernels, dtype: DType) -> Self {
         let half = dtype != DType::F32;
         match (kernels, half) {
             (Kernels::Fused, false) => Self {
-                matmul_flop_per_s: 45e9,
-                memory_bytes_per_s: 6e9,
+                matmul_flop_per_s: 300e9,
+                memory_bytes_per_s: 14e9,
             },
             (Kernels::Fused, true) => Self {
                 matmul_flop_per_s: 40e9,
