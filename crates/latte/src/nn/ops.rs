@@ -61,13 +61,19 @@ fn gelu_derivative(x: f32) -> f32 {
     s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
 }
 
-/// `dst[i] = GELU(x[i])`, in parallel.
-pub(super) fn gelu_into(dst: &mut [f32], x: &[f32]) {
+/// `kernel(dst chunk, x chunk)` over matching [`CHUNK`]s of `dst` and `x`, in parallel.
+fn chunks_in_parallel(dst: &mut [f32], x: &[f32], kernel: impl Fn(&mut [f32], &[f32]) + Sync) {
     dst.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(dst, x)| gelu_run(dst, x));
+        .for_each(|(dst, x)| kernel(dst, x));
 }
 
+/// `dst[i] = GELU(x[i])`, in parallel.
+pub(super) fn gelu_into(dst: &mut [f32], x: &[f32]) {
+    chunks_in_parallel(dst, x, gelu_run);
+}
+
+/// One chunk of [`gelu_into`], compiled per SIMD extension (as are the two below).
 #[multiversion(targets = "simd")]
 fn gelu_run(dst: &mut [f32], x: &[f32]) {
     for (d, &x) in dst.iter_mut().zip(x) {
@@ -75,13 +81,20 @@ fn gelu_run(dst: &mut [f32], x: &[f32]) {
     }
 }
 
-/// `grad[i] *= GELU'(x[i])`, in parallel: the GELU's backward in place.
-pub(super) fn multiply_by_gelu_derivative(grad: &mut [f32], x: &[f32]) {
-    grad.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(g, x)| gelu_backward_run(g, x));
+/// `v = GELU(v)`: the forward of [`gelu_tanh`]'s op, on its own copy of the input.
+#[multiversion(targets = "simd")]
+fn gelu_in_place(values: &mut [f32]) {
+    for v in values.iter_mut() {
+        *v = gelu_value(*v);
+    }
 }
 
+/// `grad[i] *= GELU'(x[i])`, in parallel: the GELU's backward in place.
+pub(super) fn multiply_by_gelu_derivative(grad: &mut [f32], x: &[f32]) {
+    chunks_in_parallel(grad, x, gelu_backward_run);
+}
+
+/// One chunk of [`multiply_by_gelu_derivative`].
 #[multiversion(targets = "simd")]
 fn gelu_backward_run(grad: &mut [f32], x: &[f32]) {
     for (g, &x) in grad.iter_mut().zip(x) {
@@ -131,21 +144,6 @@ pub(super) fn cpu(storage: &Storage) -> Result<&CpuStorage> {
     }
 }
 
-/// Applies `f` element-wise in parallel to an f32/f16/bf16 storage.
-fn map_elements(
-    storage: &CpuStorage,
-    layout: &Layout,
-    f: impl Fn(f32) -> f32 + Sync,
-) -> Result<CpuStorage> {
-    let mut values = widened(storage, layout)?.into_owned();
-    values.par_chunks_mut(CHUNK).for_each(|chunk| {
-        for v in chunk.iter_mut() {
-            *v = f(*v);
-        }
-    });
-    narrowed(values, storage.dtype())
-}
-
 /// Forward of [`gelu_tanh`].
 struct GeluTanh;
 
@@ -155,10 +153,9 @@ impl CustomOp1 for GeluTanh {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            map_elements(storage, layout, gelu_value)?,
-            layout.shape().clone(),
-        ))
+        let mut values = widened(storage, layout)?.into_owned();
+        values.par_chunks_mut(CHUNK).for_each(gelu_in_place);
+        Ok((narrowed(values, storage.dtype())?, layout.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
