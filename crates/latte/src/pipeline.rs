@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 /// File of the pipeline's component list.
 pub const MODEL_INDEX_FILE: &str = "model_index.json";
 
+/// The scheduler's configuration, relative to the pipeline's root.
+pub const SCHEDULER_CONFIG_FILE: &str = "scheduler/scheduler_config.json";
+
 /// Errors raised while opening a pipeline directory.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -184,6 +187,51 @@ impl PipelineDir {
     }
 }
 
+/// The DDIM configuration stored beside a transformer directory, in
+/// `<parent>/scheduler/scheduler_config.json`, if there is one: a pipeline's `transformer/`
+/// and a `latte train` checkpoint's `transformer/` and `ema/` both have their scheduler
+/// there.
+pub fn scheduler_beside(transformer_dir: &Path) -> Result<Option<DdimConfig>, PipelineError> {
+    let Some(parent) = transformer_dir.parent() else {
+        return Ok(None);
+    };
+    let path = parent.join(SCHEDULER_CONFIG_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    ddim_config_from_json(&read_json(&path)?, &path).map(Some)
+}
+
+/// `config` as diffusers' `DDIMScheduler` config JSON (every key
+/// [`ddim_config_from_json`] maps, so that reading it back gives `config`).
+pub fn ddim_config_to_json(config: &DdimConfig) -> Value {
+    let prediction_type = match config.prediction_type {
+        PredictionType::Epsilon => "epsilon",
+        PredictionType::Sample => "sample",
+        PredictionType::VPrediction => "v_prediction",
+    };
+    let beta_schedule = match config.betas.beta_schedule {
+        BetaSchedule::Linear => "linear",
+        BetaSchedule::ScaledLinear => "scaled_linear",
+    };
+    serde_json::json!({
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": config.betas.num_train_timesteps,
+        "beta_start": config.betas.beta_start,
+        "beta_end": config.betas.beta_end,
+        "beta_schedule": beta_schedule,
+        "trained_betas": null,
+        "clip_sample": config.clip_sample,
+        "clip_sample_range": config.clip_sample_range,
+        "set_alpha_to_one": config.set_alpha_to_one,
+        "steps_offset": config.steps_offset,
+        "prediction_type": prediction_type,
+        "timestep_spacing": config.timestep_spacing.to_string(),
+        "thresholding": false,
+        "rescale_betas_zero_snr": false,
+    })
+}
+
 /// Maps a diffusers `DDIMScheduler` config to [`DdimConfig`]; an unknown key, another
 /// scheduler class or a value DDIM here does not implement is an error naming the key.
 pub fn ddim_config_from_json(
@@ -280,6 +328,27 @@ mod tests {
     fn parse(text: &str) -> Result<DdimConfig, PipelineError> {
         let json: Value = serde_json::from_str(text).unwrap();
         ddim_config_from_json(json.as_object().unwrap(), Path::new("s.json"))
+    }
+
+    #[test]
+    fn ddim_config_json_round_trips() {
+        let config = DdimConfig {
+            betas: crate::scheduler::BetaConfig {
+                num_train_timesteps: 500,
+                beta_start: 2e-4,
+                beta_end: 0.03,
+                beta_schedule: BetaSchedule::ScaledLinear,
+            },
+            clip_sample: false,
+            clip_sample_range: 1.5,
+            set_alpha_to_one: false,
+            steps_offset: 1,
+            prediction_type: PredictionType::VPrediction,
+            timestep_spacing: TimestepSpacing::Trailing,
+        };
+        let json = ddim_config_to_json(&config);
+        let back = ddim_config_from_json(json.as_object().unwrap(), Path::new("s.json")).unwrap();
+        assert_eq!(back, config);
     }
 
     #[test]

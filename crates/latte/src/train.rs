@@ -24,7 +24,8 @@
 //! # Checkpoints
 //!
 //! `<out>/checkpoint-<step>/` holds `transformer/` (diffusers layout, the training
-//! precision), `ema/` (diffusers layout, f32), `optimizer.safetensors` (`exp_avg.<name>`,
+//! precision), `ema/` (diffusers layout, f32), `scheduler/scheduler_config.json` (the DDIM
+//! scheduler that samples them, [`sampling_scheduler`]), `optimizer.safetensors` (`exp_avg.<name>`,
 //! `exp_avg_sq.<name>`, and `master.<name>` when training in bf16/f16) and `state.json`
 //! ([`TrainState`]). It is written to a temporary directory and renamed; `<out>/latest`
 //! names the newest. Every step appends one JSON object ([`StepReport`]) to
@@ -435,6 +436,20 @@ pub enum RunOutcome {
     Finished { step: u64, checkpoint: PathBuf },
     /// The callback asked to stop; the checkpoint written then.
     Interrupted { step: u64, checkpoint: PathBuf },
+}
+
+/// The DDIM configuration that samples what [`Trainer`] trains, written to every
+/// checkpoint as `scheduler/scheduler_config.json`: the training β schedule
+/// ([`NoiseSchedule::latte`], which is diffusers' default linear one), ε-prediction, and
+/// x̂₀ left unclipped, as Latte's sampling scripts set `clip_sample=False`. Clipping
+/// (diffusers' default) is what models trained here suffer from most: early x̂₀, amplified
+/// by 1/√ᾱ_t, clip to a ±1 pattern that the model then keeps as ragged shapes on a noisy
+/// background.
+pub fn sampling_scheduler() -> crate::scheduler::DdimConfig {
+    crate::scheduler::DdimConfig {
+        clip_sample: false,
+        ..Default::default()
+    }
 }
 
 /// A training run in progress.
@@ -1092,6 +1107,11 @@ impl Trainer {
             self.ema.weights(),
             DType::F32,
         )?;
+        let scheduler = dir.join(crate::pipeline::SCHEDULER_CONFIG_FILE);
+        std::fs::create_dir_all(scheduler.parent().unwrap_or(dir)).map_err(output_error(dir))?;
+        let json = crate::pipeline::ddim_config_to_json(&sampling_scheduler());
+        crate::io::write_atomically(&scheduler, format!("{json:#}\n").as_bytes())
+            .map_err(output_error(&scheduler))?;
         crate::io::save_safetensors(&self.optimizer.state_tensors(), &dir.join(OPTIMIZER_FILE))?;
         let state = TrainState {
             format: STATE_FORMAT,

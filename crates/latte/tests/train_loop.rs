@@ -110,6 +110,24 @@ fn loss_falls_on_builtin_videos() {
     let checkpoint = out.join(format!("checkpoint-{steps}"));
     latte::weights::ModelDir::open(&checkpoint.join("transformer")).unwrap();
     latte::weights::ModelDir::open(&checkpoint.join("ema")).unwrap();
+    // Beside both sits the DDIM scheduler that samples them: the training noise schedule
+    // (ᾱ_t in f32 as diffusers computes it against the trainer's f64: a cumulative product
+    // of 1000 f32 factors, so 1e-4 relative), x̂₀ unclipped.
+    let scheduler = latte::pipeline::scheduler_beside(&checkpoint.join("ema"))
+        .unwrap()
+        .expect("checkpoint has scheduler/scheduler_config.json");
+    assert_eq!(scheduler, latte::train::sampling_scheduler());
+    assert!(!scheduler.clip_sample);
+    let trained = latte::diffusion::NoiseSchedule::latte();
+    let alphas_cumprod = scheduler.betas.alphas_cumprod();
+    assert_eq!(alphas_cumprod.len(), trained.num_timesteps());
+    for (t, &a) in alphas_cumprod.iter().enumerate() {
+        let expected = trained.alpha_cumprod(t);
+        assert!(
+            (a as f64 - expected).abs() <= 1e-4 * expected,
+            "t = {t}: DDIM's alpha_cumprod {a} against training's {expected}"
+        );
+    }
     std::fs::remove_dir_all(&out).unwrap();
 }
 

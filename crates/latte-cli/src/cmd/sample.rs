@@ -16,7 +16,7 @@ use latte::guide::parse_objective;
 use latte::model::Latte;
 use latte::pipeline::PipelineDir;
 use latte::sampling::{initial_noise, plan_guidance, sample, Guidance, SampleOptions};
-use latte::scheduler::{DdimConfig, TimestepSpacing};
+use latte::scheduler::TimestepSpacing;
 use latte::weights::ModelDir;
 use remat::meter::{format_bytes, meter_for, Recorder};
 use remat::policy::Policy;
@@ -72,11 +72,13 @@ pub struct Args {
     /// DDIM η (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
-    /// DDIM timestep spacing: leading, trailing or linspace (default: the pipeline's
-    /// scheduler config, else leading).
+    /// DDIM timestep spacing: leading, trailing or linspace (default: the scheduler config
+    /// of the pipeline or `latte train` checkpoint, else leading).
     #[arg(long)]
     timestep_spacing: Option<TimestepSpacing>,
-    /// Do not clip the predicted clean video to [-1, 1].
+    /// Do not clip the predicted clean video to [-1, 1] (default: as the scheduler config
+    /// of the pipeline or `latte train` checkpoint says — checkpoints do not clip —, else
+    /// clip as diffusers' DDIMScheduler does).
     #[arg(long)]
     no_clip: bool,
     /// Where to write the latents (safetensors, tensor `latents`); the GIF and PNG frames
@@ -366,9 +368,11 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         eta: args.eta,
         seed: global.seed,
         ddim: {
+            // A pipeline's scheduler, else the one beside the transformer (a `latte
+            // train` checkpoint's), else diffusers' DDIMScheduler defaults.
             let mut ddim = match &pipeline {
                 Some(p) if p.root().join("scheduler").is_dir() => p.ddim_config()?,
-                _ => DdimConfig::default(),
+                _ => latte::pipeline::scheduler_beside(&dir)?.unwrap_or_default(),
             };
             if let Some(spacing) = args.timestep_spacing {
                 ddim.timestep_spacing = spacing;
