@@ -42,7 +42,12 @@ pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
         })
         .collect();
     let stem = out.with_extension("");
-    let gif_path = stem.with_extension("gif");
+    let beside = |suffix: &str| {
+        let mut name = stem.clone().into_os_string();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let gif_path = beside(".gif");
     let mut gif_bytes = Vec::new();
     {
         let mut encoder = gif::Encoder::new(&mut gif_bytes, ws as u16, hs as u16, &[])?;
@@ -56,7 +61,7 @@ pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
     write_atomically(&gif_path, &gif_bytes)
         .with_context(|| format!("cannot write {}", gif_path.display()))?;
     for (i, rgb) in frames.iter().enumerate() {
-        let path = PathBuf::from(format!("{}-frame-{i:03}.png", stem.display()));
+        let path = beside(&format!("-frame-{i:03}.png"));
         write_atomically(&path, &png_bytes(rgb, ws as u32, hs as u32)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -73,4 +78,27 @@ pub fn png_bytes(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
     encoder.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
     encoder.write_header()?.write_image_data(rgb)?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn files_keep_every_dot_of_the_output_name() {
+        let dir = std::env::temp_dir().join(format!("latte-video-out-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let video = Tensor::zeros((1, 3, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let gif = write_video(&video, &dir.join("scale-0.3.safetensors")).unwrap();
+        assert_eq!(gif, dir.join("scale-0.3.gif"));
+        for name in [
+            "scale-0.3.gif",
+            "scale-0.3-frame-000.png",
+            "scale-0.3-frame-001.png",
+        ] {
+            assert!(dir.join(name).is_file(), "{name} not written");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
