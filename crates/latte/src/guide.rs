@@ -8,10 +8,11 @@
 //! - `smooth` — temporal smoothness: mean squared difference of consecutive frames;
 //! - `color:R,G,B` — pixel-space models: the colour of what is drawn on the dark
 //!   background: mean squared distance of the pixels to the colour (components in
-//!   [−1, 1]), each pixel weighted by its brightest channel `w = clamp(max_c x, 0, 1)`
-//!   (0 on the black background and wherever no channel is above mid-grey, 1 where a
-//!   channel is at full value), the weights held constant so the gradient recolours what
-//!   is drawn instead of dimming it or painting the background.
+//!   [−1, 1]), each pixel weighted by its brightest channel `w = clamp(2 max_c x + 1, 0, 1)`
+//!   (0 on the black background and wherever no channel is above −½, 1 where a channel
+//!   reaches mid-grey, so that a pixel stays counted on its way between two saturated
+//!   colours: red → green passes through (0, 0, −1)), the weights held constant so the
+//!   gradient recolours what is drawn instead of dimming it or painting the background.
 
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
@@ -210,7 +211,7 @@ impl Objective for Smooth {
 }
 
 /// Brightness-weighted mean squared distance of the pixels to a colour (see the module
-/// doc): Σ w‖x − c‖² / (3 Σ w) with w = clamp(max_c x, 0, 1) detached.
+/// doc): Σ w‖x − c‖² / (3 Σ w) with w = clamp(2 max_c x + 1, 0, 1) detached.
 #[derive(Debug, Clone)]
 pub struct Colour {
     name: String,
@@ -224,8 +225,12 @@ impl Objective for Colour {
     }
 
     fn loss(&self, x0: &Tensor) -> candle_core::Result<Tensor> {
-        // (b, 1, f, h, w): 0 on the black background, 1 at full brightness.
-        let weight = x0.detach().max_keepdim(1)?.clamp(0.0, 1.0)?;
+        // (b, 1, f, h, w): 0 on the black background, 1 from mid-grey up.
+        let weight = x0
+            .detach()
+            .max_keepdim(1)?
+            .affine(2.0, 1.0)?
+            .clamp(0.0, 1.0)?;
         let total = weight.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let distance = x0
             .broadcast_sub(&self.colour.to_dtype(x0.dtype())?)?
@@ -274,5 +279,13 @@ mod tests {
         // Layout (c, pixel): background gradients are zero, the red pixel's point to green.
         assert_eq!([g[0], g[2], g[4]], [0.0, 0.0, 0.0]);
         assert!(g[1] > 0.0 && g[3] < 0.0 && g[5] == 0.0, "{g:?}");
+        // Halfway from red to green, (0, 0, −1), the pixel still counts in full; a dim
+        // background pixel, (−0.8, −0.8, −0.8), does not.
+        let x0 =
+            Tensor::from_vec(vec![0f32, -0.8, 0., -0.8, -1., -0.8], (1, 3, 1, 1, 2), &dev).unwrap();
+        let (value, grad) = value_and_grad(green.as_ref(), &x0).unwrap();
+        assert!((value - 2.0 / 3.0).abs() < 1e-6, "{value}");
+        let g = grad.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!([g[1], g[3], g[5]], [0.0, 0.0, 0.0]);
     }
 }

@@ -76,9 +76,13 @@ pub struct Args {
     /// of the pipeline or `latte train` checkpoint, else leading).
     #[arg(long)]
     timestep_spacing: Option<TimestepSpacing>,
-    /// Do not clip the predicted clean video to [-1, 1] (default: as the scheduler config
-    /// of the pipeline or `latte train` checkpoint says — checkpoints do not clip —, else
-    /// clip as diffusers' DDIMScheduler does).
+    /// Clip the predicted clean video to [-1, 1] (default: as the scheduler config of the
+    /// pipeline or `latte train` checkpoint says — checkpoints do not clip —, else clip as
+    /// diffusers' DDIMScheduler does). Gradient guidance of pixel-space models wants it:
+    /// the clip keeps each corrected x̂₀ in range.
+    #[arg(long, conflicts_with = "no_clip")]
+    clip: bool,
+    /// Do not clip the predicted clean video (see --clip).
     #[arg(long)]
     no_clip: bool,
     /// Where to write the latents (safetensors, tensor `latents`); the GIF and PNG frames
@@ -377,7 +381,7 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
             if let Some(spacing) = args.timestep_spacing {
                 ddim.timestep_spacing = spacing;
             }
-            ddim.clip_sample &= !args.no_clip;
+            ddim.clip_sample = (ddim.clip_sample || args.clip) && !args.no_clip;
             ddim
         },
         temporal,
