@@ -104,3 +104,58 @@ fn bad_inputs_are_clear_errors() {
     ]);
     assert!(!ok && text.contains("is not a model"), "{text}");
 }
+
+/// The scheduler config beside a transformer (a `latte train` checkpoint's
+/// `scheduler/scheduler_config.json`) sets the sampler; `--clip` and `--no-clip` override
+/// it. Without one, DDIM clips x̂₀ as diffusers' defaults do.
+#[test]
+fn the_scheduler_beside_the_transformer_sets_clipping() {
+    let dir = scratch("scheduler-beside");
+    let transformer = dir.join("checkpoint-1/transformer");
+    std::fs::create_dir_all(&transformer).unwrap();
+    for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(
+            fixtures().join("video/model").join(file),
+            transformer.join(file),
+        )
+        .unwrap();
+    }
+    let scheduler = dir.join("checkpoint-1/scheduler");
+    std::fs::create_dir_all(&scheduler).unwrap();
+    std::fs::write(
+        scheduler.join("scheduler_config.json"),
+        r#"{"_class_name": "DDIMScheduler", "clip_sample": false}"#,
+    )
+    .unwrap();
+    let latents = |name: &str, model: &str, extra: &[&str]| -> Vec<u8> {
+        let out = dir.join(format!("{name}.safetensors"));
+        let mut args = vec![
+            "sample",
+            "--model",
+            model,
+            "--synthetic-caption",
+            "3",
+            "--caption-tokens",
+            "5",
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, text) = latte_text(&args);
+        assert!(ok, "{name}: {text}");
+        std::fs::read(&out).unwrap()
+    };
+    let bare = model();
+    let checkpoint = dir.join("checkpoint-1").display().to_string();
+    let clipped = latents("clipped", &bare, &[]);
+    let unclipped = latents("unclipped", &bare, &["--no-clip"]);
+    assert_ne!(
+        clipped, unclipped,
+        "x̂₀ of the fixture model never left [-1, 1]"
+    );
+    assert_eq!(latents("checkpoint", &checkpoint, &[]), unclipped);
+    assert_eq!(latents("forced", &checkpoint, &["--clip"]), clipped);
+    std::fs::remove_dir_all(&dir).ok();
+}
