@@ -1,6 +1,7 @@
-//! Writing a pixel-space video `(1, 3, F, H, W)` in [-1, 1] as an animated GIF and PNG
-//! frames next to a given path, upscaled (nearest neighbour) to at least 128 pixels; each
-//! file is encoded in memory and written atomically.
+//! Writing a pixel-space video `(1, 3, F, H, W)` in [-1, 1] as an animated GIF, PNG
+//! frames and a strip of all frames side by side (for pages that show no animation) next
+//! to a given path, upscaled (nearest neighbour) to at least 128 pixels; each file is
+//! encoded in memory and written atomically.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
@@ -13,7 +14,11 @@ const MIN_SIDE_PX: usize = 128;
 /// GIF frame delay, in hundredths of a second.
 const FRAME_DELAY_CS: u16 = 12;
 
-/// Writes `<stem>.gif` and `<stem>-frame-NNN.png` beside `out`; returns the GIF's path.
+/// Width of the mid-grey gap between the frames of the strip, in pixels.
+const STRIP_GAP_PX: usize = 4;
+
+/// Writes `<stem>.gif`, `<stem>-frame-NNN.png` and `<stem>-strip.png` beside `out`;
+/// returns the GIF's path.
 pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
     let (_, c, f, h, w) = video.dims5()?;
     anyhow::ensure!(
@@ -65,7 +70,27 @@ pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
         write_atomically(&path, &png_bytes(rgb, ws as u32, hs as u32)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    let strip = strip(&frames, ws, hs);
+    let strip_width = (strip.len() / (3 * hs)) as u32;
+    let path = beside("-strip.png");
+    write_atomically(&path, &png_bytes(&strip, strip_width, hs as u32)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(gif_path)
+}
+
+/// The RGB frames (`width × height` each) side by side, [`STRIP_GAP_PX`] of mid-grey
+/// between them.
+fn strip(frames: &[Vec<u8>], width: usize, height: usize) -> Vec<u8> {
+    let pitch = width + STRIP_GAP_PX;
+    let strip_width = (frames.len() * pitch).saturating_sub(STRIP_GAP_PX);
+    let mut strip = vec![128u8; strip_width * height * 3];
+    for (i, rgb) in frames.iter().enumerate() {
+        for y in 0..height {
+            let to = (y * strip_width + i * pitch) * 3;
+            strip[to..to + width * 3].copy_from_slice(&rgb[y * width * 3..(y + 1) * width * 3]);
+        }
+    }
+    strip
 }
 
 /// An 8-bit RGB image (`width × height × 3` bytes, row-major) encoded as PNG.
@@ -96,9 +121,21 @@ mod tests {
             "scale-0.3.gif",
             "scale-0.3-frame-000.png",
             "scale-0.3-frame-001.png",
+            "scale-0.3-strip.png",
         ] {
             assert!(dir.join(name).is_file(), "{name} not written");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_strip_puts_frames_side_by_side_with_grey_gaps() {
+        // Two 2×1 frames: black and white.
+        let frames = vec![vec![0u8; 6], vec![255u8; 6]];
+        let strip = strip(&frames, 2, 1);
+        let mut expected = vec![0u8; 6];
+        expected.extend(vec![128u8; 3 * STRIP_GAP_PX]);
+        expected.extend(vec![255u8; 6]);
+        assert_eq!(strip, expected);
     }
 }
