@@ -9,10 +9,11 @@
 //! - `color:R,G,B` — pixel-space models: the colour of what is drawn on the dark
 //!   background: mean squared distance of the pixels to the colour (components in
 //!   [−1, 1]), each pixel weighted by its brightest channel
-//!   `w = clamp(2 max_c x + 1, 0, 1)` (0 on the black background and wherever no channel is above −½, 1 where a channel
-//!   reaches mid-grey, so that a pixel stays counted on its way between two saturated
-//!   colours: red → green passes through (0, 0, −1)), the weights held constant so the
-//!   gradient recolours what is drawn instead of dimming it or painting the background.
+//!   `w = clamp(2 max_c x + 1, 0, 1)` (0 on the black background and wherever no
+//!   channel is above −½, 1 where a channel reaches mid-grey, so that a pixel stays
+//!   counted on its way between two saturated colours: red → green passes through
+//!   (0, 0, −1)), the weights held constant so the gradient recolours what is drawn
+//!   instead of dimming it or painting the background.
 
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
