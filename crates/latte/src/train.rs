@@ -27,9 +27,8 @@
 //! precision), `ema/` (diffusers layout, f32), `scheduler/scheduler_config.json` (the DDIM
 //! scheduler that samples them, [`sampling_scheduler`]), `optimizer.safetensors`
 //! (`exp_avg.<name>`, `exp_avg_sq.<name>`, and `master.<name>` when training in bf16/f16)
-//! and `state.json`
-//! ([`TrainState`]). It is written to a temporary directory and renamed; `<out>/latest`
-//! names the newest. Every step appends one JSON object ([`StepReport`]) to
+//! and `state.json` ([`TrainState`]). It is written to a temporary directory and renamed;
+//! `<out>/latest` names the newest. Every step appends one JSON object ([`StepReport`]) to
 //! `<out>/metrics.jsonl`.
 
 use crate::config::{LatteConfig, LatteConfigFile};

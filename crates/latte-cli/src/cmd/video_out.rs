@@ -70,17 +70,16 @@ pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
         write_atomically(&path, &png_bytes(rgb, ws as u32, hs as u32)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let strip = strip(&frames, ws, hs);
-    let strip_width = (strip.len() / (3 * hs)) as u32;
+    let (strip, strip_width) = strip(&frames, ws, hs);
     let path = beside("-strip.png");
-    write_atomically(&path, &png_bytes(&strip, strip_width, hs as u32)?)
+    write_atomically(&path, &png_bytes(&strip, strip_width as u32, hs as u32)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(gif_path)
 }
 
 /// The RGB frames (`width × height` each) side by side, [`STRIP_GAP_PX`] of mid-grey
-/// between them.
-fn strip(frames: &[Vec<u8>], width: usize, height: usize) -> Vec<u8> {
+/// between them, and the strip's width.
+fn strip(frames: &[Vec<u8>], width: usize, height: usize) -> (Vec<u8>, usize) {
     let pitch = width + STRIP_GAP_PX;
     let strip_width = (frames.len() * pitch).saturating_sub(STRIP_GAP_PX);
     let mut strip = vec![128u8; strip_width * height * 3];
@@ -90,7 +89,7 @@ fn strip(frames: &[Vec<u8>], width: usize, height: usize) -> Vec<u8> {
             strip[to..to + width * 3].copy_from_slice(&rgb[y * width * 3..(y + 1) * width * 3]);
         }
     }
-    strip
+    (strip, strip_width)
 }
 
 /// An 8-bit RGB image (`width × height × 3` bytes, row-major) encoded as PNG.
@@ -132,7 +131,8 @@ mod tests {
     fn the_strip_puts_frames_side_by_side_with_grey_gaps() {
         // Two 2×1 frames: black and white.
         let frames = vec![vec![0u8; 6], vec![255u8; 6]];
-        let strip = strip(&frames, 2, 1);
+        let (strip, width) = strip(&frames, 2, 1);
+        assert_eq!(width, 2 + STRIP_GAP_PX + 2);
         let mut expected = vec![0u8; 6];
         expected.extend(vec![128u8; 3 * STRIP_GAP_PX]);
         expected.extend(vec![255u8; 6]);
