@@ -1498,7 +1498,9 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // latte-rs patch 6: gemm with `read_dst = false` writes every element of the
+        // destination (zeros when k = 0), so the buffer is not zero-filled first.
+        let mut dst: Vec<T> = Vec::with_capacity(b * m * n);
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1519,16 +1521,16 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        let dst_ptr = dst.spare_capacity_mut().as_mut_ptr().cast::<T>();
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_ptr.add(step * c_skip),
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1547,6 +1549,8 @@ impl Map2 for MatMul {
                 )
             }
         }
+        // SAFETY: the b gemm calls above wrote all b · m · n elements.
+        unsafe { dst.set_len(b * m * n) };
         Ok(dst)
     }
 
