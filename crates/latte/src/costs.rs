@@ -41,7 +41,7 @@
 use crate::config::{InputGeometry, LatteConfig};
 use crate::weights::parameter_specs;
 use candle_core::DType;
-use remat::costs::ChainCosts;
+use remat::costs::{ChainCosts, StageCosts};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -205,6 +205,19 @@ pub struct StageWork {
     pub forward: Work,
     /// One backward run.
     pub backward: Work,
+    /// One forward run for the graph only (`ChainModel::stage_graph_only`; model stages,
+    /// not the tail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_only: Option<Work>,
+}
+
+impl StageWork {
+    /// Sets `stage`'s times from this work at `throughput`.
+    fn time(&self, stage: &mut StageCosts, throughput: &Throughput) {
+        stage.fwd_s = throughput.time_s(&self.forward);
+        stage.bwd_s = throughput.time_s(&self.backward);
+        stage.fwd_graph_only_s = self.graph_only.map(|work| throughput.time_s(&work));
+    }
 }
 
 /// Converts work into seconds: matrix products at `matmul_flop_per_s`, everything else at
@@ -373,11 +386,10 @@ pub struct LatteCosts {
 }
 
 impl LatteCosts {
-    /// Recomputes every stage's `fwd_s` and `bwd_s` with another throughput.
+    /// Recomputes every stage's times with another throughput.
     pub fn retime(&mut self, throughput: &Throughput) {
         for (stage, work) in self.chain.stages.iter_mut().zip(&self.work) {
-            stage.fwd_s = throughput.time_s(&work.forward);
-            stage.bwd_s = throughput.time_s(&work.backward);
+            work.time(stage, throughput);
         }
     }
 }
@@ -406,8 +418,7 @@ pub fn analytic_costs(
         .into_iter()
         .zip(&work)
         .map(|(mut stage, work)| {
-            stage.fwd_s = throughput.time_s(&work.forward);
-            stage.bwd_s = throughput.time_s(&work.backward);
+            work.time(&mut stage, throughput);
             stage
         })
         .collect();
@@ -556,8 +567,8 @@ mod vt {
         Fused(V, Fused),
         /// `nn/fused_attention.rs`: `(q, k, v)`.
         Attention(V, V, V),
-        /// `nn/gelu_linear.rs`: `(h, W, b)`.
-        GeluLinear(V, V, V),
+        /// `nn/gelu_linear.rs`: `(h, W, [b; gates])`.
+        GatedGeluLinear(V, V, V),
         /// `nn/fused_norm.rs`: `(x, shift, scale)`.
         ModulatedNorm(V, V, V),
     }
@@ -1247,20 +1258,28 @@ mod vt {
         }
 
         /// `nn/gelu_linear.rs` forward on contiguous f32 `h` `(rows, inner)`, `W`
-        /// `(out, inner)` and `b` `(out,)`: the output, then one row block of GELU output
-        /// as scratch, and gemm's packed copy of it (the left operand of each product).
-        pub(super) fn gelu_linear(h: &V, w: &V, b: &V) -> V {
-            let (h, w, b) = (h.contiguous(), w.contiguous(), b.contiguous());
+        /// `(out, inner)` and the bias with the gates `(1 + n, out)`: the output, then (with
+        /// values) one row block of GELU output as scratch and gemm's packed copy of it (the
+        /// left operand of each product); for the graph only, zeros.
+        pub(super) fn gated_gelu_linear(h: &V, w: &V, bias_and_gates: &V, values: bool) -> V {
+            let (h, w) = (h.contiguous(), w.contiguous());
             let meter = h.meter().clone();
             let (rows, inner, out) = (h.dims()[0], h.dims()[1], w.dims()[0]);
-            meter.count_matmul(2.0 * (rows * inner * out) as f64);
-            meter.count_moved(2 * h.bytes() + w.bytes() + (4 * rows * out) as u64);
+            let output_bytes = (4 * rows * out) as u64;
             let storage = V::storage(&meter, rows * out, DType::F32);
-            let scratch = (4 * gelu_block_rows(rows, inner) * inner) as u64;
-            meter.alloc(2 * scratch);
-            meter.free(2 * scratch);
-            let op = (h.tracked() || w.tracked() || b.tracked())
-                .then(|| Op::GeluLinear(h.clone(), w.clone(), b.clone()));
+            if values {
+                let sequences = bias_and_gates.dims()[0].saturating_sub(1).max(1);
+                meter.count_matmul(2.0 * (rows * inner * out) as f64);
+                // h read twice (GELU, product), W, the output written and gated.
+                meter.count_moved(2 * h.bytes() + w.bytes() + 3 * output_bytes);
+                let scratch = (4 * gelu_block_rows(rows / sequences, inner) * inner) as u64;
+                meter.alloc(2 * scratch);
+                meter.free(2 * scratch);
+            } else {
+                meter.count_moved(output_bytes);
+            }
+            let op = (h.tracked() || w.tracked() || bias_and_gates.tracked())
+                .then(|| Op::GatedGeluLinear(h.clone(), w.clone(), bias_and_gates.clone()));
             V::node(
                 &meter,
                 vec![rows, out],
@@ -1272,34 +1291,55 @@ mod vt {
             )
         }
 
-        /// Its `bwd`: `∂b` (a sum over rows) when `b` is tracked, then `∂h` and, when `W`
-        /// is tracked, `∂W` and one row block of recomputed GELU output; each product's
-        /// left operand (a row block of `∂y`, or its transpose) packed by gemm.
-        fn gelu_linear_backward(h: &V, w: &V, b: &V, grad: &V) -> (V, Option<V>, Option<V>) {
+        /// Its `bwd`: the wanted gradients (`∂h`, `∂W`, the bias's and gates'), the weight
+        /// scaled by a sequence's gates, `Mᵢ` and one row block of recomputed GELU output
+        /// (when `W` or the gates are tracked), each product's left operand (a row block of
+        /// `∂y`, or its transpose) packed by gemm, and the f64 column sums of `∂y`.
+        fn gated_gelu_linear_backward(
+            h: &V,
+            w: &V,
+            bias_and_gates: &V,
+            grad: &V,
+        ) -> (Option<V>, Option<V>, Option<V>) {
             let meter = h.meter().clone();
             let (rows, inner, out) = (h.dims()[0], h.dims()[1], w.dims()[0]);
-            let products = if w.tracked() { 2.0 } else { 1.0 };
+            let sequences = bias_and_gates.dims()[0].saturating_sub(1).max(1);
+            let (want_h, want_w, want_bg) = (h.tracked(), w.tracked(), bias_and_gates.tracked());
+            let needs_m = want_w || want_bg;
+            let products = f64::from(u8::from(want_h) + u8::from(needs_m));
             meter.count_matmul(products * 2.0 * (rows * inner * out) as f64);
-            meter.count_moved(3 * h.bytes() + grad.bytes());
-            let db = b.tracked().then(|| grad.sum_keepdim(&[0]).squeeze(0));
-            meter.alloc(f32_bytes(h));
-            let block_rows = gelu_block_rows(rows, inner);
-            let scratch = (4 * block_rows * inner) as u64;
-            if w.tracked() {
-                meter.alloc(f32_bytes(w));
-                meter.alloc(scratch);
+            // h read for GELU' (and GELU), ∂h written, ∂y read; per sequence the scaled
+            // weight and the folds of Mᵢ.
+            let folds = u64::from(want_h) + 2 * u64::from(needs_m);
+            meter.count_moved(3 * h.bytes() + grad.bytes() + sequences as u64 * folds * w.bytes());
+            let block_rows = gelu_block_rows(rows / sequences, inner);
+            let weight_sized = f32_bytes(w);
+            let mut scratch = 0;
+            if want_h {
+                meter.alloc(f32_bytes(h));
+                scratch += weight_sized;
             }
-            let packed_grad = (4 * block_rows * out) as u64;
-            meter.alloc(packed_grad);
-            meter.free(packed_grad);
-            if w.tracked() {
-                meter.free(scratch);
+            if want_w {
+                meter.alloc(weight_sized);
             }
-            let dh = V::from_f32_buffer(&meter, h.dims(), DType::F32);
-            let dw = w
-                .tracked()
-                .then(|| V::from_f32_buffer(&meter, w.dims(), DType::F32));
-            (dh, dw, db)
+            if want_bg {
+                meter.alloc(f32_bytes(bias_and_gates));
+            }
+            if needs_m {
+                scratch += weight_sized + (4 * block_rows * inner) as u64;
+            }
+            meter.alloc(scratch);
+            let transient =
+                (4 * block_rows * out) as u64 + if want_bg { 8 * out as u64 } else { 0 };
+            meter.alloc(transient);
+            meter.free(transient);
+            meter.free(scratch);
+            let gradient = |t: &V| V::from_f32_buffer(&meter, t.dims(), DType::F32);
+            (
+                want_h.then(|| gradient(h)),
+                want_w.then(|| gradient(w)),
+                want_bg.then(|| gradient(bias_and_gates)),
+            )
         }
 
         /// The backward kernel of a fused op (`apply_op2_no_bwd`): the input read in place
@@ -1429,7 +1469,7 @@ mod vt {
             | Op::Unary(a, _)
             | Op::ToDType(a)
             | Op::Fused(a, _) => vec![a],
-            Op::Attention(q, k, v) | Op::ModulatedNorm(q, k, v) | Op::GeluLinear(q, k, v) => {
+            Op::Attention(q, k, v) | Op::ModulatedNorm(q, k, v) | Op::GatedGeluLinear(q, k, v) => {
                 vec![q, k, v]
             }
         }
@@ -1462,7 +1502,7 @@ mod vt {
             Op::Fused(_, Fused::Gelu) => (vec![true], false),
             Op::Attention(..) => (vec![true, true, true], false),
             Op::ModulatedNorm(..) => (vec![true, false, true], false),
-            Op::GeluLinear(..) => (vec![true, true, false], false),
+            Op::GatedGeluLinear(..) => (vec![true, true, true], false),
         }
     }
 
@@ -1672,10 +1712,9 @@ mod vt {
                 grads.accumulate(k, &dk);
                 grads.accumulate(v, &dv);
             }
-            Op::GeluLinear(h, w, b) => {
-                let (dh, dw, db) = V::gelu_linear_backward(h, w, b, &grad.contiguous());
-                grads.accumulate(h, &dh);
-                for (t, g) in [(w, dw), (b, db)] {
+            Op::GatedGeluLinear(h, w, bg) => {
+                let (dh, dw, dbg) = V::gated_gelu_linear_backward(h, w, bg, &grad.contiguous());
+                for (t, g) in [(h, dh), (w, dw), (bg, dbg)] {
                     if let Some(g) = g {
                         grads.accumulate(t, &g);
                     }
@@ -1761,10 +1800,9 @@ mod vt {
 /// The model code replayed on virtual tensors, mirroring `nn/*.rs` and `model.rs`.
 mod replay {
     use super::vt::{backward, release_unneeded, Fused, Grads, Meter, Unary, V};
-    use super::{CostsError, Kernels, Mode, StageWork};
+    use super::{CostsError, Kernels, Mode, StageCosts, StageWork};
     use crate::config::{InputGeometry, LatteConfig};
     use candle_core::DType;
-    use remat::costs::StageCosts;
     use std::rc::Rc;
 
     /// Width of the sinusoidal timestep features (`embeddings.rs`).
@@ -1825,7 +1863,7 @@ mod replay {
     struct Head {
         tokens: V,
         /// What the stages read: `[timestep_spatial, timestep_temporal, captions,
-        /// embedded_timestep]` (leaf copies when tracked).
+        /// embedded_timestep, timestep_video]` (leaf copies when tracked).
         context: Vec<V>,
         /// Whether each context tensor is a leaf collecting gradients.
         leaves: Vec<bool>,
@@ -1924,21 +1962,28 @@ mod replay {
             for i in 0..=halves {
                 let (block, attention_half) = (i / 2, i.is_multiple_of(2));
                 let (layer, temporal) = (block / 2, block % 2 == 1);
-                let run = |input: &V| -> V {
+                // `values: false` is `ChainModel::stage_graph_only`.
+                let run = |input: &V, values: bool| -> V {
                     if i == halves {
                         return self.tail(input, &head.context, &tail_table, &proj_out);
                     }
                     let b = &blocks[layer][usize::from(temporal)];
                     if !attention_half {
-                        self.feed_forward_half(b, input, &head.context[0])
+                        self.feed_forward_stage(b, input, &head, values)
                     } else if !temporal {
                         self.attention_half(b, input, &head.context[0], Some(&head.context[2]))
                     } else {
                         self.temporal_attention(b, layer, input, &head.context)
                     }
                 };
-                let (costs, stage_work, next) =
+                let (mut costs, mut stage_work, next) =
                     self.measure_stage(&x, run, &head, &mut context_grads, &mut param_grads)?;
+                if i < halves {
+                    // `remat::profile`'s graph-only timing: one more forward, dropped.
+                    drop(run(&x.leaf(), false));
+                    stage_work.graph_only = Some(self.meter.take_work());
+                    costs.fwd_graph_only_s = Some(0.0);
+                }
                 stages.push(costs);
                 work.push(stage_work);
                 x = next;
@@ -1959,7 +2004,7 @@ mod replay {
         fn measure_stage(
             &self,
             x: &V,
-            run: impl Fn(&V) -> V,
+            run: impl Fn(&V, bool) -> V,
             head: &Head,
             context_grads: &mut [Option<V>],
             param_grads: &mut Grads,
@@ -1970,7 +2015,7 @@ mod replay {
             let before = meter.live();
             meter.reset_peak();
             let input = x.leaf();
-            let output = run(&input);
+            let output = run(&input, true);
             release_unneeded(&[&output]);
             let forward = meter.take_work();
             let after = meter.live();
@@ -2013,6 +2058,7 @@ mod replay {
                 StageCosts {
                     fwd_s: 0.0,
                     bwd_s: 0.0,
+                    fwd_graph_only_s: None,
                     input_bytes,
                     graph_bytes,
                     fwd_tmp_bytes,
@@ -2022,6 +2068,7 @@ mod replay {
                 StageWork {
                     forward,
                     backward: backward_work,
+                    graph_only: None,
                 },
                 next,
             ))
@@ -2061,17 +2108,21 @@ mod replay {
 
         // ---- nn/gelu_linear.rs ----
 
-        fn gelu_linear(&self, h: &V, linear: &Linear) -> V {
+        fn gated_gelu_linear(&self, h: &V, linear: &Linear, gate: &V, values: bool) -> V {
             match &linear.bias {
                 Some(bias) if self.kernels == Kernels::Fused && h.dtype() == DType::F32 => {
-                    let mut dims = h.dims().to_vec();
-                    let inner = dims.pop().unwrap_or(1);
-                    let rows = h.numel() / inner.max(1);
-                    let y = V::gelu_linear(&h.reshape(&[rows, inner]), &linear.weight, bias);
-                    dims.push(linear.weight.dims()[0]);
-                    y.reshape(&dims)
+                    let (n, s, inner) = (h.dims()[0], h.dims()[1], h.dims()[2]);
+                    let out = linear.weight.dims()[0];
+                    let bias_and_gates = V::cat(&[&bias.unsqueeze(0), &gate.reshape(&[n, out])], 0);
+                    V::gated_gelu_linear(
+                        &h.reshape(&[n * s, inner]),
+                        &linear.weight,
+                        &bias_and_gates,
+                        values,
+                    )
+                    .reshape(&[n, s, out])
                 }
-                _ => linear.forward(&self.gelu_tanh(h)),
+                _ => linear.forward(&self.gelu_tanh(h)).broadcast_mul(gate),
             }
         }
 
@@ -2101,11 +2152,22 @@ mod replay {
             }
         }
 
-        fn feed_forward_half(&self, b: &Block, h: &V, timestep: &V) -> V {
+        fn feed_forward_half(&self, b: &Block, h: &V, timestep: &V, values: bool) -> V {
             let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(b, timestep, 3);
             let x = self.modulated_layer_norm(h, &shift_mlp, &scale_mlp);
-            let ff = self.gelu_linear(&b.ff_in.forward(&x), &b.ff_out);
-            h.add(&ff.broadcast_mul(&gate_mlp))
+            h.add(&self.gated_gelu_linear(&b.ff_in.forward(&x), &b.ff_out, &gate_mlp, values))
+        }
+
+        /// `model::LatteChain::run_stage` of a feed-forward half: one sequence per video.
+        fn feed_forward_stage(&self, b: &Block, x: &V, head: &Head, values: bool) -> V {
+            let dims = x.dims().to_vec();
+            let videos = x.reshape(&[
+                self.geometry.batch,
+                dims[0] * dims[1] / self.geometry.batch,
+                dims[2],
+            ]);
+            self.feed_forward_half(b, &videos, &head.context[4], values)
+                .reshape(&dims)
         }
 
         fn modulation(&self, b: &Block, timestep: &V, first: usize) -> [V; 3] {
@@ -2240,6 +2302,7 @@ mod replay {
                 repeat_rows(&modulation, gh * gw),
                 repeat_rows(&projected, f),
                 repeat_rows(&embedded, f),
+                modulation.clone(),
             ];
             drop((modulation, embedded, projected));
             let leaves: Vec<bool> = context.iter().map(V::tracked).collect();
@@ -2404,6 +2467,7 @@ mod tests {
                     matmul_flops: 2e9 * i as f64,
                     moved_bytes: 3e8,
                 },
+                graph_only: None,
             })
             .collect();
         let stages = work
@@ -2411,6 +2475,7 @@ mod tests {
             .map(|w| remat::costs::StageCosts {
                 fwd_s: truth.time_s(&w.forward),
                 bwd_s: truth.time_s(&w.backward),
+                fwd_graph_only_s: None,
                 input_bytes: 1,
                 graph_bytes: 1,
                 fwd_tmp_bytes: 0,

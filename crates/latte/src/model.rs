@@ -10,6 +10,7 @@ use crate::nn::block::{BlockSpec, TransformerBlock};
 use crate::nn::embeddings::{
     temporal_positions, AdaLayerNormSingle, CaptionProjection, PatchEmbed,
 };
+use crate::nn::gelu_linear::Output;
 use crate::nn::linear::Linear;
 use crate::nn::norm::modulated_layer_norm;
 use candle_core::{Result, Tensor};
@@ -195,6 +196,9 @@ pub struct LatteContext {
     captions: Tensor,
     /// The embedded timestep per frame image for the output modulation, `(b·f, d)`.
     embedded_timestep: Tensor,
+    /// adaLN-single modulation per video, `(b, 6·d)`, for the token-wise feed-forward
+    /// halves.
+    timestep_video: Tensor,
     geometry: Geometry,
 }
 
@@ -220,19 +224,21 @@ impl StageContext for LatteContext {
             self.timestep_temporal.clone(),
             self.captions.clone(),
             self.embedded_timestep.clone(),
+            self.timestep_video.clone(),
         ]
     }
 
     fn with_tensors(&self, tensors: Vec<Tensor>) -> Result<Self> {
-        let [timestep_spatial, timestep_temporal, captions, embedded_timestep]: [Tensor; 4] =
+        let [timestep_spatial, timestep_temporal, captions, embedded_timestep, timestep_video]: [Tensor; 5] =
             tensors
                 .try_into()
-                .map_err(|_| candle_core::Error::Msg("LatteContext holds 4 tensors".into()))?;
+                .map_err(|_| candle_core::Error::Msg("LatteContext holds 5 tensors".into()))?;
         Ok(Self {
             timestep_spatial,
             timestep_temporal,
             captions,
             embedded_timestep,
+            timestep_video,
             geometry: self.geometry,
         })
     }
@@ -329,6 +335,41 @@ impl LatteChain<'_> {
         // (b·n, f, d) → (b·f, n, d)
         swap_sequence_axes(&out, geometry.batch)
     }
+
+    /// Stage `index`; `output` says whether a feed-forward half computes its values.
+    fn run_stage(
+        &self,
+        index: usize,
+        x: &Tensor,
+        ctx: &LatteContext,
+        output: Output,
+    ) -> Result<Tensor> {
+        let StagePart {
+            layer,
+            temporal,
+            half,
+        } = self.part(index);
+        let blocks = if temporal {
+            &self.model.temporal_transformer_blocks
+        } else {
+            &self.model.transformer_blocks
+        };
+        let _span = tracing::trace_span!("stage", layer, temporal, ?half).entered();
+        match (half, temporal) {
+            (Half::Attention, false) => {
+                blocks[layer].attention_half(x, &ctx.timestep_spatial, Some(&ctx.captions))
+            }
+            (Half::Attention, true) => self.temporal_attention(layer, x, ctx),
+            (Half::FeedForward, _) => {
+                // (b·f, n, d) → (b, f·n, d): one sequence per video.
+                let dims = x.dims3()?;
+                let videos = x.reshape((ctx.geometry.batch, (), dims.2))?;
+                blocks[layer]
+                    .feed_forward_half(&videos, &ctx.timestep_video, output)?
+                    .reshape(dims)
+            }
+        }
+    }
 }
 
 impl ChainModel for LatteChain<'_> {
@@ -362,6 +403,7 @@ impl ChainModel for LatteChain<'_> {
             timestep_temporal: repeat_rows(&modulation, geometry.tokens())?,
             captions: repeat_rows(&captions, f)?,
             embedded_timestep: repeat_rows(&embedded, f)?,
+            timestep_video: modulation,
             geometry,
         };
         Ok((tokens, context))
@@ -375,27 +417,16 @@ impl ChainModel for LatteChain<'_> {
 
     /// Spatial attention attends within each frame over `(b·f, n, d)`; temporal attention
     /// moves to `(b·n, f, d)`, attends across frames, and moves back. The feed-forward
-    /// halves are token-wise and stay in the frame-major layout, reading the per-frame
-    /// modulation (every row of a video carries the same values).
+    /// halves are token-wise: they see each video as one sequence `(b, f·n, d)` (a view of
+    /// the frame-major layout) with its video's modulation.
     fn stage_forward(&self, index: usize, x: &Tensor, ctx: &LatteContext) -> Result<Tensor> {
-        let StagePart {
-            layer,
-            temporal,
-            half,
-        } = self.part(index);
-        let blocks = if temporal {
-            &self.model.temporal_transformer_blocks
-        } else {
-            &self.model.transformer_blocks
-        };
-        let _span = tracing::trace_span!("stage", layer, temporal, ?half).entered();
-        match (half, temporal) {
-            (Half::Attention, false) => {
-                blocks[layer].attention_half(x, &ctx.timestep_spatial, Some(&ctx.captions))
-            }
-            (Half::Attention, true) => self.temporal_attention(layer, x, ctx),
-            (Half::FeedForward, _) => blocks[layer].feed_forward_half(x, &ctx.timestep_spatial),
-        }
+        self.run_stage(index, x, ctx, Output::Values)
+    }
+
+    /// A feed-forward half skips its gated product (its result is zeros plus the
+    /// residual); attention halves run as in [`ChainModel::stage_forward`].
+    fn stage_graph_only(&self, index: usize, x: &Tensor, ctx: &LatteContext) -> Result<Tensor> {
+        self.run_stage(index, x, ctx, Output::GraphOnly)
     }
 
     /// Tokens `(b·f, n, d)` → `(b, out_channels, f, h, w)`.

@@ -30,6 +30,16 @@ pub trait ChainModel {
     /// Runs stage `index` on its input.
     fn stage_forward(&self, index: usize, x: &Tensor, ctx: &Self::Context) -> Result<Tensor>;
 
+    /// Runs stage `index` for its graph only: the executor back-propagates through the
+    /// result at once and never reads its values (a stage recomputed right before its own
+    /// backward, whose output the rest of the chain already has). A model may skip work
+    /// that only the values need — for example a last product whose backward does not read
+    /// its result — as long as the gradients equal those of [`ChainModel::stage_forward`].
+    /// By default it is `stage_forward`.
+    fn stage_graph_only(&self, index: usize, x: &Tensor, ctx: &Self::Context) -> Result<Tensor> {
+        self.stage_forward(index, x, ctx)
+    }
+
     /// The last stage's output → the model output.
     fn tail(&self, x: &Tensor, ctx: &Self::Context) -> Result<Tensor>;
 

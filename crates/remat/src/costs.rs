@@ -17,6 +17,11 @@ pub struct StageCosts {
     pub fwd_s: f64,
     /// Seconds the backward of the stage takes.
     pub bwd_s: f64,
+    /// Seconds of a `ForwardKeep` run for its graph only (right before the stage's own
+    /// backward, when nothing reads its output: `ChainModel::stage_graph_only`), if the
+    /// stage is cheaper then; `None` means `fwd_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwd_graph_only_s: Option<f64>,
     /// Bytes of the stage input `a_i` (`|a_i|`); also the size of `δ_i`.
     pub input_bytes: u64,
     /// Bytes `ForwardKeep` keeps: the stage's autograd tape as the executor stores it
@@ -31,6 +36,15 @@ pub struct StageCosts {
     /// kept to the end (0 when the parameters are frozen).
     #[serde(default)]
     pub param_grad_bytes: u64,
+}
+
+impl StageCosts {
+    /// Seconds of a forward run for the graph only: `fwd_graph_only_s`, at most `fwd_s`
+    /// (the same ops minus skipped ones; a larger measurement is noise).
+    pub fn graph_only_s(&self) -> f64 {
+        self.fwd_graph_only_s
+            .map_or(self.fwd_s, |s| s.min(self.fwd_s))
+    }
 }
 
 /// Costs of a whole chain: its stages in order, the size of the output and
@@ -60,7 +74,7 @@ pub enum CostsError {
     BadTime {
         /// Index of the offending stage.
         stage: usize,
-        /// Name of the offending field (`fwd_s` or `bwd_s`).
+        /// Name of the offending field (`fwd_s`, `bwd_s` or `fwd_graph_only_s`).
         field: &'static str,
         /// The offending value.
         value: f64,
@@ -159,7 +173,8 @@ impl ChainCosts {
             return Err(CostsError::Empty);
         }
         for (stage, costs) in self.stages.iter().enumerate() {
-            for (field, value) in [("fwd_s", costs.fwd_s), ("bwd_s", costs.bwd_s)] {
+            let graph_only = ("fwd_graph_only_s", costs.fwd_graph_only_s.unwrap_or(0.0));
+            for (field, value) in [("fwd_s", costs.fwd_s), ("bwd_s", costs.bwd_s), graph_only] {
                 if !(value.is_finite() && value >= 0.0) {
                     return Err(CostsError::BadTime {
                         stage,
@@ -192,6 +207,7 @@ mod tests {
             param_grad_bytes: 0,
             fwd_s,
             bwd_s: 2.0 * fwd_s,
+            fwd_graph_only_s: None,
             input_bytes,
             graph_bytes: 10,
             fwd_tmp_bytes: 0,

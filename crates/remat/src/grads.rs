@@ -93,8 +93,8 @@ pub(crate) fn run_head<M: ChainModel>(
 /// What the forward pass left for the backward pass.
 pub struct Tape<'a, M: ChainModel> {
     model: &'a M,
-    ops: Vec<Op>,
-    /// Index of the first backward-phase op in `ops`.
+    schedule: Schedule,
+    /// Index of the first backward-phase op of `schedule`.
     next_op: usize,
     inputs: Vec<Tensor>,
     wants_input_grad: Vec<bool>,
@@ -160,7 +160,8 @@ pub fn forward<'a, M: ChainModel>(
 
     let mut acts = BTreeMap::new();
     acts.insert(0, head_tokens.detach());
-    let ops: Vec<Op> = schedule.ops().to_vec();
+    let schedule = schedule.clone();
+    let ops = schedule.ops();
     let first_backward = ops
         .iter()
         .position(|op| matches!(op, Op::Backward(_)))
@@ -173,13 +174,13 @@ pub fn forward<'a, M: ChainModel>(
     };
     phases.phase("forward");
     for op in &ops[..first_backward] {
-        tape_state.run_forward_op(*op)?;
+        tape_state.run_forward_op(*op, false)?;
     }
     let output = tape_state.activation(n)?;
     let Executor { acts, graphs, .. } = tape_state;
     Ok(Tape {
         model,
-        ops,
+        schedule,
         next_op: first_backward,
         inputs,
         wants_input_grad: wants_input_grad.to_vec(),
@@ -213,20 +214,24 @@ impl<M: ChainModel> Executor<'_, '_, M> {
         }
     }
 
-    /// Stage `i` of the schedule: a model stage, or the tail after the last one.
-    fn run_stage(&self, i: usize, x: &Tensor) -> Result<Tensor> {
-        if i < self.model.num_stages() {
-            self.model.stage_forward(i, x, self.context)
-        } else {
+    /// Stage `i` of the schedule: a model stage (for its graph only if `graph_only`), or
+    /// the tail after the last one.
+    fn run_stage(&self, i: usize, x: &Tensor, graph_only: bool) -> Result<Tensor> {
+        if i >= self.model.num_stages() {
             self.model.tail(x, self.context)
+        } else if graph_only {
+            self.model.stage_graph_only(i, x, self.context)
+        } else {
+            self.model.stage_forward(i, x, self.context)
         }
     }
 
-    fn run_forward_op(&mut self, op: Op) -> Result<()> {
+    /// Runs a forward op; `graph_only` as [`Schedule::is_graph_only`] says of it.
+    fn run_forward_op(&mut self, op: Op, graph_only: bool) -> Result<()> {
         match op {
             Op::CheckpointForward(i) | Op::Forward(i) => {
                 let x = self.activation(i)?;
-                let y = self.run_stage(i, &x)?.detach();
+                let y = self.run_stage(i, &x, false)?.detach();
                 if matches!(op, Op::Forward(_)) {
                     self.acts.remove(&i);
                 }
@@ -234,7 +239,7 @@ impl<M: ChainModel> Executor<'_, '_, M> {
             }
             Op::ForwardKeep(i) => {
                 let input = leaf_var(&self.activation(i)?)?;
-                let output = self.run_stage(i, input.as_tensor())?;
+                let output = self.run_stage(i, input.as_tensor(), graph_only)?;
                 release_unneeded(&[&output])?;
                 self.graphs.insert(i, StageGraph { input, output });
             }
@@ -257,7 +262,7 @@ impl<M: ChainModel> Tape<'_, M> {
     pub fn backward(self, grad_output: &Tensor, phases: &mut dyn PhaseSink) -> Result<Gradients> {
         let Tape {
             model,
-            ops,
+            schedule,
             next_op,
             inputs,
             wants_input_grad,
@@ -283,7 +288,7 @@ impl<M: ChainModel> Tape<'_, M> {
         };
         state.acts.remove(&n);
         let mut expected = n;
-        for op in &ops[next_op..] {
+        for (op_index, op) in schedule.ops().iter().enumerate().skip(next_op) {
             match *op {
                 Op::Backward(i) => {
                     if i + 1 != expected {
@@ -311,7 +316,7 @@ impl<M: ChainModel> Tape<'_, M> {
                     phases.phase_with(|| {
                         format!("recompute {}", stage_name(model, forward_op.stage()))
                     });
-                    state.run_forward_op(forward_op)?;
+                    state.run_forward_op(forward_op, schedule.is_graph_only(op_index, n))?;
                 }
             }
         }

@@ -47,7 +47,10 @@
 //!   go on (c+1 < r'):     Q(c+1, r', t, m)  if also m ≥ g(t) + max(a_{c+1} + G_{c+1} + φ_{c+1}, a_{c+2})
 //! ```
 //!
-//! (the `P(c+1, …)` of `keep` is `0` when `c = t`). Parameter gradients
+//! (the `P(c+1, …)` of `keep` is `0` when `c = t`; its `Fe c` then runs right
+//! before `B c` and costs `fwd'_c`, the stage's graph-only forward
+//! ([`StageCosts::graph_only_s`](crate::costs::StageCosts::graph_only_s)), except
+//! for `c = n-1`, whose output the loss reads). Parameter gradients
 //! only grow, one stage's at each `B`, and every op of `P(·, ·, t, ·)` before
 //! its `B(t)` runs with `W_{t+1}` held, so they fit the recurrence as part of
 //! `g(t)` without a new state: the DP stays exact when parameters train.
@@ -424,6 +427,9 @@ struct Sizes {
     fwd_tmp: Vec<u64>,
     bwd_tmp: Vec<u64>,
     fwd_s: Vec<f64>,
+    /// The forward time of "keep" when its `Fe c` runs right before `B c` (`c = t`):
+    /// graph only, except for the last stage.
+    keep_last_fwd_s: Vec<f64>,
     bwd_s: Vec<f64>,
     /// `W_i = Σ_{j ≥ i} w_j` for `i` in `0..=n`: the parameter gradients held once
     /// `B(i)` has run (`W_n = 0`).
@@ -453,6 +459,15 @@ impl Sizes {
             fwd_tmp: per_stage(|s| s.fwd_tmp_bytes),
             bwd_tmp: per_stage(|s| s.bwd_tmp_bytes),
             fwd_s: costs.stages.iter().map(|s| s.fwd_s).collect(),
+            keep_last_fwd_s: (costs.stages.iter().enumerate())
+                .map(|(i, s)| {
+                    if i + 1 < costs.num_stages() {
+                        s.graph_only_s()
+                    } else {
+                        s.fwd_s
+                    }
+                })
+                .collect(),
             bwd_s: costs.stages.iter().map(|s| s.bwd_s).collect(),
             param_grads_from,
         }
@@ -894,7 +909,7 @@ impl GeneralTable {
             let own_s = sizes.fwd_s[c] + sizes.bwd_s[c];
             let from = offset(sizes.act[c].saturating_add(sizes.keep_peak(c, t)), width);
             if c == t {
-                best[from..].fill(own_s);
+                best[from..].fill(sizes.keep_last_fwd_s[c] + sizes.bwd_s[c]);
                 choices[from..].fill(KEEP);
             } else {
                 let rest = &next.p_time_s[local(c + 1, c + 1, t) * width..][..width];
@@ -1008,7 +1023,7 @@ impl PersistentTable {
         let from = offset(sizes.keep_peak(s, t), width);
         if s == t {
             for m in from..width {
-                self.time_s[row + m] = own_s;
+                self.time_s[row + m] = sizes.keep_last_fwd_s[s] + sizes.bwd_s[s];
                 self.choice[row + m] = s as u32;
             }
             return;
@@ -1126,13 +1141,15 @@ mod tests {
     /// A heterogeneous chain with small integer sizes. With `tape_holds_output`
     /// every graph is at least as large as its output (as on a real tape);
     /// otherwise graph sizes are arbitrary, exercising every term of the model.
-    /// With `trains`, stages have parameter gradients (as in a training step).
+    /// With `trains`, stages have parameter gradients (as in a training step). Some stages
+    /// are cheaper to run for their graph only.
     fn random_chain(rng: &mut Rng, n: usize, tape_holds_output: bool, trains: bool) -> ChainCosts {
         let act: Vec<u64> = (0..=n).map(|_| rng.range(1, 8)).collect();
         let stages = (0..n)
             .map(|i| StageCosts {
                 param_grad_bytes: if trains { rng.range(0, 6) } else { 0 },
                 fwd_s: 0.25 + rng.unit(),
+                fwd_graph_only_s: (rng.range(0, 2) == 1).then(|| 0.25 * rng.unit()),
                 bwd_s: 0.25 + 2.0 * rng.unit(),
                 input_bytes: act[i],
                 graph_bytes: if tape_holds_output {
@@ -1174,16 +1191,18 @@ mod tests {
     }
 
     /// Dijkstra over every engine state reachable by any op sequence the
-    /// simulator accepts (persistent or not). `relax(cost, op, memory)` is the
-    /// cost after `op`, or `None` if the op is forbidden. Returns the least
-    /// cost of a complete schedule.
+    /// simulator accepts (persistent or not). `relax(cost, op, graph_only, memory)`
+    /// is the cost after `op`, or `None` if the op is forbidden; `graph_only` marks
+    /// an `Fe i` taken together with the `B i` right after it (a move of its own, as
+    /// the engine state does not say which op came last). Returns the least cost of
+    /// a complete schedule.
     fn exhaustive(
         costs: &ChainCosts,
         start_cost: f64,
-        relax: impl Fn(f64, Op, OpMemory) -> Option<f64>,
+        relax: impl Fn(f64, Op, bool, OpMemory) -> Option<f64>,
     ) -> Option<(f64, Schedule)> {
         let n = costs.num_stages();
-        let all_ops: Vec<Op> = (0..n)
+        let mut moves: Vec<Vec<Op>> = (0..n)
             .flat_map(|i| {
                 [
                     Op::CheckpointForward(i),
@@ -1192,10 +1211,12 @@ mod tests {
                     Op::Backward(i),
                 ]
             })
+            .map(|op| vec![op])
             .collect();
+        moves.extend((0..n.saturating_sub(1)).map(|i| vec![Op::ForwardKeep(i), Op::Backward(i)]));
         let start = Engine::new(costs).unwrap();
         let mut best: HashMap<Engine, f64> = HashMap::from([(start.clone(), start_cost)]);
-        let mut parent: HashMap<Engine, (Engine, Op)> = HashMap::new();
+        let mut parent: HashMap<Engine, (Engine, &[Op])> = HashMap::new();
         let mut queue = BinaryHeap::from([Entry {
             cost: start_cost,
             state: start,
@@ -1207,24 +1228,28 @@ mod tests {
             if state.finish().is_ok() {
                 let mut ops = Vec::new();
                 let mut at = &state;
-                while let Some((previous, op)) = parent.get(at) {
-                    ops.push(*op);
+                while let Some((previous, ops_of_move)) = parent.get(at) {
+                    ops.extend(ops_of_move.iter().rev());
                     at = previous;
                 }
                 ops.reverse();
                 return Some((cost, Schedule::new(ops)));
             }
-            for &op in &all_ops {
+            'moves: for ops in &moves {
                 let mut next = state.clone();
-                let Ok(memory) = next.apply(costs, 0, op) else {
-                    continue;
-                };
-                let Some(next_cost) = relax(cost, op, memory) else {
-                    continue;
-                };
+                let mut next_cost = cost;
+                for &op in ops {
+                    let Ok(memory) = next.apply(costs, 0, op) else {
+                        continue 'moves;
+                    };
+                    let Some(after) = relax(next_cost, op, ops.len() > 1, memory) else {
+                        continue 'moves;
+                    };
+                    next_cost = after;
+                }
                 if best.get(&next).is_none_or(|&known| next_cost < known) {
                     best.insert(next.clone(), next_cost);
-                    parent.insert(next.clone(), (state.clone(), op));
+                    parent.insert(next.clone(), (state.clone(), ops.as_slice()));
                     queue.push(Entry {
                         cost: next_cost,
                         state: next,
@@ -1237,24 +1262,24 @@ mod tests {
 
     /// The least time of any valid schedule whose every instant fits `budget_bytes`.
     fn exhaustive_fastest_s(costs: &ChainCosts, budget_bytes: u64) -> Option<(f64, Schedule)> {
-        let op_time_s = |op: Op| {
+        let op_time_s = |op: Op, graph_only: bool| {
             let stage = &costs.stages[op.stage()];
-            if op.is_forward() {
-                stage.fwd_s
-            } else {
-                stage.bwd_s
+            match (op.is_forward(), graph_only) {
+                (true, true) => stage.graph_only_s(),
+                (true, false) => stage.fwd_s,
+                (false, _) => stage.bwd_s,
             }
         };
-        exhaustive(costs, 0.0, |time_s, op, memory| {
+        exhaustive(costs, 0.0, |time_s, op, graph_only, memory| {
             let fits = memory.during_bytes.max(memory.after_bytes) <= budget_bytes;
-            fits.then(|| time_s + op_time_s(op))
+            fits.then(|| time_s + op_time_s(op, graph_only))
         })
     }
 
     /// The least peak of any valid schedule (a bottleneck shortest path).
     fn exhaustive_min_peak_bytes(costs: &ChainCosts) -> u64 {
         let start = Engine::new(costs).unwrap().current_bytes() as f64;
-        let relax = |peak: f64, _op: Op, memory: OpMemory| {
+        let relax = |peak: f64, _op: Op, _graph_only: bool, memory: OpMemory| {
             let op_peak = memory.during_bytes.max(memory.after_bytes) as f64;
             Some(peak.max(op_peak))
         };
@@ -1336,6 +1361,7 @@ mod tests {
                 param_grad_bytes: 0,
                 fwd_s,
                 bwd_s,
+                fwd_graph_only_s: None,
                 input_bytes,
                 graph_bytes,
                 fwd_tmp_bytes,
@@ -1455,6 +1481,7 @@ mod tests {
                 param_grad_bytes: 0,
                 fwd_s: 1e-3 * (0.5 + rng.unit()),
                 bwd_s: 2e-3 * (0.5 + rng.unit()),
+                fwd_graph_only_s: None,
                 input_bytes: act[i],
                 graph_bytes: act[i + 1] + rng.range(0, 256 << 20),
                 fwd_tmp_bytes: rng.range(0, 32 << 20),

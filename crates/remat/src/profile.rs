@@ -1,6 +1,6 @@
-//! Measuring a chain's costs — per-stage forward and backward time, input size, stored
-//! graph size and transient peaks — by running each stage once forward with its graph and
-//! once backward, under a [`MemoryMeter`]. The numbers feed the [`planner`](crate::planner).
+//! Measuring a chain's costs — per-stage forward (with values and for the graph only)
+//! and backward time, input size, stored graph size and transient peaks — by running each
+//! stage forward with its graph and backward, under a [`MemoryMeter`]. The numbers feed the [`planner`](crate::planner).
 
 use crate::chain::ChainModel;
 use crate::costs::{ChainCosts, StageCosts};
@@ -30,7 +30,7 @@ fn store_bytes(store: &GradStore) -> u64 {
 /// Measures the costs of `model` on `inputs` (gradient flags as for
 /// [`grads::forward`]). `meter` must observe the allocations the model makes (the
 /// counting allocator on CPU). Runs every stage forward and backward twice (a warm-up,
-/// then the measurement).
+/// then the measurement), and every model stage once more for its graph only.
 pub fn profile<M: ChainModel>(
     model: &M,
     inputs: &[Tensor],
@@ -61,8 +61,11 @@ pub fn profile<M: ChainModel>(
             meter,
         )?;
         drop((scratch, scratch_context));
-        let (costs, next) =
+        let (mut costs, next) =
             measure_stage(model, &head, i, &x, &mut params, &mut context_grads, meter)?;
+        if i < model.num_stages() {
+            costs.fwd_graph_only_s = Some(time_graph_only(model, &head, i, &x)?);
+        }
         stages.push(costs);
         x = next;
     }
@@ -125,6 +128,7 @@ fn measure_stage<M: ChainModel>(
     let costs = StageCosts {
         fwd_s,
         bwd_s,
+        fwd_graph_only_s: None,
         input_bytes,
         graph_bytes,
         fwd_tmp_bytes,
@@ -132,6 +136,20 @@ fn measure_stage<M: ChainModel>(
         param_grad_bytes: new_param_bytes,
     };
     Ok((costs, next))
+}
+
+/// Seconds of model stage `i` run for its graph only (`ChainModel::stage_graph_only`).
+fn time_graph_only<M: ChainModel>(
+    model: &M,
+    head: &grads::Head<M::Context>,
+    i: usize,
+    x: &Tensor,
+) -> Result<f64> {
+    let started = Instant::now();
+    let input = grads::leaf_var(x)?;
+    let output = model.stage_graph_only(i, input.as_tensor(), &head.context)?;
+    grads::release_unneeded(&[&output])?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// Share of a budget kept free for what the cost model does not see: the executor's and

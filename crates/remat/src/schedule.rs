@@ -153,7 +153,9 @@ pub struct OpMemory {
 pub struct Simulation {
     /// Highest memory at any instant, `reserved_bytes` included.
     pub peak_bytes: u64,
-    /// Total seconds (every forward op costs its stage's `fwd_s`, every backward its `bwd_s`).
+    /// Total seconds: every forward op costs its stage's `fwd_s` (the graph-only ones,
+    /// [`Schedule::is_graph_only`]: [`crate::costs::StageCosts::graph_only_s`]), every backward its
+    /// `bwd_s`.
     pub time_s: f64,
     /// Number of forward ops (`CF`, `Fn` and `Fe`).
     pub forward_count: usize,
@@ -511,7 +513,11 @@ impl Schedule {
             let stage = &costs.stages[op.stage()];
             if op.is_forward() {
                 simulation.forward_count += 1;
-                simulation.time_s += stage.fwd_s;
+                simulation.time_s += if self.is_graph_only(op_index, costs.num_stages()) {
+                    stage.graph_only_s()
+                } else {
+                    stage.fwd_s
+                };
             } else {
                 simulation.time_s += stage.bwd_s;
             }
@@ -524,6 +530,18 @@ impl Schedule {
         }
         engine.finish()?;
         Ok((simulation, trace))
+    }
+
+    /// Whether op `op_index` runs its stage for the graph only: an `Fe i` right before its
+    /// `B i`, except for the last of the chain's `num_stages` (whose output the loss
+    /// reads). Nothing reads the
+    /// output of such a run — the gradient `δ_{i+1}` is already there — so the model may
+    /// skip the work that only the values need (`ChainModel::stage_graph_only`).
+    pub fn is_graph_only(&self, op_index: usize, num_stages: usize) -> bool {
+        let Some(&Op::ForwardKeep(i)) = self.ops.get(op_index) else {
+            return false;
+        };
+        i + 1 < num_stages && self.ops.get(op_index + 1) == Some(&Op::Backward(i))
     }
 
     /// No recomputation: `Fe0 … Fe(n-1)`, then `B(n-1) … B0`.
@@ -668,6 +686,7 @@ mod tests {
                 param_grad_bytes: 0,
                 fwd_s,
                 bwd_s,
+                fwd_graph_only_s: None,
                 input_bytes,
                 graph_bytes,
                 fwd_tmp_bytes,
@@ -720,6 +739,30 @@ mod tests {
         assert_eq!(sim.time_s, 13.5);
         assert_eq!(sim.forward_count, 3);
         assert_eq!(sim.recompute_overhead_s(&tiny_chain()), 0.0);
+    }
+
+    /// `every:1` recomputes stages 1 and 0 right before their backward: those two
+    /// forwards are graph-only; the last stage's `Fe2 B2` is not (the loss reads `a_3`).
+    #[test]
+    fn a_keep_right_before_its_backward_is_graph_only() {
+        let schedule = Schedule::every(3, 1);
+        let graph_only: Vec<usize> = (0..schedule.len())
+            .filter(|&k| schedule.is_graph_only(k, 3))
+            .collect();
+        assert_eq!(graph_only, [4, 6]);
+        // Fe1 and Fe0 of store-all's forward are followed by another forward.
+        assert!((0..6).all(|k| !Schedule::store_all(3).is_graph_only(k, 3)));
+        let mut costs = tiny_chain();
+        let full_s = schedule.simulate(&costs).unwrap().time_s;
+        for stage in &mut costs.stages {
+            stage.fwd_graph_only_s = Some(0.25 * stage.fwd_s);
+        }
+        let simulated = schedule.simulate(&costs).unwrap();
+        // Fe1 saves 0.75 · 1.5 s, Fe0 0.75 · 1.0 s; Fe2 keeps its 2.0 s.
+        assert_eq!(simulated.time_s, full_s - 0.75 * 1.5 - 0.75 * 1.0);
+        // A measurement above fwd_s counts as fwd_s.
+        costs.stages[0].fwd_graph_only_s = Some(10.0);
+        assert_eq!(costs.stages[0].graph_only_s(), 1.0);
     }
 
     #[test]
@@ -838,6 +881,7 @@ mod tests {
                         param_grad_bytes: 0,
                         fwd_s: 1.0,
                         bwd_s: 2.0,
+                        fwd_graph_only_s: None,
                         input_bytes: 1 + i as u64,
                         graph_bytes: 5,
                         fwd_tmp_bytes: 1,

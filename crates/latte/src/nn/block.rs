@@ -14,6 +14,7 @@
 
 use super::attention::Attention;
 use super::feed_forward::FeedForward;
+use super::gelu_linear::Output;
 use super::norm::modulated_layer_norm;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -96,11 +97,18 @@ impl TransformerBlock {
 
     /// The feed-forward half: `h += gate₂ · ff(norm(h)·(1 + scale₂) + shift₂)`. Token-wise,
     /// so any layout of the tokens into `(n, s, d)` sequences gives the same result, as
-    /// long as `timestep` has the `(n, 6·d)` modulation of each sequence's video.
-    pub fn feed_forward_half(&self, h: &Tensor, timestep: &Tensor) -> Result<Tensor> {
+    /// long as `timestep` has the `(n, 6·d)` modulation of each sequence's video. With
+    /// [`Output::GraphOnly`] the result's values are not computed (the gated product is
+    /// zeros), only its graph: for a recomputation right before the half's backward.
+    pub fn feed_forward_half(
+        &self,
+        h: &Tensor,
+        timestep: &Tensor,
+        output: Output,
+    ) -> Result<Tensor> {
         let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(timestep, 3)?;
         let x = modulated_layer_norm(h, &shift_mlp, &scale_mlp, self.norm_eps)?;
-        h + self.ff.forward(&x)?.broadcast_mul(&gate_mlp)?
+        h + self.ff.forward_gated(&x, &gate_mlp, output)?
     }
 
     /// Rows `first..first + 3` of `scale_shift_table + t`: three `(n, 1, d)` vectors

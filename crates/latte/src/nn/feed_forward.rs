@@ -1,7 +1,7 @@
 //! The transformer MLP: `Linear → GELU(tanh) → Linear` (diffusers `FeedForward` with
-//! `activation_fn="gelu-approximate"`, `mult=4`).
+//! `activation_fn="gelu-approximate"`, `mult=4`), with adaLN's gate on its output.
 
-use super::gelu_linear::gelu_linear;
+use super::gelu_linear::{gated_gelu_linear, Output};
 use super::linear::Linear;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -23,9 +23,10 @@ impl FeedForward {
         })
     }
 
-    /// `(…, dim) → (…, dim)`; the GELU and the second projection are one op on the CPU
-    /// in f32 ([`gelu_linear`]).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        gelu_linear(&self.proj_in.forward(x)?, &self.proj_out)
+    /// `gate ⊙ ff(x)` for `x`: `(n, s, dim)` and `gate`: `(n, 1, dim)`; the GELU, the
+    /// second projection and the gate are one op on the CPU in f32 ([`gated_gelu_linear`]),
+    /// which skips its work when `output` asks for the graph only.
+    pub fn forward_gated(&self, x: &Tensor, gate: &Tensor, output: Output) -> Result<Tensor> {
+        gated_gelu_linear(&self.proj_in.forward(x)?, &self.proj_out, gate, output)
     }
 }

@@ -1,22 +1,32 @@
-//! The MLP's second half, `y = GELU(h)·Wᵀ + b`, as one CPU op with its own backward.
+//! The MLP's gated second half, `y = gate ⊙ (b + GELU(h)·Wᵀ)`, as one CPU op with its own
+//! backward. `h` holds `n` sequences of `s` rows; `gate` has one row per sequence (adaLN's
+//! `gate₂`, one per video).
 //!
 //! Composed, the GELU output `g` (4·d per token, the MLP's widest tensor) is stored for
-//! `∂W = ∂yᵀ·g`, and the backward holds `∂g` and `∂h` (4·d each) at once. Here `g` exists
-//! only one block of rows at a time, in both passes:
+//! `∂W = ∂fᵀ·g`, the product `f = b + g·Wᵀ` is stored for the gate's gradient, and the
+//! backward holds `∂g` and `∂h` (4·d each) at once. Here `g` exists only one block of rows
+//! at a time, in both passes, and `f` is never stored:
 //!
 //! ```text
-//! forward, per row block r:    g_r = GELU(h_r)          y_r = b + g_r·Wᵀ
-//! backward, per row block r:   ∂h_r = (∂y_r·W) ∘ GELU'(h_r)
-//!                              ∂W += ∂y_rᵀ·GELU(h_r)    (recomputed; only if W is tracked)
-//!                              ∂b = Σ_rows ∂y            (only if b is tracked)
+//! forward, per row block r of sequence i:   g_r = GELU(h_r)     y_r = gate_i ⊙ (b + g_r·Wᵀ)
+//! backward, per sequence i:                 Wᵢ = diag(gate_i)·W
+//!   per row block r:   ∂h_r = (∂y_r·Wᵢ) ∘ GELU'(h_r)
+//!                      Mᵢ += ∂y_rᵀ·GELU(h_r)          (recomputed; only if W or the gate is tracked)
+//!   then               ∂W += diag(gate_i)·Mᵢ           ∂b += gate_i ⊙ Σ_rows ∂y
+//!                      ∂gate_i = rowsum(W ∘ Mᵢ) + b ⊙ Σ_rows ∂y
 //! ```
 //!
-//! A stored graph keeps `h` (and the weight): [`CustomOp3::bwd_reads`]. The extra work is
-//! one GELU per element in the backward of training. Blocks are processed in a fixed
-//! order, so results are deterministic; they differ from the composed ops in rounding
-//! only (the sum over rows of `∂W` is split by block).
+//! `∂gate_i = Σ_rows ∂y ∘ f` is read off `Mᵢ` (`Σ_r ∂y_r[c]·(g_r·Wᵀ)[c] = Σ_k W[c,k]·Mᵢ[c,k]`),
+//! so the backward reads `h`, `W`, `b` and the gates, never the output. That lets the op
+//! run **without values** ([`Output::GraphOnly`]): when the caller back-propagates through
+//! the result at once and never reads it (a checkpointed stage recomputed right before
+//! its own backward), the forward skips the product and the GELU and returns zeros; the
+//! gradients are those of the full op.
 //!
-//! f32 on the CPU; [`gelu_linear`] composes [`gelu_tanh`] and [`Linear`] elsewhere.
+//! Blocks are processed in a fixed order, so results are deterministic; they differ from
+//! the composed ops in rounding only (sums over rows split by block, `∂h` through the
+//! scaled weight). f32 on the CPU; elsewhere [`gated_gelu_linear`] composes [`gelu_tanh`],
+//! [`Linear`] and the product with the gate.
 
 use super::linear::Linear;
 use super::matrix::{matmul_parallel, Mat};
@@ -26,27 +36,44 @@ use super::ops::{
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Bytes of f32 GELU output a row block holds (the op's scratch).
 pub const BLOCK_BYTES: usize = 8 << 20;
 
-/// `linear(GELU(h))` over the last dimension of `h`.
-pub fn gelu_linear(h: &Tensor, linear: &Linear) -> Result<Tensor> {
-    let fused = h.device().is_cpu() && h.dtype() == DType::F32;
+/// What the forward pass must produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The values (and the graph, if an operand is tracked).
+    Values,
+    /// The graph only: the result is back-propagated through and never read, so the fused
+    /// op returns zeros without computing them (the composed fallback still computes).
+    GraphOnly,
+}
+
+/// `gate ⊙ linear(GELU(h))` for `h`: `(n, s, inner)` and `gate`: `(n, 1, out)`.
+pub fn gated_gelu_linear(
+    h: &Tensor,
+    linear: &Linear,
+    gate: &Tensor,
+    output: Output,
+) -> Result<Tensor> {
+    let fused = h.device().is_cpu() && h.dtype() == DType::F32 && gate.dtype() == DType::F32;
     match linear.bias() {
         Some(bias) if fused => {
-            let mut dims = h.dims().to_vec();
-            let inner = dims.pop().unwrap_or(1);
-            let rows = h.elem_count() / inner.max(1);
-            let y = h.reshape((rows, inner))?.contiguous()?.apply_op3(
-                &linear.weight().contiguous()?,
-                &bias.contiguous()?,
-                GeluLinear,
-            )?;
-            dims.push(linear.weight().dim(0)?);
-            y.reshape(dims)
+            let (n, s, inner) = h.dims3()?;
+            let out = linear.weight().dim(0)?;
+            // The bias and the gates travel as one `(1 + n, out)` operand.
+            let bias_and_gates = Tensor::cat(&[bias.unsqueeze(0)?, gate.reshape((n, out))?], 0)?;
+            let op = GatedGeluLinear {
+                values: output == Output::Values,
+            };
+            h.reshape((n * s, inner))?
+                .contiguous()?
+                .apply_op3(&linear.weight().contiguous()?, &bias_and_gates, op)?
+                .reshape((n, s, out))
         }
-        _ => linear.forward(&gelu_tanh(h)?),
+        _ => linear.forward(&gelu_tanh(h)?)?.broadcast_mul(gate),
     }
 }
 
@@ -55,49 +82,68 @@ pub fn block_rows(inner: usize) -> usize {
     (BLOCK_BYTES / (4 * inner.max(1))).max(16)
 }
 
-/// Sizes of one call: `h` is `rows × inner`, `W` is `out × inner`.
+/// Sizes of one call: `h` is `sequences · rows_per_sequence × inner`, `W` is `out × inner`.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
-    rows: usize,
+    sequences: usize,
+    rows_per_sequence: usize,
     inner: usize,
     out: usize,
 }
 
 impl Dims {
-    fn new(h: &Shape, w: &Shape, b: &Shape) -> Result<Self> {
+    fn new(h: &Shape, w: &Shape, bias_and_gates: &Shape) -> Result<Self> {
         let (rows, inner) = h.dims2()?;
         let (out, w_inner) = w.dims2()?;
-        if w_inner != inner || b.dims() != [out] {
+        let (gate_rows, gate_width) = bias_and_gates.dims2()?;
+        let sequences = gate_rows.saturating_sub(1);
+        if w_inner != inner
+            || gate_width != out
+            || sequences == 0
+            || !rows.is_multiple_of(sequences)
+        {
             candle_core::bail!(
-                "gelu-linear: h {h:?}, weight {w:?} and bias {b:?} do not fit \
-                 (expected (rows, in), (out, in) and (out,))"
+                "gated gelu-linear: h {h:?}, weight {w:?} and bias with gates \
+                 {bias_and_gates:?} do not fit (expected (n·s, in), (out, in) and (1 + n, out))"
             );
         }
-        Ok(Self { rows, inner, out })
+        Ok(Self {
+            sequences,
+            rows_per_sequence: rows / sequences,
+            inner,
+            out,
+        })
     }
 
-    /// `(first row, rows)` of each block.
-    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
-        let (rows, step) = (self.rows, block_rows(self.inner));
+    /// `(first row, rows)` of each block of sequence `i`.
+    fn blocks(&self, i: usize) -> impl Iterator<Item = (usize, usize)> {
+        let (first, rows) = (i * self.rows_per_sequence, self.rows_per_sequence);
+        let step = block_rows(self.inner);
         (0..rows)
             .step_by(step)
-            .map(move |start| (start, step.min(rows - start)))
+            .map(move |start| (first + start, step.min(rows - start)))
+    }
+
+    fn rows(&self) -> usize {
+        self.sequences * self.rows_per_sequence
     }
 }
 
-/// The op on `(h, W, b)`.
-struct GeluLinear;
+/// The op on `(h, W, [b; gates])`; without `values` it returns zeros.
+struct GatedGeluLinear {
+    values: bool,
+}
 
 fn f32_only(storages: [&CpuStorage; 3]) -> Result<()> {
     if let Some(other) = storages.iter().find(|s| s.dtype() != DType::F32) {
-        candle_core::bail!("gelu-linear: f32 only, got {:?}", other.dtype());
+        candle_core::bail!("gated gelu-linear: f32 only, got {:?}", other.dtype());
     }
     Ok(())
 }
 
-impl CustomOp3 for GeluLinear {
+impl CustomOp3 for GatedGeluLinear {
     fn name(&self) -> &'static str {
-        "gelu-linear"
+        "gated-gelu-linear"
     }
 
     fn cpu_fwd(
@@ -106,100 +152,201 @@ impl CustomOp3 for GeluLinear {
         h_layout: &Layout,
         w: &CpuStorage,
         w_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
+        bias_and_gates: &CpuStorage,
+        bg_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        f32_only([h, w, b])?;
-        let dims = Dims::new(h_layout.shape(), w_layout.shape(), b_layout.shape())?;
-        let (h, w, b) = (
+        f32_only([h, w, bias_and_gates])?;
+        let dims = Dims::new(h_layout.shape(), w_layout.shape(), bg_layout.shape())?;
+        let Dims { inner, out, .. } = dims;
+        let shape = Shape::from((dims.rows(), out));
+        if !self.values {
+            return Ok((CpuStorage::F32(vec![0f32; dims.rows() * out]), shape));
+        }
+        let (h, w, bg) = (
             widened(h, h_layout)?,
             widened(w, w_layout)?,
-            widened(b, b_layout)?,
+            widened(bias_and_gates, bg_layout)?,
         );
-        let Dims { rows, inner, out } = dims;
-        let mut y = Vec::with_capacity(rows * out);
-        for _ in 0..rows {
-            y.extend_from_slice(&b);
+        let (bias, gates) = bg.split_at(out);
+        let mut y = Vec::with_capacity(dims.rows() * out);
+        for _ in 0..dims.rows() {
+            y.extend_from_slice(bias);
         }
-        let mut g = vec![0f32; block_rows(inner).min(rows) * inner];
+        let mut g = vec![0f32; block_rows(inner).min(dims.rows_per_sequence) * inner];
         let w_t = Mat::row_major(&w, out, inner).t();
-        for (start, len) in dims.blocks() {
-            let g = &mut g[..len * inner];
-            gelu_into(g, &h[start * inner..(start + len) * inner]);
-            let y = &mut y[start * out..(start + len) * out];
-            matmul_parallel(y, Mat::row_major(&*g, len, inner), w_t, true);
+        for i in 0..dims.sequences {
+            let gate = &gates[i * out..(i + 1) * out];
+            for (start, len) in dims.blocks(i) {
+                let g = &mut g[..len * inner];
+                gelu_into(g, &h[start * inner..(start + len) * inner]);
+                let y = &mut y[start * out..(start + len) * out];
+                matmul_parallel(y, Mat::row_major(&*g, len, inner), w_t, true);
+                for row in y.chunks_exact_mut(out) {
+                    row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g);
+                }
+            }
         }
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
         &self,
         h: &Tensor,
         w: &Tensor,
-        b: &Tensor,
+        bias_and_gates: &Tensor,
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad_y = grad_y.contiguous()?;
-        let dims = Dims::new(h.shape(), w.shape(), b.shape())?;
-        let grad_b = if b.track_op() {
-            Some(grad_y.sum(0)?)
-        } else {
-            None
+        let dims = Dims::new(h.shape(), w.shape(), bias_and_gates.shape())?;
+        let want = Wanted {
+            h: h.track_op(),
+            w: w.track_op(),
+            bias_and_gates: bias_and_gates.track_op(),
         };
         let (h_storage, h_layout) = h.storage_and_layout();
         let (w_storage, w_layout) = w.storage_and_layout();
+        let (bg_storage, bg_layout) = bias_and_gates.storage_and_layout();
         let (g_storage, g_layout) = grad_y.storage_and_layout();
-        let (h, w_values, grad_y) = (
-            widened(cpu(&h_storage)?, h_layout)?,
-            widened(cpu(&w_storage)?, w_layout)?,
-            widened(cpu(&g_storage)?, g_layout)?,
+        let grads = backward(
+            &widened(cpu(&h_storage)?, h_layout)?,
+            &widened(cpu(&w_storage)?, w_layout)?,
+            &widened(cpu(&bg_storage)?, bg_layout)?,
+            &widened(cpu(&g_storage)?, g_layout)?,
+            dims,
+            want,
         );
-        let Dims { rows, inner, out } = dims;
-        let want_w = w.track_op();
-        let mut grad_h = vec![0f32; rows * inner];
-        let mut grad_w = if want_w {
-            vec![0f32; out * inner]
-        } else {
-            Vec::new()
+        let tensor = |values: Option<Vec<f32>>, shape: &Shape| {
+            values
+                .map(|v| tensor_from_f32(v, DType::F32, shape))
+                .transpose()
         };
-        let mut g = if want_w {
-            vec![0f32; block_rows(inner).min(rows) * inner]
-        } else {
-            Vec::new()
-        };
-        let weight = Mat::row_major(&w_values, out, inner);
-        for (i, (start, len)) in dims.blocks().enumerate() {
-            let h = &h[start * inner..(start + len) * inner];
-            let grad_y = Mat::row_major(&grad_y[start * out..(start + len) * out], len, out);
-            let grad_h = &mut grad_h[start * inner..(start + len) * inner];
-            matmul_parallel(grad_h, grad_y, weight, false);
-            multiply_by_gelu_derivative(grad_h, h);
-            if want_w {
-                let g = &mut g[..len * inner];
-                gelu_into(g, h);
-                let g = Mat::row_major(&*g, len, inner);
-                matmul_parallel(&mut grad_w, grad_y.t(), g, i > 0);
-            }
-        }
-        drop(g);
-        let grad_w = want_w
-            .then(|| tensor_from_f32(grad_w, DType::F32, w.shape()))
-            .transpose()?;
         Ok((
-            Some(tensor_from_f32(grad_h, DType::F32, h_layout.shape())?),
-            grad_w,
-            grad_b,
+            tensor(grads.h, h_layout.shape())?,
+            tensor(grads.w, w_layout.shape())?,
+            tensor(grads.bias_and_gates, bg_layout.shape())?,
         ))
     }
 
-    /// The backward pass recomputes `GELU(h)` and reads `W`; not `b`, not the output.
+    /// The backward pass recomputes `GELU(h)` and reads `W`, the bias and the gates; not
+    /// the output.
     fn bwd_reads(&self) -> BackwardReads {
         BackwardReads {
-            args: [true, true, false],
+            args: [true, true, true],
             res: false,
         }
     }
+}
+
+/// Which operands take gradients.
+#[derive(Debug, Clone, Copy)]
+struct Wanted {
+    h: bool,
+    w: bool,
+    bias_and_gates: bool,
+}
+
+/// The gradients of the wanted operands.
+struct Grads {
+    h: Option<Vec<f32>>,
+    w: Option<Vec<f32>>,
+    bias_and_gates: Option<Vec<f32>>,
+}
+
+/// The backward pass of the module doc, sequence by sequence.
+fn backward(
+    h: &[f32],
+    w: &[f32],
+    bias_and_gates: &[f32],
+    grad_y: &[f32],
+    dims: Dims,
+    want: Wanted,
+) -> Grads {
+    let Dims { inner, out, .. } = dims;
+    let (bias, gates) = bias_and_gates.split_at(out);
+    let needs_m = want.w || want.bias_and_gates;
+    let mut grad_h = want.h.then(|| vec![0f32; dims.rows() * inner]);
+    let mut grad_w = want.w.then(|| vec![0f32; out * inner]);
+    let mut grad_bg = want
+        .bias_and_gates
+        .then(|| vec![0f32; bias_and_gates.len()]);
+    let mut scaled_w = vec![0f32; if want.h { out * inner } else { 0 }];
+    let mut m = vec![0f32; if needs_m { out * inner } else { 0 }];
+    let block = block_rows(inner).min(dims.rows_per_sequence);
+    let mut g = vec![0f32; if needs_m { block * inner } else { 0 }];
+    for i in 0..dims.sequences {
+        let gate = &gates[i * out..(i + 1) * out];
+        if want.h {
+            scale_rows(&mut scaled_w, w, gate);
+        }
+        for (k, (start, len)) in dims.blocks(i).enumerate() {
+            let h = &h[start * inner..(start + len) * inner];
+            let grad_y = Mat::row_major(&grad_y[start * out..(start + len) * out], len, out);
+            if let Some(grad_h) = &mut grad_h {
+                let grad_h = &mut grad_h[start * inner..(start + len) * inner];
+                matmul_parallel(grad_h, grad_y, Mat::row_major(&scaled_w, out, inner), false);
+                multiply_by_gelu_derivative(grad_h, h);
+            }
+            if needs_m {
+                let g = &mut g[..len * inner];
+                gelu_into(g, h);
+                matmul_parallel(&mut m, grad_y.t(), Mat::row_major(&*g, len, inner), k > 0);
+            }
+        }
+        if let Some(grad_w) = &mut grad_w {
+            accumulate_scaled_rows(grad_w, &m, gate, i > 0);
+        }
+        if let Some(grad_bg) = &mut grad_bg {
+            let rows = &grad_y[i * dims.rows_per_sequence * out..][..dims.rows_per_sequence * out];
+            // Long sums in f64: `∂gate` adds `rows · inner` products.
+            let mut column_sums = vec![0f64; out];
+            for row in rows.chunks_exact(out) {
+                column_sums
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(s, &v)| *s += f64::from(v));
+            }
+            let (grad_bias, grad_gates) = grad_bg.split_at_mut(out);
+            let grad_gate = &mut grad_gates[i * out..(i + 1) * out];
+            for c in 0..out {
+                let sum = column_sums[c];
+                grad_bias[c] += (f64::from(gate[c]) * sum) as f32;
+                let dot: f64 = w[c * inner..(c + 1) * inner]
+                    .iter()
+                    .zip(&m[c * inner..(c + 1) * inner])
+                    .map(|(&w, &m)| f64::from(w) * f64::from(m))
+                    .sum();
+                grad_gate[c] = (dot + f64::from(bias[c]) * sum) as f32;
+            }
+        }
+    }
+    Grads {
+        h: grad_h,
+        w: grad_w,
+        bias_and_gates: grad_bg,
+    }
+}
+
+/// `dst[c, :] = gate[c] · w[c, :]` for every row `c` of `w`.
+fn scale_rows(dst: &mut [f32], w: &[f32], gate: &[f32]) {
+    let inner = w.len() / gate.len().max(1);
+    dst.par_chunks_mut(inner)
+        .zip(w.par_chunks(inner))
+        .zip(gate.par_iter())
+        .for_each(|((dst, w), g)| dst.iter_mut().zip(w).for_each(|(d, w)| *d = g * w));
+}
+
+/// `dst[c, :] = gate[c] · m[c, :]`, or `dst[c, :] += …` when `accumulate`.
+fn accumulate_scaled_rows(dst: &mut [f32], m: &[f32], gate: &[f32], accumulate: bool) {
+    let inner = m.len() / gate.len().max(1);
+    dst.par_chunks_mut(inner)
+        .zip(m.par_chunks(inner))
+        .zip(gate.par_iter())
+        .for_each(|((dst, m), g)| {
+            for (d, m) in dst.iter_mut().zip(m) {
+                *d = if accumulate { *d + g * m } else { g * m };
+            }
+        });
 }
 
 #[cfg(test)]
@@ -214,63 +361,150 @@ mod tests {
             .collect()
     }
 
-    /// Output and every gradient against the composed ops, with more rows than one block
-    /// (the `∂W` sum crosses blocks) and a ragged last block.
-    #[test]
-    fn matches_the_composed_gelu_and_linear() {
-        let (inner, out) = (BLOCK_BYTES / 4 / 40, 24);
-        let rows = 2 * block_rows(inner) + 5;
-        let dev = &Device::Cpu;
-        let h = Var::from_vec(values(rows * inner, 1), (rows, inner), dev).unwrap();
-        let w = Var::from_vec(values(out * inner, 2), (out, inner), dev).unwrap();
-        let b = Var::from_vec(values(out, 3), out, dev).unwrap();
-        let cotangent = Tensor::from_vec(values(rows * out, 4), (rows, out), dev).unwrap();
-        let linear = Linear::from_parts(w.as_tensor().clone(), Some(b.as_tensor().clone()));
-        let fused = gelu_linear(h.as_tensor(), &linear).unwrap();
-        let composed = linear.forward(&gelu_tanh(h.as_tensor()).unwrap()).unwrap();
-        // f32 sums of `inner` products in another order: ~1e-6 relative.
-        assert!(max_relative_diff(&fused, &composed) < 1e-5);
-        let grads = |y: Tensor| {
-            (y * &cotangent)
+    /// Two sequences of more rows than one block (sums cross blocks, the last block is
+    /// ragged), every operand a variable.
+    struct Case {
+        h: Var,
+        w: Var,
+        b: Var,
+        gate: Var,
+        cotangent: Tensor,
+    }
+
+    impl Case {
+        fn new(n: usize, s: usize, inner: usize, out: usize) -> Self {
+            let dev = &Device::Cpu;
+            let var = |len: usize, seed: usize, shape: &[usize]| {
+                Var::from_vec(values(len, seed), shape, dev).unwrap()
+            };
+            Self {
+                h: var(n * s * inner, 1, &[n, s, inner]),
+                w: var(out * inner, 2, &[out, inner]),
+                b: var(out, 3, &[out]),
+                gate: var(n * out, 5, &[n, 1, out]),
+                cotangent: Tensor::from_vec(values(n * s * out, 4), (n, s, out), dev).unwrap(),
+            }
+        }
+
+        fn linear(&self) -> Linear {
+            Linear::from_parts(self.w.as_tensor().clone(), Some(self.b.as_tensor().clone()))
+        }
+
+        fn fused(&self, output: Output) -> Tensor {
+            gated_gelu_linear(
+                self.h.as_tensor(),
+                &self.linear(),
+                self.gate.as_tensor(),
+                output,
+            )
+            .unwrap()
+        }
+
+        fn composed(&self) -> Tensor {
+            self.linear()
+                .forward(&gelu_tanh(self.h.as_tensor()).unwrap())
+                .unwrap()
+                .broadcast_mul(self.gate.as_tensor())
+                .unwrap()
+        }
+
+        fn vars(&self) -> [(&'static str, &Var); 4] {
+            [
+                ("h", &self.h),
+                ("W", &self.w),
+                ("b", &self.b),
+                ("gate", &self.gate),
+            ]
+        }
+
+        fn grads(&self, y: &Tensor) -> candle_core::backprop::GradStore {
+            (y * &self.cotangent)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .backward()
                 .unwrap()
-        };
-        let (gf, gc) = (grads(fused), grads(composed));
-        for (name, var) in [("h", &h), ("W", &w), ("b", &b)] {
+        }
+    }
+
+    #[test]
+    fn matches_the_composed_gelu_linear_and_gate() {
+        let (inner, out) = (BLOCK_BYTES / 4 / 40, 24);
+        let case = Case::new(2, 2 * block_rows(inner) + 5, inner, out);
+        let (fused, composed) = (case.fused(Output::Values), case.composed());
+        // f32 sums of `inner` products in another order: ~1e-6 relative.
+        assert!(max_relative_diff(&fused, &composed) < 1e-5);
+        let (gf, gc) = (case.grads(&fused), case.grads(&composed));
+        for (name, var) in case.vars() {
             let (a, c) = (gf.get(var).unwrap(), gc.get(var).unwrap());
             let diff = max_relative_diff(a, c);
             assert!(diff < 1e-5, "∂{name}: {diff}");
         }
     }
 
-    /// Guidance: frozen weights get no gradient; the input's is unchanged.
+    /// Without values the output is zeros and every gradient is bitwise the same.
     #[test]
-    fn constant_weights_get_no_gradient() {
-        let (rows, inner, out) = (20, 12, 5);
-        let dev = &Device::Cpu;
-        let h = Var::from_vec(values(rows * inner, 1), (rows, inner), dev).unwrap();
-        let w = Tensor::from_vec(values(out * inner, 2), (out, inner), dev).unwrap();
-        let b = Tensor::from_vec(values(out, 3), out, dev).unwrap();
+    fn graph_only_gives_the_same_gradients() {
+        let case = Case::new(3, 40, 32, 8);
+        let (full, graph_only) = (case.fused(Output::Values), case.fused(Output::GraphOnly));
+        assert_eq!(
+            graph_only
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        assert!(
+            full.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+        let (a, b) = (case.grads(&full), case.grads(&graph_only));
+        for (name, var) in case.vars() {
+            let (a, b) = (a.get(var).unwrap(), b.get(var).unwrap());
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "∂{name}");
+        }
+    }
+
+    /// Guidance: frozen weights and gates get no gradient; the input's is unchanged.
+    #[test]
+    fn constants_get_no_gradient() {
+        let case = Case::new(2, 10, 12, 5);
+        let (w, b, gate) = (
+            case.w.as_tensor().detach(),
+            case.b.as_tensor().detach(),
+            case.gate.as_tensor().detach(),
+        );
         let linear = Linear::from_parts(w.clone(), Some(b.clone()));
-        let y = gelu_linear(h.as_tensor(), &linear).unwrap();
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
-        let composed = linear.forward(&gelu_tanh(h.as_tensor()).unwrap()).unwrap();
-        let expected = composed.sum_all().unwrap().backward().unwrap();
-        let diff = max_relative_diff(grads.get(&h).unwrap(), expected.get(&h).unwrap());
+        let y = gated_gelu_linear(case.h.as_tensor(), &linear, &gate, Output::Values).unwrap();
+        let grads = case.grads(&y);
+        assert!(grads.get(&w).is_none() && grads.get(&b).is_none() && grads.get(&gate).is_none());
+        let expected = case.grads(&case.composed());
+        let diff = max_relative_diff(grads.get(&case.h).unwrap(), expected.get(&case.h).unwrap());
         assert!(diff < 1e-5, "{diff}");
     }
 
     #[test]
     fn mismatched_shapes_are_an_error() {
         let dev = &Device::Cpu;
+        let op = || GatedGeluLinear { values: true };
         let h = Tensor::zeros((4, 6), DType::F32, dev).unwrap();
         let w = Tensor::zeros((3, 5), DType::F32, dev).unwrap();
-        let b = Tensor::zeros(3, DType::F32, dev).unwrap();
-        let error = h.apply_op3(&w, &b, GeluLinear).unwrap_err().to_string();
+        let bg = Tensor::zeros((2, 3), DType::F32, dev).unwrap();
+        let error = h.apply_op3(&w, &bg, op()).unwrap_err().to_string();
+        assert!(error.contains("do not fit"), "{error}");
+        // 4 rows are not 3 sequences.
+        let w = Tensor::zeros((3, 6), DType::F32, dev).unwrap();
+        let bg = Tensor::zeros((4, 3), DType::F32, dev).unwrap();
+        let error = h.apply_op3(&w, &bg, op()).unwrap_err().to_string();
         assert!(error.contains("do not fit"), "{error}");
     }
 }
