@@ -7,13 +7,17 @@ use candle_core::{DType, Tensor};
 pub(super) fn max_relative_diff(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap();
     let b = &b.to_dtype(DType::F32).unwrap();
-    let max_abs = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30)
+}
+
+/// `max |t|` in f32.
+pub(super) fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
