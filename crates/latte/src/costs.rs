@@ -567,6 +567,8 @@ mod vt {
         Fused(V, Fused),
         /// `nn/fused_attention.rs`: `(q, k, v)`.
         Attention(V, V, V),
+        /// `nn/linear.rs`'s biased product: `(x, W, b)`.
+        BiasedProduct(V, V, V),
         /// `nn/gelu_linear.rs`: `(h, W, [b; gates])`.
         GatedGeluLinear(V, V, V),
         /// `nn/fused_norm.rs`: `(x, shift, scale)`.
@@ -755,6 +757,11 @@ mod vt {
 
         fn meter(&self) -> &Rc<Meter> {
             &self.0.meter
+        }
+
+        /// Whether the replay is of the CPU build, with latte-rs's fused kernels.
+        pub(super) fn fused_kernels(&self) -> bool {
+            self.meter().host
         }
 
         pub(super) fn id(&self) -> usize {
@@ -1257,6 +1264,29 @@ mod vt {
             (dx, d_shift, d_scale)
         }
 
+        /// `nn/linear.rs`'s biased product on contiguous f32 `x` `(rows, in)`, `W`
+        /// `(out, in)` and `b` `(out,)`: the output, filled with the bias rows, then
+        /// accumulated into by gemm.
+        pub(super) fn biased_product(x: &V, w: &V, b: &V) -> V {
+            let (w, b) = (w.contiguous(), b.contiguous());
+            let meter = x.meter().clone();
+            let (rows, inner, out) = (x.dims()[0], x.dims()[1], w.dims()[0]);
+            meter.count_matmul(2.0 * (rows * inner * out) as f64);
+            meter.count_moved(x.bytes() + w.bytes() + (8 * rows * out) as u64);
+            let storage = V::storage(&meter, rows * out, DType::F32);
+            let op = (x.tracked() || w.tracked() || b.tracked())
+                .then(|| Op::BiasedProduct(x.clone(), w.clone(), b.clone()));
+            V::node(
+                &meter,
+                vec![rows, out],
+                None,
+                DType::F32,
+                storage,
+                op,
+                false,
+            )
+        }
+
         /// `nn/gelu_linear.rs` forward on contiguous f32 `h` `(rows, inner)`, `W`
         /// `(out, inner)` and the bias with the gates `(1 + n, out)`: the output, then (with
         /// values) one row block of GELU output as scratch and gemm's packed copy of it (the
@@ -1469,7 +1499,10 @@ mod vt {
             | Op::Unary(a, _)
             | Op::ToDType(a)
             | Op::Fused(a, _) => vec![a],
-            Op::Attention(q, k, v) | Op::ModulatedNorm(q, k, v) | Op::GatedGeluLinear(q, k, v) => {
+            Op::Attention(q, k, v)
+            | Op::ModulatedNorm(q, k, v)
+            | Op::BiasedProduct(q, k, v)
+            | Op::GatedGeluLinear(q, k, v) => {
                 vec![q, k, v]
             }
         }
@@ -1503,6 +1536,7 @@ mod vt {
             Op::Attention(..) => (vec![true, true, true], false),
             Op::ModulatedNorm(..) => (vec![true, false, true], false),
             Op::GatedGeluLinear(..) => (vec![true, true, true], false),
+            Op::BiasedProduct(x, w, _) => (vec![w.tracked(), x.tracked(), false], false),
         }
     }
 
@@ -1712,6 +1746,17 @@ mod vt {
                 grads.accumulate(k, &dk);
                 grads.accumulate(v, &dv);
             }
+            Op::BiasedProduct(x, w, b) => {
+                // `bwd` multiplies by detached operands: the gradients hold no graph.
+                let dx = x.tracked().then(|| grad.matmul(&w.detach()));
+                let dw = w.tracked().then(|| grad.t().matmul(&x.detach()));
+                let db = b.tracked().then(|| grad.sum_keepdim(&[0]).squeeze(0));
+                for (t, g) in [(x, dx), (w, dw), (b, db)] {
+                    if let Some(g) = g {
+                        grads.accumulate(t, &g);
+                    }
+                }
+            }
             Op::GatedGeluLinear(h, w, bg) => {
                 let (dh, dw, dbg) = V::gated_gelu_linear_backward(h, w, bg, &grad.contiguous());
                 for (t, g) in [(h, dh), (w, dw), (bg, dbg)] {
@@ -1820,10 +1865,12 @@ mod replay {
             let in_dim = out_dims.pop().unwrap_or(1);
             let rows = x.numel() / in_dim.max(1);
             let out_dim = self.weight.dims()[0];
-            let y = x.reshape(&[rows, in_dim]).matmul(&self.weight.t());
+            let x = x.reshape(&[rows, in_dim]);
+            let fused = x.fused_kernels() && x.dtype() == DType::F32;
             let y = match &self.bias {
-                Some(bias) => y.broadcast_add(bias),
-                None => y,
+                Some(bias) if fused => V::biased_product(&x.contiguous(), &self.weight, bias),
+                Some(bias) => x.matmul(&self.weight.t()).broadcast_add(bias),
+                None => x.matmul(&self.weight.t()),
             };
             out_dims.push(out_dim);
             y.reshape(&out_dims)

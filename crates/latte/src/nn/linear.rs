@@ -1,5 +1,17 @@
 //! A fully connected layer, `y = x·Wᵀ + b`, over the last dimension of any-rank input.
+//!
+//! On the CPU in f32 the bias is added by the matrix product itself: the output is filled
+//! with the bias rows and gemm accumulates `x·Wᵀ` into it ([`BiasedProduct`]), where
+//! candle's `matmul` then `broadcast_add` write the product and read it back into a second
+//! activation-sized tensor. Its backward is candle's: `∂x = ∂y·W`, `∂W = ∂yᵀ·x`,
+//! `∂b = Σ_rows ∂y`, each only for a tracked operand; a stored graph keeps `x` when `W` is
+//! tracked and `W` when `x` is (as candle's `matmul` with latte-rs's patch 2).
 
+use super::matrix::{matmul_parallel, Mat};
+use super::ops::widened;
+use candle_core::backend::BackendStorage;
+use candle_core::backprop::BackwardReads;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape};
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -50,13 +62,165 @@ impl Linear {
         let in_dim = out_dims.pop().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
         let (out_dim, _) = self.weight.dims2()?;
+        let x = x.reshape((rows, in_dim))?;
+        let fused = x.device().is_cpu() && x.dtype() == DType::F32;
         // (…, in) → (rows, in) · (in, out) → (…, out)
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
+            Some(bias) if fused => {
+                let op = BiasedProduct {
+                    reads_x: self.weight.track_op(),
+                    reads_w: x.track_op(),
+                };
+                x.contiguous()?
+                    .apply_op3(&self.weight.contiguous()?, &bias.contiguous()?, op)?
+            }
+            Some(bias) => x.matmul(&self.weight.t()?)?.broadcast_add(bias)?,
+            None => x.matmul(&self.weight.t()?)?,
         };
         out_dims.push(out_dim);
         y.reshape(out_dims)
+    }
+}
+
+/// `b + x·Wᵀ` on `(x, W, b)`: `x` `(rows, in)`, `W` `(out, in)`, `b` `(out,)`, f32. What
+/// its backward reads is fixed when the op is built, from which operands are tracked.
+struct BiasedProduct {
+    reads_x: bool,
+    reads_w: bool,
+}
+
+impl CustomOp3 for BiasedProduct {
+    fn name(&self) -> &'static str {
+        "biased-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, inner) = x_layout.shape().dims2()?;
+        let (out, w_inner) = w_layout.shape().dims2()?;
+        if w_inner != inner || b_layout.shape().dims() != [out] {
+            candle_core::bail!(
+                "linear: x {:?}, weight {:?} and bias {:?} do not fit",
+                x_layout.shape(),
+                w_layout.shape(),
+                b_layout.shape()
+            );
+        }
+        if [x.dtype(), w.dtype(), b.dtype()] != [DType::F32; 3] {
+            candle_core::bail!("linear: the biased product takes f32 operands");
+        }
+        let (x, w, b) = (
+            widened(x, x_layout)?,
+            widened(w, w_layout)?,
+            widened(b, b_layout)?,
+        );
+        let mut y = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            y.extend_from_slice(&b);
+        }
+        let w_t = Mat::row_major(&w, out, inner).t();
+        matmul_parallel(&mut y, Mat::row_major(&x, rows, inner), w_t, true);
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached operands: the gradients hold no graph (nothing differentiates them).
+        let grad_x = x
+            .track_op()
+            .then(|| grad_y.matmul(&w.detach()))
+            .transpose()?;
+        let grad_w = w
+            .track_op()
+            .then(|| grad_y.t()?.matmul(&x.detach()))
+            .transpose()?;
+        let grad_b = b.track_op().then(|| grad_y.sum(0)).transpose()?;
+        Ok((grad_x, grad_w, grad_b))
+    }
+
+    /// `x` for `∂W`, `W` for `∂x`; never the bias or the output.
+    fn bwd_reads(&self) -> BackwardReads {
+        BackwardReads {
+            args: [self.reads_x, self.reads_w, false],
+            res: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::max_relative_diff;
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn var(len: usize, seed: usize, shape: &[usize]) -> Var {
+        let values: Vec<f32> = (0..len)
+            .map(|i| (((i * 37 + seed * 11) % 29) as f32 - 14.0) / 9.0)
+            .collect();
+        Var::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The biased product against candle's `matmul` + `broadcast_add`, for every tracked
+    /// subset of `x`, `W` and `b`: output, gradients, and which operands get one.
+    #[test]
+    fn matches_matmul_and_broadcast_add() {
+        let (x, w, b) = (
+            var(2 * 7 * 12, 1, &[2, 7, 12]),
+            var(5 * 12, 2, &[5, 12]),
+            var(5, 3, &[5]),
+        );
+        let cotangent = var(2 * 7 * 5, 4, &[2, 7, 5]).as_tensor().detach();
+        for mask in 1..8u8 {
+            let pick = |bit: u8, v: &Var| {
+                if mask & bit != 0 {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_tensor().detach()
+                }
+            };
+            let (x, w, b) = (pick(1, &x), pick(2, &w), pick(4, &b));
+            let fused = Linear::from_parts(w.clone(), Some(b.clone()))
+                .forward(&x)
+                .unwrap();
+            let composed = x
+                .reshape((14, 12))
+                .unwrap()
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+                .reshape((2, 7, 5))
+                .unwrap();
+            assert!(max_relative_diff(&fused, &composed) < 1e-6);
+            let grads = |y: Tensor| {
+                (y * &cotangent)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let (gf, gc) = (grads(fused), grads(composed));
+            for (bit, t) in [(1, &x), (2, &w), (4, &b)] {
+                match (gf.get(t), gc.get(t)) {
+                    (Some(a), Some(c)) => assert!(max_relative_diff(a, c) < 1e-6, "mask {mask}"),
+                    (None, None) => assert_eq!(mask & bit, 0, "mask {mask}"),
+                    _ => panic!("mask {mask}: one side has a gradient the other lacks"),
+                }
+            }
+        }
     }
 }
