@@ -1274,17 +1274,27 @@ mod vt {
             meter.count_matmul(2.0 * (rows * inner * out) as f64);
             meter.count_moved(x.bytes() + w.bytes() + (8 * rows * out) as u64);
             let storage = V::storage(&meter, rows * out, DType::F32);
-            let op = (x.tracked() || w.tracked() || b.tracked())
-                .then(|| Op::BiasedProduct(x.clone(), w.clone(), b.clone()));
-            V::node(
+            V::f32_result(
                 &meter,
                 vec![rows, out],
-                None,
-                DType::F32,
                 storage,
-                op,
-                false,
+                [x, &w, &b],
+                Op::BiasedProduct,
             )
+        }
+
+        /// The f32 result of a three-operand custom op, a graph node when an operand is
+        /// tracked.
+        fn f32_result(
+            meter: &Rc<Meter>,
+            dims: Vec<usize>,
+            storage: Rc<Storage>,
+            [a, b, c]: [&V; 3],
+            make: fn(V, V, V) -> Op,
+        ) -> V {
+            let op = (a.tracked() || b.tracked() || c.tracked())
+                .then(|| make(a.clone(), b.clone(), c.clone()));
+            V::node(meter, dims, None, DType::F32, storage, op, false)
         }
 
         /// `nn/gelu_linear.rs` forward on contiguous f32 `h` `(rows, inner)`, `W`
@@ -1308,16 +1318,12 @@ mod vt {
             } else {
                 meter.count_moved(output_bytes);
             }
-            let op = (h.tracked() || w.tracked() || bias_and_gates.tracked())
-                .then(|| Op::GatedGeluLinear(h.clone(), w.clone(), bias_and_gates.clone()));
-            V::node(
+            V::f32_result(
                 &meter,
                 vec![rows, out],
-                None,
-                DType::F32,
                 storage,
-                op,
-                false,
+                [&h, &w, bias_and_gates],
+                Op::GatedGeluLinear,
             )
         }
 
