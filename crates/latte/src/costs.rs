@@ -2029,13 +2029,13 @@ mod replay {
                         self.temporal_attention(b, layer, input, &head.context)
                     }
                 };
-                let (mut costs, mut stage_work, next) =
+                let (costs, mut stage_work, next) =
                     self.measure_stage(&x, run, &head, &mut context_grads, &mut param_grads)?;
                 if i < halves {
-                    // `remat::profile`'s graph-only timing: one more forward, dropped.
+                    // `remat::profile`'s graph-only timing: one more forward, dropped. Its
+                    // seconds come from this work, as every time does (`StageWork::time`).
                     drop(run(&x.leaf(), false));
                     stage_work.graph_only = Some(self.meter.take_work());
-                    costs.fwd_graph_only_s = Some(0.0);
                 }
                 stages.push(costs);
                 work.push(stage_work);

@@ -168,10 +168,7 @@ impl CustomOp3 for GatedGeluLinear {
             widened(bias_and_gates, bg_layout)?,
         );
         let (bias, gates) = bg.split_at(out);
-        let mut y = Vec::with_capacity(dims.rows() * out);
-        for _ in 0..dims.rows() {
-            y.extend_from_slice(bias);
-        }
+        let mut y = bias.repeat(dims.rows());
         let mut g = vec![0f32; block_rows(inner).min(dims.rows_per_sequence) * inner];
         let w_t = Mat::row_major(&w, out, inner).t();
         for i in 0..dims.sequences {
@@ -277,7 +274,7 @@ fn backward(
     for i in 0..dims.sequences {
         let gate = &gates[i * out..(i + 1) * out];
         if want.h {
-            scale_rows(&mut scaled_w, w, gate);
+            scale_rows(&mut scaled_w, w, gate, false);
         }
         for (k, (start, len)) in dims.blocks(i).enumerate() {
             let h = &h[start * inner..(start + len) * inner];
@@ -294,7 +291,7 @@ fn backward(
             }
         }
         if let Some(grad_w) = &mut grad_w {
-            accumulate_scaled_rows(grad_w, &m, gate, i > 0);
+            scale_rows(grad_w, &m, gate, i > 0);
         }
         if let Some(grad_bg) = &mut grad_bg {
             let rows = &grad_y[i * dims.rows_per_sequence * out..][..dims.rows_per_sequence * out];
@@ -327,24 +324,16 @@ fn backward(
     }
 }
 
-/// `dst[c, :] = gate[c] · w[c, :]` for every row `c` of `w`.
-fn scale_rows(dst: &mut [f32], w: &[f32], gate: &[f32]) {
-    let inner = w.len() / gate.len().max(1);
+/// `dst[c, :] = gate[c] · src[c, :]` for every row `c` of `src`, or `dst[c, :] += …` when
+/// `accumulate`.
+fn scale_rows(dst: &mut [f32], src: &[f32], gate: &[f32], accumulate: bool) {
+    let inner = src.len() / gate.len().max(1);
     dst.par_chunks_mut(inner)
-        .zip(w.par_chunks(inner))
+        .zip(src.par_chunks(inner))
         .zip(gate.par_iter())
-        .for_each(|((dst, w), g)| dst.iter_mut().zip(w).for_each(|(d, w)| *d = g * w));
-}
-
-/// `dst[c, :] = gate[c] · m[c, :]`, or `dst[c, :] += …` when `accumulate`.
-fn accumulate_scaled_rows(dst: &mut [f32], m: &[f32], gate: &[f32], accumulate: bool) {
-    let inner = m.len() / gate.len().max(1);
-    dst.par_chunks_mut(inner)
-        .zip(m.par_chunks(inner))
-        .zip(gate.par_iter())
-        .for_each(|((dst, m), g)| {
-            for (d, m) in dst.iter_mut().zip(m) {
-                *d = if accumulate { *d + g * m } else { g * m };
+        .for_each(|((dst, src), g)| {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = if accumulate { *d + g * s } else { g * s };
             }
         });
 }

@@ -121,10 +121,7 @@ impl CustomOp3 for BiasedProduct {
             widened(w, w_layout)?,
             widened(b, b_layout)?,
         );
-        let mut y = Vec::with_capacity(rows * out);
-        for _ in 0..rows {
-            y.extend_from_slice(&b);
-        }
+        let mut y = b.repeat(rows);
         let w_t = Mat::row_major(&w, out, inner).t();
         matmul_parallel(&mut y, Mat::row_major(&x, rows, inner), w_t, true);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
