@@ -565,8 +565,8 @@ mod vt {
         Unary(V, Unary),
         ToDType(V),
         Fused(V, Fused),
-        /// `nn/fused_attention.rs`: `(q, k, v)`.
-        Attention(V, V, V),
+        /// `nn/fused_attention.rs`: `(q, k, v, heads)`.
+        Attention(V, V, V, usize),
         /// `nn/linear.rs`'s biased product: `(x, W, b)`.
         BiasedProduct(V, V, V),
         /// `nn/gelu_linear.rs`: `(h, W, [b; gates])`.
@@ -596,39 +596,42 @@ mod vt {
         Gelu,
     }
 
-    /// The sizes of a fused attention call: `pairs` (batch, head) pairs of `s` queries
-    /// and `l` keys of width `d`.
+    /// The sizes of a fused attention call: `batch` elements of `heads` heads, `s`
+    /// queries and `l` keys of width `d` each.
     struct AttentionShape {
-        pairs: usize,
+        batch: usize,
+        heads: usize,
         s: usize,
         l: usize,
         d: usize,
     }
 
     impl AttentionShape {
-        fn of(q: &V, k: &V) -> Self {
+        /// From `q` `(b, s, h·d)` and `k` `(b, l, h·d)`.
+        fn of(q: &V, k: &V, heads: usize) -> Self {
             let dims = q.dims();
             Self {
-                pairs: dims[0] * dims[1],
-                s: dims[2],
-                l: k.dims()[2],
-                d: dims[3],
+                batch: dims[0],
+                heads,
+                s: dims[1],
+                l: k.dims()[1],
+                d: dims[2] / heads,
             }
         }
 
         /// FLOPs of one `s × l × d` product for every pair.
         fn product_flops(&self) -> f64 {
-            2.0 * (self.pairs * self.s * self.l * self.d) as f64
+            2.0 * (self.batch * self.heads * self.s * self.l * self.d) as f64
         }
 
         /// Bytes of every pair's f32 scores.
         fn scores_bytes(&self) -> u64 {
-            (4 * self.pairs * self.s * self.l) as u64
+            (4 * self.batch * self.heads * self.s * self.l) as u64
         }
 
         /// `buffers` f32 `s × l` scratch buffers for each of the kernel's thread groups.
         fn scratch_bytes(&self, buffers: usize) -> u64 {
-            let groups = ThreadGroups::for_pairs(self.pairs).groups;
+            let groups = ThreadGroups::for_batch(self.batch).groups;
             (groups * buffers * 4 * self.s * self.l) as u64
         }
     }
@@ -1146,16 +1149,19 @@ mod vt {
             )
         }
 
-        /// `nn/fused_attention.rs` forward on contiguous `q` `(b, h, s, d)`, `k` and `v`
-        /// `(b, h, l, d)`, with one `s × l` probability buffer per busy thread.
-        pub(super) fn fused_attention(q: &V, k: &V, v: &V) -> V {
+        /// `nn/fused_attention.rs` forward over `heads` heads on contiguous `q`
+        /// `(b, s, h·d)`, `k` and `v` `(b, l, h·d)`, with one `s × l` probability buffer
+        /// per busy thread.
+        pub(super) fn fused_attention(q: &V, k: &V, v: &V, heads: usize) -> V {
             let (q, k, v) = (q.contiguous(), k.contiguous(), v.contiguous());
             let meter = q.meter().clone();
-            let shape = AttentionShape::of(&q, &k);
+            let shape = AttentionShape::of(&q, &k, heads);
             meter.count_matmul(2.0 * shape.product_flops());
             meter.count_moved(q.bytes() + k.bytes() + v.bytes() + q.bytes());
             meter.count_moved(2 * shape.scores_bytes());
-            V::fused3([q, k, v], shape.scratch_bytes(1), Op::Attention)
+            V::fused3([q, k, v], shape.scratch_bytes(1), |q, k, v| {
+                Op::Attention(q, k, v, heads)
+            })
         }
 
         /// `ops::tensor_from_f32` on an f32 buffer of `dims` already counted as live: the
@@ -1177,7 +1183,7 @@ mod vt {
         /// norm) on contiguous operands: half-precision operands widened to f32, the f32
         /// output (the first operand's shape), `scratch_bytes` allocated and freed, and in
         /// half precision the narrowed output (the f32 buffers then freed).
-        fn fused3(operands: [V; 3], scratch_bytes: u64, make: fn(V, V, V) -> Op) -> V {
+        fn fused3(operands: [V; 3], scratch_bytes: u64, make: impl FnOnce(V, V, V) -> Op) -> V {
             let [a, b, c] = operands;
             let meter = a.meter().clone();
             let half = a.dtype() != DType::F32;
@@ -1212,9 +1218,9 @@ mod vt {
         /// The fused attention's `bwd`: the operands and the (contiguous) upstream
         /// gradient widened in half precision, `dQ`, `dK`, `dV` in f32, two `s × l` buffers
         /// per busy thread, then each gradient narrowed in half precision.
-        fn fused_attention_backward(q: &V, k: &V, v: &V, grad: &V) -> (V, V, V) {
+        fn fused_attention_backward(q: &V, k: &V, v: &V, heads: usize, grad: &V) -> (V, V, V) {
             let meter = q.meter().clone();
-            let shape = AttentionShape::of(q, k);
+            let shape = AttentionShape::of(q, k, heads);
             meter.count_matmul(5.0 * shape.product_flops());
             meter.count_moved(2 * (q.bytes() + k.bytes() + v.bytes()) + grad.bytes());
             meter.count_moved(4 * shape.scores_bytes());
@@ -1505,7 +1511,7 @@ mod vt {
             | Op::Unary(a, _)
             | Op::ToDType(a)
             | Op::Fused(a, _) => vec![a],
-            Op::Attention(q, k, v)
+            Op::Attention(q, k, v, _)
             | Op::ModulatedNorm(q, k, v)
             | Op::BiasedProduct(q, k, v)
             | Op::GatedGeluLinear(q, k, v) => {
@@ -1746,8 +1752,8 @@ mod vt {
                 let arg_grad = arg.fused_backward(&grad);
                 grads.accumulate(arg, &arg_grad);
             }
-            Op::Attention(q, k, v) => {
-                let (dq, dk, dv) = V::fused_attention_backward(q, k, v, &grad.contiguous());
+            Op::Attention(q, k, v, heads) => {
+                let (dq, dk, dv) = V::fused_attention_backward(q, k, v, *heads, &grad.contiguous());
                 grads.accumulate(q, &dq);
                 grads.accumulate(k, &dk);
                 grads.accumulate(v, &dv);
@@ -2183,14 +2189,17 @@ mod replay {
 
         fn attention(&self, a: &Attention, x: &V, context: Option<&V>) -> V {
             let context = context.unwrap_or(x);
-            let q = split_heads(a, &a.to_q.forward(x));
-            let k = split_heads(a, &a.to_k.forward(context));
-            let v = split_heads(a, &a.to_v.forward(context));
+            let q = a.to_q.forward(x);
+            let k = a.to_k.forward(context);
+            let v = a.to_v.forward(context);
             let heads = match self.kernels {
-                Kernels::Fused => V::fused_attention(&q, &k, &v),
-                Kernels::Composed => composed_attention(&q, &k, &v),
+                Kernels::Fused => V::fused_attention(&q, &k, &v, a.heads),
+                Kernels::Composed => {
+                    let (q, k, v) = (split_heads(a, &q), split_heads(a, &k), split_heads(a, &v));
+                    merge_heads(&composed_attention(&q, &k, &v))
+                }
             };
-            a.to_out.forward(&merge_heads(&heads))
+            a.to_out.forward(&heads)
         }
 
         // ---- nn/feed_forward.rs, nn/block.rs ----

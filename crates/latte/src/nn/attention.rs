@@ -50,15 +50,21 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        // (b, s, h·d): the fused kernel reads each head in place.
         let heads = if q.device().is_cpu() {
-            fused_attention::attention(&q, &k, &v, scale)?
+            fused_attention::attention(&q, &k, &v, self.num_heads, scale)?
         } else {
-            composed_attention(&q, &k, &v, scale)?
+            let (q, k, v) = (
+                self.split_heads(&q)?,
+                self.split_heads(&k)?,
+                self.split_heads(&v)?,
+            );
+            merge_heads(&composed_attention(&q, &k, &v, scale)?)?
         };
-        self.to_out.forward(&self.merge_heads(&heads)?)
+        self.to_out.forward(&heads)
     }
 
     /// `(b, s, h·d) → (b, h, s, d)`.
@@ -68,12 +74,12 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()
     }
+}
 
-    /// `(b, h, s, d) → (b, s, h·d)`.
-    fn merge_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, s, d) = x.dims4()?;
-        x.transpose(1, 2)?.reshape((b, s, h * d))
-    }
+/// `(b, h, s, d) → (b, s, h·d)`.
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, s, h * d))
 }
 
 /// `softmax(scale·q·kᵀ)·v` from differentiable candle ops, the softmax in f32:

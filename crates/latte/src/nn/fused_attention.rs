@@ -17,13 +17,17 @@
 //! `rowsum(P ∘ dP)` equals `rowsum(dO ∘ O)`; computing it from `P` means the backward pass
 //! does not read `O`, so a stored graph need not keep the output either.
 //!
+//! Operands and results keep the projections' layout, heads side by side in the last
+//! dimension (`(b, s, h·d)`): a head is a strided view, so no split into `(b, h, s, d)` and
+//! merge back is ever copied.
+//!
 //! Products run on the `gemm` crate (candle's CPU matmul kernel), one single-threaded call
-//! per (batch, head), runs of (batch, head) pairs spread over rayon's threads
+//! per (batch, head), runs of batch elements spread over rayon's threads
 //! ([`ThreadGroups`]); every pair is computed the same way whatever the thread count, so
-//! results are deterministic. Half
-//! precision inputs are widened to f32 and the results narrowed back.
+//! results are deterministic. Half precision inputs are widened to f32 and the results
+//! narrowed back.
 
-use super::matrix::{matmul, Mat};
+use super::matrix::{matmul, matmul_into_rows, Mat};
 use super::ops::{cpu, narrowed, tensor_from_f32, widened};
 use super::simd;
 use candle_core::backend::BackendStorage;
@@ -32,49 +36,65 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-/// `softmax(scale·q·kᵀ)·v` for `q`: `(b, h, s, d)`, `k` and `v`: `(b, h, l, d)`, on the CPU.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// `softmax(scale·q·kᵀ)·v` over `heads` heads, on the CPU: `q` `(b, s, h·d)`, `k` and `v`
+/// `(b, l, h·d)`, each head's `d` columns side by side; the result is `(b, s, h·d)`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     super::matrix::allocate_packing_buffers();
     let op = FusedAttention {
+        heads,
         scale: scale as f32,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-/// The op; `scale` multiplies the scores.
+/// The op over `heads` heads; `scale` multiplies the scores.
 struct FusedAttention {
+    heads: usize,
     scale: f32,
 }
 
-/// Sizes of one call: `pairs` (batch, head) pairs of `s` queries and `l` keys of width `d`.
+/// Sizes of one call: `batch` elements of `heads` heads, `s` queries and `l` keys of
+/// width `d` each.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
-    pairs: usize,
+    batch: usize,
+    heads: usize,
     s: usize,
     l: usize,
     d: usize,
 }
 
 impl Dims {
-    fn new(q: &Shape, k: &Shape, v: &Shape) -> Result<Self> {
-        let (b, h, s, d) = q.dims4()?;
-        let (kb, kh, l, kd) = k.dims4()?;
-        if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+    fn new(q: &Shape, k: &Shape, v: &Shape, heads: usize) -> Result<Self> {
+        let (b, s, width) = q.dims3()?;
+        let (kb, l, k_width) = k.dims3()?;
+        if (kb, k_width) != (b, width) || v.dims() != k.dims() || heads == 0 || width % heads != 0 {
             candle_core::bail!(
-                "fused attention: q {:?}, k {:?} and v {:?} do not fit (expected (b, h, s, d), \
-                 (b, h, l, d), (b, h, l, d))",
+                "fused attention: q {:?}, k {:?} and v {:?} do not fit {heads} heads \
+                 (expected (b, s, h·d), (b, l, h·d), (b, l, h·d))",
                 q.dims(),
                 k.dims(),
                 v.dims()
             );
         }
         Ok(Self {
-            pairs: b * h,
+            batch: b,
+            heads,
             s,
             l,
-            d,
+            d: width / heads,
         })
+    }
+
+    /// Width of a token: every head's `d` columns.
+    fn width(&self) -> usize {
+        self.heads * self.d
+    }
+
+    /// Head `head` of the `rows × width` matrix `x` of one batch element: a strided view.
+    fn head<'a>(&self, x: &'a [f32], rows: usize, head: usize) -> Mat<'a> {
+        Mat::strided(&x[head * self.d..], rows, self.d, self.width())
     }
 }
 
@@ -92,7 +112,12 @@ impl CustomOp3 for FusedAttention {
         v: &CpuStorage,
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = Dims::new(q_layout.shape(), k_layout.shape(), v_layout.shape())?;
+        let dims = Dims::new(
+            q_layout.shape(),
+            k_layout.shape(),
+            v_layout.shape(),
+            self.heads,
+        )?;
         let dtype = q.dtype();
         let (q, k, v) = (
             widened(q, q_layout)?,
@@ -112,7 +137,7 @@ impl CustomOp3 for FusedAttention {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad_out = grad_out.contiguous()?;
-        let dims = Dims::new(q.shape(), k.shape(), v.shape())?;
+        let dims = Dims::new(q.shape(), k.shape(), v.shape(), self.heads)?;
         let (q_storage, q_layout) = q.storage_and_layout();
         let (k_storage, k_layout) = k.storage_and_layout();
         let (v_storage, v_layout) = v.storage_and_layout();
@@ -143,25 +168,25 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// How [`attention`] spreads `pairs` (batch, head) pairs over rayon's threads: `groups`
-/// runs of `per_group` consecutive pairs (the last may be shorter), each with its own
-/// scratch buffers, all allocated before the parallel loop (so the peak does not depend
-/// on how the threads are scheduled).
+/// How [`attention`] spreads `batch` elements over rayon's threads: `groups` runs of
+/// `per_group` consecutive elements (the last may be shorter), each with its own scratch
+/// buffers, all allocated before the parallel loop (so the peak does not depend on how the
+/// threads are scheduled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ThreadGroups {
     /// Number of groups (one scratch set each).
     pub groups: usize,
-    /// Pairs per group.
+    /// Batch elements per group.
     pub per_group: usize,
 }
 
 impl ThreadGroups {
-    /// The split for `pairs` pairs on the current rayon pool.
-    pub fn for_pairs(pairs: usize) -> Self {
-        let threads = rayon::current_num_threads().clamp(1, pairs.max(1));
-        let per_group = pairs.div_ceil(threads).max(1);
+    /// The split for `batch` elements on the current rayon pool.
+    pub fn for_batch(batch: usize) -> Self {
+        let threads = rayon::current_num_threads().clamp(1, batch.max(1));
+        let per_group = batch.div_ceil(threads).max(1);
         Self {
-            groups: pairs.div_ceil(per_group),
+            groups: batch.div_ceil(per_group),
             per_group,
         }
     }
@@ -169,24 +194,29 @@ impl ThreadGroups {
 
 /// `O` for every (batch, head) pair.
 fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
-    let Dims { pairs, s, l, d } = dims;
-    let mut out = vec![0f32; pairs * s * d];
+    let Dims { batch, s, l, .. } = dims;
+    let width = dims.width();
+    let mut out = vec![0f32; batch * s * width];
     if out.is_empty() {
         return out;
     }
-    let split = ThreadGroups::for_pairs(pairs);
+    let split = ThreadGroups::for_batch(batch);
     let mut scratch: Vec<Vec<f32>> = (0..split.groups).map(|_| vec![0f32; s * l]).collect();
-    out.par_chunks_mut(split.per_group * s * d)
+    out.par_chunks_mut(split.per_group * s * width)
         .zip(scratch.par_iter_mut())
         .enumerate()
         .for_each(|(group, (out, probs))| {
-            for (i, out) in out.chunks_mut(s * d).enumerate() {
-                let pair = group * split.per_group + i;
-                let q = Mat::row_major(&q[pair * s * d..][..s * d], s, d);
-                let k = Mat::row_major(&k[pair * l * d..][..l * d], l, d);
-                let v = Mat::row_major(&v[pair * l * d..][..l * d], l, d);
-                probabilities(probs, q, k, scale);
-                matmul(out, Mat::row_major(probs, s, l), v, 1.0);
+            for (i, out) in out.chunks_mut(s * width).enumerate() {
+                let element = group * split.per_group + i;
+                let q = &q[element * s * width..][..s * width];
+                let k = &k[element * l * width..][..l * width];
+                let v = &v[element * l * width..][..l * width];
+                for head in 0..dims.heads {
+                    probabilities(probs, dims.head(q, s, head), dims.head(k, l, head), scale);
+                    let out = &mut out[head * dims.d..];
+                    let probs = Mat::row_major(probs, s, l);
+                    matmul_into_rows(out, width, probs, dims.head(v, l, head), 1.0);
+                }
             }
         });
     out
@@ -201,42 +231,47 @@ fn backward(
     dims: Dims,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let Dims { pairs, s, l, d } = dims;
-    let mut dq = vec![0f32; pairs * s * d];
-    let mut dk = vec![0f32; pairs * l * d];
-    let mut dv = vec![0f32; pairs * l * d];
+    let Dims { batch, s, l, d, .. } = dims;
+    let width = dims.width();
+    let mut dq = vec![0f32; batch * s * width];
+    let mut dk = vec![0f32; batch * l * width];
+    let mut dv = vec![0f32; batch * l * width];
     if dq.is_empty() || dk.is_empty() {
         return (dq, dk, dv);
     }
-    let split = ThreadGroups::for_pairs(pairs);
+    let split = ThreadGroups::for_batch(batch);
     let mut scratch: Vec<(Vec<f32>, Vec<f32>)> = (0..split.groups)
         .map(|_| (vec![0f32; s * l], vec![0f32; s * l]))
         .collect();
     let per = split.per_group;
-    dq.par_chunks_mut(per * s * d)
-        .zip(dk.par_chunks_mut(per * l * d))
-        .zip(dv.par_chunks_mut(per * l * d))
+    dq.par_chunks_mut(per * s * width)
+        .zip(dk.par_chunks_mut(per * l * width))
+        .zip(dv.par_chunks_mut(per * l * width))
         .zip(scratch.par_iter_mut())
         .enumerate()
         .for_each(|(group, (((dq, dk), dv), (probs, grad_scores)))| {
             let outputs = dq
-                .chunks_mut(s * d)
-                .zip(dk.chunks_mut(l * d))
-                .zip(dv.chunks_mut(l * d));
+                .chunks_mut(s * width)
+                .zip(dk.chunks_mut(l * width))
+                .zip(dv.chunks_mut(l * width));
             for (i, ((dq, dk), dv)) in outputs.enumerate() {
-                let pair = group * per + i;
-                let q = Mat::row_major(&q[pair * s * d..][..s * d], s, d);
-                let k = Mat::row_major(&k[pair * l * d..][..l * d], l, d);
-                let v = Mat::row_major(&v[pair * l * d..][..l * d], l, d);
-                let grad_out = Mat::row_major(&grad_out[pair * s * d..][..s * d], s, d);
-                probabilities(probs, q, k, scale);
-                let p = Mat::row_major(probs, s, l);
-                matmul(dv, p.t(), grad_out, 1.0);
-                matmul(grad_scores, grad_out, v.t(), 1.0);
-                softmax_backward(grad_scores, probs, l);
-                let grad_scores = Mat::row_major(grad_scores, s, l);
-                matmul(dq, grad_scores, k, scale);
-                matmul(dk, grad_scores.t(), q, scale);
+                let element = group * per + i;
+                let q = &q[element * s * width..][..s * width];
+                let k = &k[element * l * width..][..l * width];
+                let v = &v[element * l * width..][..l * width];
+                let grad_out = &grad_out[element * s * width..][..s * width];
+                for head in 0..dims.heads {
+                    let (q, k) = (dims.head(q, s, head), dims.head(k, l, head));
+                    let (v, grad_out) = (dims.head(v, l, head), dims.head(grad_out, s, head));
+                    probabilities(probs, q, k, scale);
+                    let p = Mat::row_major(probs, s, l);
+                    matmul_into_rows(&mut dv[head * d..], width, p.t(), grad_out, 1.0);
+                    matmul(grad_scores, grad_out, v.t(), 1.0);
+                    softmax_backward(grad_scores, probs, l);
+                    let grad_scores = Mat::row_major(grad_scores, s, l);
+                    matmul_into_rows(&mut dq[head * d..], width, grad_scores, k, scale);
+                    matmul_into_rows(&mut dk[head * d..], width, grad_scores.t(), q, scale);
+                }
             }
         });
     (dq, dk, dv)
@@ -280,17 +315,30 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var, D};
 
-    /// The composed reference: `softmax(scale·q·kᵀ)·v` with candle's differentiable ops.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+    /// The composed reference: `softmax(scale·q·kᵀ)·v` with candle's differentiable ops,
+    /// per head of `(b, s, h·d)` operands.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let split = |x: &Tensor| {
+            let (b, s, width) = x.dims3().unwrap();
+            x.reshape((b, s, heads, width / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(q), split(k), split(v));
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         let max = scores.max_keepdim(D::Minus1).unwrap().detach();
         let exp = scores.broadcast_sub(&max).unwrap().exp().unwrap();
         let sum = exp.sum_keepdim(D::Minus1).unwrap();
-        exp.broadcast_div(&sum).unwrap().matmul(v).unwrap()
+        let out = exp.broadcast_div(&sum).unwrap().matmul(&v).unwrap();
+        let (b, h, s, d) = out.dims4().unwrap();
+        out.transpose(1, 2).unwrap().reshape((b, s, h * d)).unwrap()
     }
 
-    fn var(dims: (usize, usize, usize, usize), seed: u64) -> Var {
-        let n = dims.0 * dims.1 * dims.2 * dims.3;
+    fn var(dims: (usize, usize, usize), seed: u64) -> Var {
+        let n = dims.0 * dims.1 * dims.2;
         let values: Vec<f32> = (0..n as u64)
             .map(|i| ((i * 2654435761 + seed * 97) % 1000) as f32 / 250.0 - 2.0)
             .collect();
@@ -298,18 +346,20 @@ mod tests {
     }
 
     /// Output and the gradients of q, k and v against the composed ops, self-attention
-    /// (`s = l`) and cross-attention (`s ≠ l`). Both sides run in f32 with different
+    /// (`s = l`) and cross-attention (`s ≠ l`), three heads of width 4 side by side, three
+    /// batch elements (more than one thread group). Both sides run in f32 with different
     /// summation orders: agreement to a few f32 ulps of the largest value (1e-5).
     #[test]
     fn matches_the_composed_attention_and_its_gradients() {
+        let heads = 3;
         for (s, l) in [(7, 7), (5, 3), (1, 9)] {
-            let q = var((2, 3, s, 4), 1);
-            let k = var((2, 3, l, 4), 2);
-            let v = var((2, 3, l, 4), 3);
-            let weights = var((2, 3, s, 4), 4);
+            let q = var((3, s, heads * 4), 1);
+            let k = var((3, l, heads * 4), 2);
+            let v = var((3, l, heads * 4), 3);
+            let weights = var((3, s, heads * 4), 4);
             let scale = 0.5;
-            let fused = attention(&q, &k, &v, scale).unwrap();
-            let reference = composed(&q, &k, &v, scale);
+            let fused = attention(&q, &k, &v, heads, scale).unwrap();
+            let reference = composed(&q, &k, &v, heads, scale);
             assert!(max_relative_diff(&fused, &reference) < 1e-5);
             let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
             let fused_grads = loss(&fused).backward().unwrap();
@@ -329,14 +379,10 @@ mod tests {
     /// result (2⁻⁸ relative).
     #[test]
     fn half_precision_rounds_the_f32_result() {
-        let (q, k, v) = (
-            var((1, 2, 6, 4), 5),
-            var((1, 2, 6, 4), 6),
-            var((1, 2, 6, 4), 7),
-        );
-        let f32_out = attention(&q, &k, &v, 0.5).unwrap();
+        let (q, k, v) = (var((1, 6, 8), 5), var((1, 6, 8), 6), var((1, 6, 8), 7));
+        let f32_out = attention(&q, &k, &v, 2, 0.5).unwrap();
         let half = |t: &Var| t.as_tensor().to_dtype(DType::BF16).unwrap();
-        let bf16_out = attention(&half(&q), &half(&k), &half(&v), 0.5)
+        let bf16_out = attention(&half(&q), &half(&k), &half(&v), 2, 0.5)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
@@ -347,9 +393,12 @@ mod tests {
 
     #[test]
     fn rejects_mismatched_shapes() {
-        let q = var((1, 2, 3, 4), 1);
-        let k = var((1, 2, 5, 8), 2);
-        let err = attention(&q, &k, &k, 1.0).unwrap_err().to_string();
+        let q = var((1, 3, 8), 1);
+        let k = var((1, 5, 12), 2);
+        let err = attention(&q, &k, &k, 2, 1.0).unwrap_err().to_string();
+        assert!(err.contains("do not fit"), "{err}");
+        // A width that the heads do not divide.
+        let err = attention(&q, &q, &q, 3, 1.0).unwrap_err().to_string();
         assert!(err.contains("do not fit"), "{err}");
     }
 }

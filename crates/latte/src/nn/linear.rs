@@ -7,7 +7,7 @@
 //! `∂b = Σ_rows ∂y`, each only for a tracked operand; a stored graph keeps `x` when `W` is
 //! tracked and `W` when `x` is (as candle's `matmul` with latte-rs's patch 2).
 
-use super::matrix::{matmul_parallel, Mat};
+use super::matrix::{matmul_parallel, repeat_rows, Mat};
 use super::ops::widened;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
@@ -121,7 +121,7 @@ impl CustomOp3 for BiasedProduct {
             widened(w, w_layout)?,
             widened(b, b_layout)?,
         );
-        let mut y = b.repeat(rows);
+        let mut y = repeat_rows(&b, rows);
         let w_t = Mat::row_major(&w, out, inner).t();
         matmul_parallel(&mut y, Mat::row_major(&x, rows, inner), w_t, true);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))

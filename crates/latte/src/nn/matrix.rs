@@ -11,7 +11,11 @@
 //! products run) and on the calling thread (where single-threaded ones run).
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 use std::sync::Once;
+
+/// Rows copied by one rayon task in [`repeat_rows`].
+const ROWS_PER_TASK: usize = 64;
 
 /// A strided read-only f32 matrix.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +35,18 @@ impl<'a> Mat<'a> {
             rows,
             cols,
             row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// `rows × cols` whose rows start `row_stride` elements apart in `data` (a block of
+    /// columns of a wider row-major matrix).
+    pub(super) fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
             col_stride: 1,
         }
     }
@@ -57,7 +73,19 @@ impl<'a> Mat<'a> {
 
 /// `dst = scale · a · b`, `dst` row-major `a.rows × b.cols`, on the calling thread.
 pub(super) fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, scale: f32) {
-    product(dst, a, b, scale, false, Parallelism::None);
+    product(dst, b.cols, a, b, scale, false, Parallelism::None);
+}
+
+/// [`matmul`] into rows that start `dst_row_stride` elements apart in `dst` (a block of
+/// columns of a wider row-major matrix; the elements between are left alone).
+pub(super) fn matmul_into_rows(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    scale: f32,
+) {
+    product(dst, dst_row_stride, a, b, scale, false, Parallelism::None);
 }
 
 /// `dst = a · b`, or `dst += a · b` when `accumulate`, `dst` row-major `a.rows × b.cols`,
@@ -69,12 +97,13 @@ pub(super) fn matmul_parallel(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulat
     } else {
         Parallelism::None
     };
-    product(dst, a, b, 1.0, accumulate, parallelism);
+    product(dst, b.cols, a, b, 1.0, accumulate, parallelism);
 }
 
-/// `dst = scale · a · b + (dst if accumulate)`.
+/// `dst = scale · a · b + (dst if accumulate)`, `dst`'s rows `dst_row_stride` apart.
 fn product(
     dst: &mut [f32],
+    dst_row_stride: usize,
     a: Mat<'_>,
     b: Mat<'_>,
     scale: f32,
@@ -87,12 +116,16 @@ fn product(
         "matrix product: view out of bounds"
     );
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    assert!(dst.len() >= m * n, "matrix product: destination too small");
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: the views lie inside their slices (checked above), `dst` holds `m × n`
-    // row-major elements, and no operand aliases `dst` (it is borrowed mutably).
+    assert!(
+        dst_row_stride >= n && dst.len() >= (m - 1) * dst_row_stride + n,
+        "matrix product: destination too small"
+    );
+    // SAFETY: the views lie inside their slices (checked above), `dst` holds `m` rows of
+    // `n` elements `dst_row_stride` apart, and no operand aliases `dst` (it is borrowed
+    // mutably).
     unsafe {
         gemm::gemm(
             m,
@@ -100,7 +133,7 @@ fn product(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -118,6 +151,25 @@ fn product(
     }
 }
 
+/// `rows` copies of `row`, one after another (a product's bias prefill), written on rayon's
+/// threads into memory that is never zeroed first.
+pub(super) fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    let len = rows * row.len();
+    let mut out = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(row.len())
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|dst| {
+            dst.write_copy_of_slice(row);
+        });
+    // SAFETY: every one of the `len` elements was written above.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Allocates gemm's packing buffer on every rayon worker and on this thread; only the
 /// first call does anything.
 pub fn allocate_packing_buffers() {
@@ -127,4 +179,36 @@ pub fn allocate_packing_buffers() {
         rayon::broadcast(|_| touch());
         touch();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Enough rows for several rayon tasks: every row is the bias row.
+    #[test]
+    fn repeat_rows_copies_the_row_into_every_row() {
+        let row = [1.5f32, -2.0, 0.25];
+        let rows = 5 * ROWS_PER_TASK + 3;
+        let out = repeat_rows(&row, rows);
+        assert_eq!(out.len(), rows * row.len());
+        assert!(out.chunks(row.len()).all(|r| r == row));
+        assert!(repeat_rows(&row, 0).is_empty());
+    }
+
+    /// A product into a block of columns leaves the other columns alone.
+    #[test]
+    fn matmul_into_rows_writes_only_its_columns() {
+        let a = [1.0f32, 2.0, 3.0, 4.0]; // 2 × 2
+        let b = [1.0f32, 0.0, 1.0, 1.0]; // 2 × 2
+        let mut dst = [9.0f32; 2 * 5];
+        matmul_into_rows(
+            &mut dst[1..],
+            5,
+            Mat::row_major(&a, 2, 2),
+            Mat::row_major(&b, 2, 2),
+            2.0,
+        );
+        assert_eq!(dst, [9.0, 6.0, 4.0, 9.0, 9.0, 9.0, 14.0, 8.0, 9.0, 9.0]);
+    }
 }
