@@ -1259,8 +1259,17 @@ mod vt {
             let widened = widened_copy_bytes(&[x, scale, grad]);
             meter.alloc(widened);
             meter.alloc(f32_bytes(x));
-            for t in [shift, scale].into_iter().filter(|t| t.tracked()) {
-                meter.alloc(f32_bytes(t));
+            // One partial row per block of a sequence's rows, then added up per sequence.
+            let blocks = crate::nn::fused_norm::row_blocks(x.dims()[1]) as u64;
+            let wanted: Vec<&V> = [shift, scale].into_iter().filter(|t| t.tracked()).collect();
+            for t in &wanted {
+                meter.alloc(blocks * f32_bytes(t));
+            }
+            if blocks > 1 {
+                for t in &wanted {
+                    meter.alloc(f32_bytes(t));
+                    meter.free(blocks * f32_bytes(t));
+                }
             }
             meter.free(widened);
             let gradient = |t: &V| V::from_f32_buffer(&meter, t.dims(), t.dtype());
@@ -1287,6 +1296,21 @@ mod vt {
                 [x, &w, &b],
                 Op::BiasedProduct,
             )
+        }
+
+        /// `nn/linear.rs`'s bias gradient: f64 partial sums of `x` `(rows, cols)` per block
+        /// of rows, added into the first (the others freed), then the f32 sums `(cols,)`.
+        fn column_sums(x: &V) -> V {
+            let meter = x.meter().clone();
+            let (rows, cols) = (x.dims()[0], x.dims()[1]);
+            meter.count_moved(x.bytes());
+            let row = (8 * cols) as u64;
+            let blocks = crate::nn::matrix::column_sum_blocks(rows) as u64;
+            meter.alloc(blocks * row);
+            meter.free((blocks - 1) * row);
+            let sums = V::zeros(&meter, &[cols], DType::F32);
+            meter.free(row);
+            sums
         }
 
         /// The f32 result of a three-operand custom op, a graph node when an operand is
@@ -1371,8 +1395,10 @@ mod vt {
                 scratch += weight_sized + (4 * block_rows * inner) as u64;
             }
             meter.alloc(scratch);
+            // gemm's packed block of ∂y; the f64 column sums of ∂y by blocks of rows.
+            let column_sums = 8 * crate::nn::matrix::column_sum_blocks(rows / sequences) * out;
             let transient =
-                (4 * block_rows * out) as u64 + if want_bg { 8 * out as u64 } else { 0 };
+                (4 * block_rows * out) as u64 + if want_bg { column_sums as u64 } else { 0 };
             meter.alloc(transient);
             meter.free(transient);
             meter.free(scratch);
@@ -1762,7 +1788,7 @@ mod vt {
                 // `bwd` multiplies by detached operands: the gradients hold no graph.
                 let dx = x.tracked().then(|| grad.matmul(&w.detach()));
                 let dw = w.tracked().then(|| grad.t().matmul(&x.detach()));
-                let db = b.tracked().then(|| grad.sum_keepdim(&[0]).squeeze(0));
+                let db = b.tracked().then(|| V::column_sums(&grad.contiguous()));
                 for (t, g) in [(x, dx), (w, dw), (b, db)] {
                     if let Some(g) = g {
                         grads.accumulate(t, &g);

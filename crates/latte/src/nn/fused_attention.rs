@@ -28,7 +28,7 @@
 //! narrowed back.
 
 use super::matrix::{matmul, matmul_into_rows, Mat};
-use super::ops::{cpu, narrowed, tensor_from_f32, widened};
+use super::ops::{cpu, narrowed, tensor_from_f32, widened, zeroed};
 use super::simd;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
@@ -196,7 +196,7 @@ impl ThreadGroups {
 fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
     let Dims { batch, s, l, .. } = dims;
     let width = dims.width();
-    let mut out = vec![0f32; batch * s * width];
+    let mut out = zeroed(batch * s * width);
     if out.is_empty() {
         return out;
     }
@@ -233,9 +233,9 @@ fn backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { batch, s, l, d, .. } = dims;
     let width = dims.width();
-    let mut dq = vec![0f32; batch * s * width];
-    let mut dk = vec![0f32; batch * l * width];
-    let mut dv = vec![0f32; batch * l * width];
+    let mut dq = zeroed(batch * s * width);
+    let mut dk = zeroed(batch * l * width);
+    let mut dv = zeroed(batch * l * width);
     if dq.is_empty() || dk.is_empty() {
         return (dq, dk, dv);
     }

@@ -16,11 +16,16 @@
 //! dx̂ = dy ∘ (1 + scale)              dx = (dx̂ − mean(dx̂) − x̂ ∘ mean(dx̂ ∘ x̂)) / √(var(x) + ε)
 //! ```
 //!
+//! Both passes split every sequence into blocks of [`ROWS_PER_TASK`] rows spread over
+//! rayon's threads (a feed-forward half normalises one long sequence per video). The
+//! backward pass sums a block's modulation gradients into its own partial row and adds the
+//! partial rows of a sequence in block order: deterministic whatever the thread count.
+//!
 //! The forward pass rounds where the composed formulation does (x̂, 1 + scale, the product
 //! and the sum each to the model's dtype), so half precision matches PyTorch's LayerNorm
 //! followed by the modulation in that dtype; arithmetic is f32 throughout.
 
-use super::ops::{cpu, narrowed, tensor_from_f32, widened};
+use super::ops::{cpu, narrowed, tensor_from_f32, widened, zeroed};
 use super::simd;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
@@ -42,6 +47,14 @@ pub fn modulated_layer_norm(
         &scale.contiguous()?,
         ModulatedLayerNorm { eps: eps as f32 },
     )
+}
+
+/// Rows of one sequence handed to one rayon task.
+const ROWS_PER_TASK: usize = 256;
+
+/// Blocks of [`ROWS_PER_TASK`] rows in a sequence of `rows` rows.
+pub fn row_blocks(rows: usize) -> usize {
+    rows.div_ceil(ROWS_PER_TASK).max(1)
 }
 
 /// The op; `eps` is added to the variance.
@@ -162,7 +175,7 @@ impl CustomOp3 for ModulatedLayerNorm {
     }
 }
 
-/// `y` for every row, sequence by sequence in parallel.
+/// `y` for every row, row blocks in parallel.
 fn forward(
     x: &[f32],
     shift: &[f32],
@@ -172,13 +185,15 @@ fn forward(
     round: impl Fn(f32) -> f32 + Copy + Sync,
 ) -> Vec<f32> {
     let Dims { s, d, .. } = dims;
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeroed(x.len());
     out.par_chunks_mut(s * d)
         .zip(x.par_chunks(s * d))
         .zip(shift.par_chunks(d).zip(scale.par_chunks(d)))
         .for_each(|((out, x), (shift, scale))| {
             let one_plus_scale: Vec<f32> = scale.iter().map(|c| round(1.0 + c)).collect();
-            modulate_rows(out, x, &one_plus_scale, shift, eps, round)
+            out.par_chunks_mut(ROWS_PER_TASK * d)
+                .zip(x.par_chunks(ROWS_PER_TASK * d))
+                .for_each(|(out, x)| modulate_rows(out, x, &one_plus_scale, shift, eps, round));
         });
     out
 }
@@ -217,17 +232,18 @@ struct Gradients {
     scale: Option<Vec<f32>>,
 }
 
-/// One row of `d` values per sequence, or `n` empty rows for a gradient not wanted.
-fn rows_of(values: &mut [f32], n: usize, d: usize) -> Vec<&mut [f32]> {
+/// `count` rows of `d` values, or `count` empty rows for a gradient not wanted.
+fn rows_of(values: &mut [f32], count: usize, d: usize) -> Vec<&mut [f32]> {
     if values.is_empty() {
-        (0..n).map(|_| <&mut [f32]>::default()).collect()
+        (0..count).map(|_| <&mut [f32]>::default()).collect()
     } else {
         values.chunks_mut(d).collect()
     }
 }
 
-/// The backward pass, sequence by sequence in parallel (each sequence owns its rows of the
-/// modulation gradients, so the sums over tokens are sequential and deterministic).
+/// The backward pass, row blocks in parallel. Each block sums its modulation gradients
+/// into its own row; with more than one block per sequence those partial rows are added
+/// in block order afterwards.
 fn backward(
     x: &[f32],
     scale: &[f32],
@@ -237,27 +253,58 @@ fn backward(
     wanted: Wanted,
 ) -> Gradients {
     let Dims { n, s, d } = dims;
-    let mut dx = vec![0f32; x.len()];
-    let mut d_shift = vec![0f32; if wanted.shift { n * d } else { 0 }];
-    let mut d_scale = vec![0f32; if wanted.scale { n * d } else { 0 }];
-    let (shift_rows, scale_rows) = (rows_of(&mut d_shift, n, d), rows_of(&mut d_scale, n, d));
+    let blocks = row_blocks(s);
+    let mut dx = zeroed(x.len());
+    let sums_len = |wanted: bool| if wanted { n * blocks * d } else { 0 };
+    let mut shift_sums = vec![0f32; sums_len(wanted.shift)];
+    let mut scale_sums = vec![0f32; sums_len(wanted.scale)];
+    let mut shift_rows = rows_of(&mut shift_sums, n * blocks, d);
+    let mut scale_rows = rows_of(&mut scale_sums, n * blocks, d);
     dx.par_chunks_mut(s * d)
         .zip(x.par_chunks(s * d))
         .zip(grad.par_chunks(s * d))
         .zip(scale.par_chunks(d))
-        .zip(shift_rows.into_par_iter().zip(scale_rows))
-        .for_each(|((((dx, x), grad), scale), (d_shift, d_scale))| {
-            backward_rows(dx, x, grad, scale, d_shift, d_scale, eps)
+        .zip(
+            shift_rows
+                .par_chunks_mut(blocks)
+                .zip(scale_rows.par_chunks_mut(blocks)),
+        )
+        .for_each(|((((dx, x), grad), scale), (shift_rows, scale_rows))| {
+            let rows = ROWS_PER_TASK * d;
+            dx.par_chunks_mut(rows)
+                .zip(x.par_chunks(rows))
+                .zip(grad.par_chunks(rows))
+                .zip(shift_rows.par_iter_mut().zip(scale_rows.par_iter_mut()))
+                .for_each(|(((dx, x), grad), (d_shift, d_scale))| {
+                    backward_rows(dx, x, grad, scale, d_shift, d_scale, eps)
+                });
         });
+    let per_sequence = |sums: Vec<f32>| sum_blocks(sums, blocks, d);
     Gradients {
         x: dx,
-        shift: wanted.shift.then_some(d_shift),
-        scale: wanted.scale.then_some(d_scale),
+        shift: wanted.shift.then(|| per_sequence(shift_sums)),
+        scale: wanted.scale.then(|| per_sequence(scale_sums)),
     }
 }
 
-/// The backward pass over the rows of one sequence: `dx`, and the sums over its tokens of
-/// the modulation gradients (`d_shift`, `d_scale`: empty when not wanted).
+/// Rows of `d` values, `blocks` per sequence, added up per sequence in block order.
+fn sum_blocks(sums: Vec<f32>, blocks: usize, d: usize) -> Vec<f32> {
+    if blocks == 1 {
+        return sums;
+    }
+    sums.chunks(blocks * d)
+        .flat_map(|sequence| {
+            let mut total = sequence[..d].to_vec();
+            for block in sequence.chunks(d).skip(1) {
+                total.iter_mut().zip(block).for_each(|(t, v)| *t += v);
+            }
+            total
+        })
+        .collect()
+}
+
+/// The backward pass over a block of rows of one sequence: `dx`, and the sums over its
+/// tokens of the modulation gradients (`d_shift`, `d_scale`: empty when not wanted).
 #[multiversion(targets = "simd")]
 fn backward_rows(
     dx: &mut [f32],
@@ -319,12 +366,14 @@ mod tests {
     }
 
     /// Output and the gradients of `x` and of the modulation against the composed ops
-    /// (`layer_norm` then `modulate`), for spatial-like (few sequences, many tokens) and
-    /// temporal-like (many short sequences) shapes. Both sides compute in f32 with different
+    /// (`layer_norm` then `modulate`), for spatial-like (few sequences, many tokens),
+    /// temporal-like (many short sequences) and feed-forward-like (sequences of several
+    /// row blocks, the last one partial) shapes. Both sides compute in f32 with different
     /// summation orders: agreement to a few f32 ulps of the largest value (1e-5).
     #[test]
     fn matches_the_composed_norm_and_modulation_and_their_gradients() {
-        for (n, s, d) in [(2, 9, 16), (12, 3, 8), (1, 1, 5)] {
+        let long = 2 * ROWS_PER_TASK + 7;
+        for (n, s, d) in [(2, 9, 16), (12, 3, 8), (1, 1, 5), (2, long, 8)] {
             let x = var((n, s, d), 1);
             let (table, shift, scale) = modulation(n, d);
             let weights = var((n, s, d), 4);

@@ -29,14 +29,17 @@
 //! [`Linear`] and the product with the gate.
 
 use super::linear::Linear;
-use super::matrix::{matmul_parallel, Mat};
+use super::matrix::{column_sums, matmul_parallel, repeat_rows, Mat};
 use super::ops::{
-    cpu, gelu_into, gelu_tanh, multiply_by_gelu_derivative, tensor_from_f32, widened,
+    cpu, gelu_into, gelu_tanh, multiply_by_gelu_derivative, tensor_from_f32, widened, zeroed,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+/// Output rows gated by one rayon task.
+const ROWS_PER_TASK: usize = 64;
 
 /// Bytes of f32 GELU output a row block holds (the op's scratch).
 pub const BLOCK_BYTES: usize = 8 << 20;
@@ -160,7 +163,7 @@ impl CustomOp3 for GatedGeluLinear {
         let Dims { inner, out, .. } = dims;
         let shape = Shape::from((dims.rows(), out));
         if !self.values {
-            return Ok((CpuStorage::F32(vec![0f32; dims.rows() * out]), shape));
+            return Ok((CpuStorage::F32(zeroed(dims.rows() * out)), shape));
         }
         let (h, w, bg) = (
             widened(h, h_layout)?,
@@ -168,8 +171,8 @@ impl CustomOp3 for GatedGeluLinear {
             widened(bias_and_gates, bg_layout)?,
         );
         let (bias, gates) = bg.split_at(out);
-        let mut y = bias.repeat(dims.rows());
-        let mut g = vec![0f32; block_rows(inner).min(dims.rows_per_sequence) * inner];
+        let mut y = repeat_rows(bias, dims.rows());
+        let mut g = zeroed(block_rows(inner).min(dims.rows_per_sequence) * inner);
         let w_t = Mat::row_major(&w, out, inner).t();
         for i in 0..dims.sequences {
             let gate = &gates[i * out..(i + 1) * out];
@@ -178,9 +181,9 @@ impl CustomOp3 for GatedGeluLinear {
                 gelu_into(g, &h[start * inner..(start + len) * inner]);
                 let y = &mut y[start * out..(start + len) * out];
                 matmul_parallel(y, Mat::row_major(&*g, len, inner), w_t, true);
-                for row in y.chunks_exact_mut(out) {
-                    row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g);
-                }
+                y.par_chunks_exact_mut(out)
+                    .with_min_len(ROWS_PER_TASK)
+                    .for_each(|row| row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g));
             }
         }
         Ok((CpuStorage::F32(y), shape))
@@ -262,7 +265,7 @@ fn backward(
     let Dims { inner, out, .. } = dims;
     let (bias, gates) = bias_and_gates.split_at(out);
     let needs_m = want.w || want.bias_and_gates;
-    let mut grad_h = want.h.then(|| vec![0f32; dims.rows() * inner]);
+    let mut grad_h = want.h.then(|| zeroed(dims.rows() * inner));
     let mut grad_w = want.w.then(|| vec![0f32; out * inner]);
     let mut grad_bg = want
         .bias_and_gates
@@ -270,7 +273,7 @@ fn backward(
     let mut scaled_w = vec![0f32; if want.h { out * inner } else { 0 }];
     let mut m = vec![0f32; if needs_m { out * inner } else { 0 }];
     let block = block_rows(inner).min(dims.rows_per_sequence);
-    let mut g = vec![0f32; if needs_m { block * inner } else { 0 }];
+    let mut g = zeroed(if needs_m { block * inner } else { 0 });
     for i in 0..dims.sequences {
         let gate = &gates[i * out..(i + 1) * out];
         if want.h {
@@ -296,25 +299,24 @@ fn backward(
         if let Some(grad_bg) = &mut grad_bg {
             let rows = &grad_y[i * dims.rows_per_sequence * out..][..dims.rows_per_sequence * out];
             // Long sums in f64: `∂gate` adds `rows · inner` products.
-            let mut column_sums = vec![0f64; out];
-            for row in rows.chunks_exact(out) {
-                column_sums
-                    .iter_mut()
-                    .zip(row)
-                    .for_each(|(s, &v)| *s += f64::from(v));
-            }
+            let sums = column_sums(rows, out);
             let (grad_bias, grad_gates) = grad_bg.split_at_mut(out);
             let grad_gate = &mut grad_gates[i * out..(i + 1) * out];
             for c in 0..out {
-                let sum = column_sums[c];
-                grad_bias[c] += (f64::from(gate[c]) * sum) as f32;
-                let dot: f64 = w[c * inner..(c + 1) * inner]
-                    .iter()
-                    .zip(&m[c * inner..(c + 1) * inner])
-                    .map(|(&w, &m)| f64::from(w) * f64::from(m))
-                    .sum();
-                grad_gate[c] = (dot + f64::from(bias[c]) * sum) as f32;
+                grad_bias[c] += (f64::from(gate[c]) * sums[c]) as f32;
             }
+            grad_gate
+                .par_iter_mut()
+                .zip(w.par_chunks(inner).zip(m.par_chunks(inner)))
+                .zip(sums.par_iter().zip(bias))
+                .for_each(|((grad_gate, (w, m)), (sum, bias))| {
+                    let dot: f64 = w
+                        .iter()
+                        .zip(m)
+                        .map(|(&w, &m)| f64::from(w) * f64::from(m))
+                        .sum();
+                    *grad_gate = (dot + f64::from(*bias) * sum) as f32;
+                });
         }
     }
     Grads {

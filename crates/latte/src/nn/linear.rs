@@ -3,12 +3,13 @@
 //! On the CPU in f32 the bias is added by the matrix product itself: the output is filled
 //! with the bias rows and gemm accumulates `x·Wᵀ` into it ([`BiasedProduct`]), where
 //! candle's `matmul` then `broadcast_add` write the product and read it back into a second
-//! activation-sized tensor. Its backward is candle's: `∂x = ∂y·W`, `∂W = ∂yᵀ·x`,
-//! `∂b = Σ_rows ∂y`, each only for a tracked operand; a stored graph keeps `x` when `W` is
+//! activation-sized tensor. Its backward is candle's matmul rule, `∂x = ∂y·W`,
+//! `∂W = ∂yᵀ·x`, and `∂b = Σ_rows ∂y` summed in f64 by row blocks in parallel, each only
+//! for a tracked operand; a stored graph keeps `x` when `W` is
 //! tracked and `W` when `x` is (as candle's `matmul` with latte-rs's patch 2).
 
-use super::matrix::{matmul_parallel, repeat_rows, Mat};
-use super::ops::widened;
+use super::matrix::{column_sums, matmul_parallel, repeat_rows, Mat};
+use super::ops::{cpu, widened};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape};
@@ -144,7 +145,7 @@ impl CustomOp3 for BiasedProduct {
             .track_op()
             .then(|| grad_y.t()?.matmul(&x.detach()))
             .transpose()?;
-        let grad_b = b.track_op().then(|| grad_y.sum(0)).transpose()?;
+        let grad_b = b.track_op().then(|| bias_gradient(grad_y)).transpose()?;
         Ok((grad_x, grad_w, grad_b))
     }
 
@@ -155,6 +156,18 @@ impl CustomOp3 for BiasedProduct {
             res: false,
         }
     }
+}
+
+/// `∂b = Σ_rows ∂y`, summed in f64 by blocks of rows on rayon's threads.
+fn bias_gradient(grad_y: &Tensor) -> Result<Tensor> {
+    let grad_y = grad_y.contiguous()?;
+    let (_, out) = grad_y.dims2()?;
+    let sums = {
+        let (storage, layout) = grad_y.storage_and_layout();
+        column_sums(&widened(cpu(&storage)?, layout)?, out)
+    };
+    let sums: Vec<f32> = sums.into_iter().map(|s| s as f32).collect();
+    Tensor::from_vec(sums, out, grad_y.device())
 }
 
 #[cfg(test)]

@@ -17,6 +17,42 @@ use std::sync::Once;
 /// Rows copied by one rayon task in [`repeat_rows`].
 const ROWS_PER_TASK: usize = 64;
 
+/// Rows summed by one rayon task in [`column_sums`].
+const SUM_BLOCK_ROWS: usize = 256;
+
+/// Blocks of [`column_sums`] (one f64 partial row each) for `rows` rows.
+pub fn column_sum_blocks(rows: usize) -> usize {
+    rows.div_ceil(SUM_BLOCK_ROWS).max(1)
+}
+
+/// The sum of every column of the row-major matrix `values` (`cols` wide), in f64: blocks
+/// of [`SUM_BLOCK_ROWS`] rows summed on rayon's threads, the block sums then added in block
+/// order (deterministic whatever the thread count).
+pub(super) fn column_sums(values: &[f32], cols: usize) -> Vec<f64> {
+    if cols == 0 {
+        return Vec::new();
+    }
+    let partials: Vec<Vec<f64>> = values
+        .par_chunks(SUM_BLOCK_ROWS * cols)
+        .map(|block| {
+            let mut sums = vec![0f64; cols];
+            for row in block.chunks_exact(cols) {
+                sums.iter_mut()
+                    .zip(row)
+                    .for_each(|(s, &v)| *s += f64::from(v));
+            }
+            sums
+        })
+        .collect();
+    partials
+        .into_iter()
+        .reduce(|mut total, block| {
+            total.iter_mut().zip(&block).for_each(|(t, b)| *t += b);
+            total
+        })
+        .unwrap_or_else(|| vec![0f64; cols])
+}
+
 /// A strided read-only f32 matrix.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Mat<'a> {
@@ -194,6 +230,22 @@ mod tests {
         assert_eq!(out.len(), rows * row.len());
         assert!(out.chunks(row.len()).all(|r| r == row));
         assert!(repeat_rows(&row, 0).is_empty());
+    }
+
+    /// Several row blocks, the last partial: the sums of a plain loop (exact here: small
+    /// integers in f64).
+    #[test]
+    fn column_sums_add_every_row() {
+        let (rows, cols) = (2 * SUM_BLOCK_ROWS + 5, 3);
+        let values: Vec<f32> = (0..rows * cols).map(|i| (i % 17) as f32 - 8.0).collect();
+        let mut expected = vec![0f64; cols];
+        for row in values.chunks(cols) {
+            for (e, &v) in expected.iter_mut().zip(row) {
+                *e += f64::from(v);
+            }
+        }
+        assert_eq!(column_sums(&values, cols), expected);
+        assert_eq!(column_sums(&[], 2), vec![0.0; 2]);
     }
 
     /// A product into a block of columns leaves the other columns alone.

@@ -68,6 +68,19 @@ fn chunks_in_parallel(dst: &mut [f32], x: &[f32], kernel: impl Fn(&mut [f32], &[
         .for_each(|(dst, x)| kernel(dst, x));
 }
 
+/// `len` zeros, written on rayon's threads (an output a kernel then fills).
+pub(super) fn zeroed(len: usize) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    values.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk| {
+            chunk.fill(std::mem::MaybeUninit::new(0.0));
+        });
+    // SAFETY: every one of the `len` elements was written above.
+    unsafe { values.set_len(len) };
+    values
+}
+
 /// `dst[i] = GELU(x[i])`, in parallel.
 pub(super) fn gelu_into(dst: &mut [f32], x: &[f32]) {
     chunks_in_parallel(dst, x, gelu_run);

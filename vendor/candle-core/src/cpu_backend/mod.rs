@@ -992,7 +992,40 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+/// Copies of at least this many elements run on rayon's threads (latte-rs patch 7).
+const PAR_COPY_MIN: usize = 64 * 1024;
+
+/// `dst[i·block_len..][..block_len] = src[start_i..][..block_len]` for every block start,
+/// block after block, on rayon's threads when the copy is large (latte-rs patch 7).
+fn copy_blocks_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    starts: impl Iterator<Item = usize>,
+    block_len: usize,
+) {
+    if block_len == 0 {
+        return;
+    }
+    if dst.len() < PAR_COPY_MIN {
+        for (dst, start) in dst.chunks_exact_mut(block_len).zip(starts) {
+            dst.copy_from_slice(&src[start..start + block_len]);
+        }
+        return;
+    }
+    let starts: Vec<usize> = starts.collect();
+    let min_blocks = (PAR_COPY_MIN / 16).div_ceil(block_len).max(1);
+    dst.par_chunks_exact_mut(block_len)
+        .zip(starts.par_iter())
+        .with_min_len(min_blocks)
+        .for_each(|(dst, &start)| dst.copy_from_slice(&src[start..start + block_len]));
+}
+
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
@@ -1002,15 +1035,11 @@ fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l
             block_len,
             count,
             src_stride,
-        } => copy2d_(
+        } => copy_blocks_(
             src,
-            dst,
-            count,
+            &mut dst[dst_offset..dst_offset + count * block_len],
+            (0..count).map(|i| start_offset + i * src_stride),
             block_len,
-            src_stride,
-            block_len,
-            start_offset,
-            dst_offset,
         ),
         crate::StridedBlocks::MultipleBlocks {
             block_start_index,
@@ -1027,13 +1056,12 @@ fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l
             block_len,
         } => {
             let n_blocks = block_start_index.len();
-            let dst = &mut dst[dst_offset..dst_offset + n_blocks * block_len];
-            let mut dst_index = 0;
-            for src_index in block_start_index {
-                dst[dst_index..dst_index + block_len]
-                    .copy_from_slice(&src[src_index..src_index + block_len]);
-                dst_index += block_len;
-            }
+            copy_blocks_(
+                src,
+                &mut dst[dst_offset..dst_offset + n_blocks * block_len],
+                block_start_index,
+                block_len,
+            )
         }
     }
 }
