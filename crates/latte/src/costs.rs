@@ -1282,12 +1282,16 @@ mod vt {
         /// `nn/linear.rs`'s biased product on contiguous f32 `x` `(rows, in)`, `W`
         /// `(out, in)` and `b` `(out,)`: the output, filled with the bias rows, then
         /// accumulated into by gemm.
-        pub(super) fn biased_product(x: &V, w: &V, b: &V) -> V {
+        pub(super) fn biased_product(x: &V, w: &V, b: &V, values: bool) -> V {
             let (w, b) = (w.contiguous(), b.contiguous());
             let meter = x.meter().clone();
             let (rows, inner, out) = (x.dims()[0], x.dims()[1], w.dims()[0]);
-            meter.count_matmul(2.0 * (rows * inner * out) as f64);
-            meter.count_moved(x.bytes() + w.bytes() + (8 * rows * out) as u64);
+            if values {
+                meter.count_matmul(2.0 * (rows * inner * out) as f64);
+                meter.count_moved(x.bytes() + w.bytes() + (8 * rows * out) as u64);
+            } else {
+                meter.count_moved((4 * rows * out) as u64);
+            }
             let storage = V::storage(&meter, rows * out, DType::F32);
             V::f32_result(
                 &meter,
@@ -1899,6 +1903,11 @@ mod replay {
 
     impl Linear {
         fn forward(&self, x: &V) -> V {
+            self.forward_with(x, true)
+        }
+
+        /// `values: false` is `Output::GraphOnly`.
+        fn forward_with(&self, x: &V, values: bool) -> V {
             let mut out_dims = x.dims().to_vec();
             let in_dim = out_dims.pop().unwrap_or(1);
             let rows = x.numel() / in_dim.max(1);
@@ -1906,7 +1915,9 @@ mod replay {
             let x = x.reshape(&[rows, in_dim]);
             let fused = x.fused_kernels() && x.dtype() == DType::F32;
             let y = match &self.bias {
-                Some(bias) if fused => V::biased_product(&x.contiguous(), &self.weight, bias),
+                Some(bias) if fused => {
+                    V::biased_product(&x.contiguous(), &self.weight, bias, values)
+                }
                 Some(bias) => x.matmul(&self.weight.t()).broadcast_add(bias),
                 None => x.matmul(&self.weight.t()),
             };
@@ -2056,9 +2067,10 @@ mod replay {
                     if !attention_half {
                         self.feed_forward_stage(b, input, &head, values)
                     } else if !temporal {
-                        self.attention_half(b, input, &head.context[0], Some(&head.context[2]))
+                        let captions = Some(&head.context[2]);
+                        self.attention_half(b, input, &head.context[0], captions, values)
                     } else {
-                        self.temporal_attention(b, layer, input, &head.context)
+                        self.temporal_attention(b, layer, input, &head.context, values)
                     }
                 };
                 let (costs, mut stage_work, next) =
@@ -2213,7 +2225,7 @@ mod replay {
 
         // ---- nn/attention.rs ----
 
-        fn attention(&self, a: &Attention, x: &V, context: Option<&V>) -> V {
+        fn attention(&self, a: &Attention, x: &V, context: Option<&V>, values: bool) -> V {
             let context = context.unwrap_or(x);
             let q = a.to_q.forward(x);
             let k = a.to_k.forward(context);
@@ -2225,17 +2237,28 @@ mod replay {
                     merge_heads(&composed_attention(&q, &k, &v))
                 }
             };
-            a.to_out.forward(&heads)
+            a.to_out.forward_with(&heads, values)
         }
 
         // ---- nn/feed_forward.rs, nn/block.rs ----
 
-        fn attention_half(&self, b: &Block, h: &V, timestep: &V, captions: Option<&V>) -> V {
+        fn attention_half(
+            &self,
+            b: &Block,
+            h: &V,
+            timestep: &V,
+            captions: Option<&V>,
+            values: bool,
+        ) -> V {
             let [shift_msa, scale_msa, gate_msa] = self.modulation(b, timestep, 0);
             let x = self.modulated_layer_norm(h, &shift_msa, &scale_msa);
-            let h = h.add(&self.attention(&b.attn1, &x, None).broadcast_mul(&gate_msa));
+            let attn1_values = values || b.attn2.is_some() || gate_msa.tracked();
+            let attn1 = self.attention(&b.attn1, &x, None, attn1_values);
+            let h = h.add(&attn1.broadcast_mul(&gate_msa));
             match (&b.attn2, captions) {
-                (Some(attn2), Some(captions)) => h.add(&self.attention(attn2, &h, Some(captions))),
+                (Some(attn2), Some(captions)) => {
+                    h.add(&self.attention(attn2, &h, Some(captions), values))
+                }
                 _ => h,
             }
         }
@@ -2274,7 +2297,14 @@ mod replay {
 
         // ---- model.rs ----
 
-        fn temporal_attention(&self, b: &Block, layer: usize, x: &V, context: &[V]) -> V {
+        fn temporal_attention(
+            &self,
+            b: &Block,
+            layer: usize,
+            x: &V,
+            context: &[V],
+            values: bool,
+        ) -> V {
             let batch = self.geometry.batch;
             let mut sequences = swap_sequence_axes(x, batch);
             if layer == 0 && self.geometry.frames > 1 {
@@ -2282,7 +2312,7 @@ mod replay {
                 let positions = self.constant_table(self.geometry.frames, d, x.dtype());
                 sequences = sequences.broadcast_add(&positions);
             }
-            let out = self.attention_half(b, &sequences, &context[1], None);
+            let out = self.attention_half(b, &sequences, &context[1], None, values);
             swap_sequence_axes(&out, batch)
         }
 

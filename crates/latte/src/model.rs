@@ -10,8 +10,7 @@ use crate::nn::block::{BlockSpec, TransformerBlock};
 use crate::nn::embeddings::{
     temporal_positions, AdaLayerNormSingle, CaptionProjection, PatchEmbed,
 };
-use crate::nn::gelu_linear::Output;
-use crate::nn::linear::Linear;
+use crate::nn::linear::{Linear, Output};
 use crate::nn::norm::modulated_layer_norm;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -318,7 +317,13 @@ impl LatteChain<'_> {
 
     /// The temporal attention half: moves to `(b·n, f, d)`, adds the temporal position
     /// embedding before the first temporal block, attends across frames, moves back.
-    fn temporal_attention(&self, layer: usize, x: &Tensor, ctx: &LatteContext) -> Result<Tensor> {
+    fn temporal_attention(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &LatteContext,
+        output: Output,
+    ) -> Result<Tensor> {
         let geometry = ctx.geometry;
         // (b·f, n, d) → (b·n, f, d)
         let mut sequences = swap_sequence_axes(x, geometry.batch)?;
@@ -331,6 +336,7 @@ impl LatteChain<'_> {
             &sequences,
             &ctx.timestep_temporal,
             None,
+            output,
         )?;
         // (b·n, f, d) → (b·f, n, d)
         swap_sequence_axes(&out, geometry.batch)
@@ -357,9 +363,9 @@ impl LatteChain<'_> {
         let _span = tracing::trace_span!("stage", layer, temporal, ?half).entered();
         match (half, temporal) {
             (Half::Attention, false) => {
-                blocks[layer].attention_half(x, &ctx.timestep_spatial, Some(&ctx.captions))
+                blocks[layer].attention_half(x, &ctx.timestep_spatial, Some(&ctx.captions), output)
             }
-            (Half::Attention, true) => self.temporal_attention(layer, x, ctx),
+            (Half::Attention, true) => self.temporal_attention(layer, x, ctx, output),
             (Half::FeedForward, _) => {
                 // (b·f, n, d) → (b, f·n, d): one sequence per video.
                 let dims = x.dims3()?;
@@ -424,7 +430,8 @@ impl ChainModel for LatteChain<'_> {
     }
 
     /// A feed-forward half skips its gated product (its result is zeros plus the
-    /// residual); attention halves run as in [`ChainModel::stage_forward`].
+    /// residual); an attention half skips its last output projection where nothing reads
+    /// it ([`TransformerBlock::attention_half`]).
     fn stage_graph_only(&self, index: usize, x: &Tensor, ctx: &LatteContext) -> Result<Tensor> {
         self.run_stage(index, x, ctx, Output::GraphOnly)
     }

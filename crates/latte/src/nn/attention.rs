@@ -7,7 +7,7 @@
 //! record no backward.
 
 use super::fused_attention;
-use super::linear::Linear;
+use super::linear::{Linear, Output};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -46,8 +46,9 @@ impl Attention {
     }
 
     /// `x`: `(b, s, dim)`; `context`: `(b, l, context_dim)` for cross-attention, `None`
-    /// for self-attention. Returns `(b, s, dim)`.
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// for self-attention. Returns `(b, s, dim)`; with [`Output::GraphOnly`], the output
+    /// projection's graph without its values ([`Linear::forward_with`]).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, output: Output) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q = self.to_q.forward(x)?;
@@ -64,7 +65,7 @@ impl Attention {
             );
             merge_heads(&composed_attention(&q, &k, &v, scale)?)?
         };
-        self.to_out.forward(&heads)
+        self.to_out.forward_with(&heads, output)
     }
 
     /// `(b, s, h·d) → (b, h, s, d)`.

@@ -14,7 +14,7 @@
 
 use super::attention::Attention;
 use super::feed_forward::FeedForward;
-use super::gelu_linear::Output;
+use super::linear::Output;
 use super::norm::modulated_layer_norm;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -74,22 +74,33 @@ impl TransformerBlock {
     /// The attention half: `h += gate₁ · attn1(norm(h)·(1 + scale₁) + shift₁)`, then the
     /// cross-attention of spatial blocks. `h`: `(n, s, d)` token sequences; `timestep`:
     /// `(n, 6·d)` modulation, one row per sequence; `captions`: `(n, l, d)`, required by
-    /// spatial blocks.
+    /// spatial blocks. With [`Output::GraphOnly`] the last output projection computes no
+    /// values when nothing's backward reads them: the cross-attention's (a residual sum
+    /// reads nothing), or the self-attention's of a temporal block when its gate is a
+    /// constant (the product with a tracked gate reads it).
     pub fn attention_half(
         &self,
         h: &Tensor,
         timestep: &Tensor,
         captions: Option<&Tensor>,
+        output: Output,
     ) -> Result<Tensor> {
         let [shift_msa, scale_msa, gate_msa] = self.modulation(timestep, 0)?;
         let x = modulated_layer_norm(h, &shift_msa, &scale_msa, self.norm_eps)?;
-        let h = (h + self.attn1.forward(&x, None)?.broadcast_mul(&gate_msa)?)?;
+        let last = self.attn2.is_none();
+        let attn1_output = if last && !gate_msa.track_op() {
+            output
+        } else {
+            Output::Values
+        };
+        let attn1 = self.attn1.forward(&x, None, attn1_output)?;
+        let h = (h + attn1.broadcast_mul(&gate_msa)?)?;
         match &self.attn2 {
             Some(attn2) => {
                 let captions = captions.ok_or_else(|| {
                     candle_core::Error::Msg("a spatial block needs the caption tokens".into())
                 })?;
-                &h + attn2.forward(&h, Some(captions))?
+                &h + attn2.forward(&h, Some(captions), output)?
             }
             None => Ok(h),
         }

@@ -1,8 +1,8 @@
 //! The transformer MLP: `Linear → GELU(tanh) → Linear` (diffusers `FeedForward` with
 //! `activation_fn="gelu-approximate"`, `mult=4`), with adaLN's gate on its output.
 
-use super::gelu_linear::{gated_gelu_linear, Output};
-use super::linear::Linear;
+use super::gelu_linear::gated_gelu_linear;
+use super::linear::{Linear, Output};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 

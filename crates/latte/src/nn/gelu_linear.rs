@@ -28,7 +28,7 @@
 //! scaled weight). f32 on the CPU; elsewhere [`gated_gelu_linear`] composes [`gelu_tanh`],
 //! [`Linear`] and the product with the gate.
 
-use super::linear::Linear;
+use super::linear::{Linear, Output};
 use super::matrix::{column_sums, matmul_parallel, repeat_rows, Mat};
 use super::ops::{
     cpu, gelu_into, gelu_tanh, multiply_by_gelu_derivative, tensor_from_f32, widened, zeroed,
@@ -43,16 +43,6 @@ const ROWS_PER_TASK: usize = 64;
 
 /// Bytes of f32 GELU output a row block holds (the op's scratch).
 pub const BLOCK_BYTES: usize = 8 << 20;
-
-/// What the forward pass must produce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    /// The values (and the graph, if an operand is tracked).
-    Values,
-    /// The graph only: the result is back-propagated through and never read, so the fused
-    /// op returns zeros without computing them (the composed fallback still computes).
-    GraphOnly,
-}
 
 /// `gate ⊙ linear(GELU(h))` for `h`: `(n, s, inner)` and `gate`: `(n, 1, out)`.
 pub fn gated_gelu_linear(

@@ -9,12 +9,23 @@
 //! tracked and `W` when `x` is (as candle's `matmul` with latte-rs's patch 2).
 
 use super::matrix::{column_sums, matmul_parallel, repeat_rows, Mat};
-use super::ops::{cpu, widened};
+use super::ops::{cpu, widened, zeroed};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape};
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+
+/// What the forward pass of an op must produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The values (and the graph, if an operand is tracked).
+    Values,
+    /// The graph only: the result is back-propagated through and never read, so a fused
+    /// op whose backward does not read its output returns zeros without computing them
+    /// (composed fallbacks still compute).
+    GraphOnly,
+}
 
 /// `torch.nn.Linear`: weight `(out, in)`, optional bias `(out,)`.
 #[derive(Debug, Clone)]
@@ -59,6 +70,12 @@ impl Linear {
     /// Applies the layer to the last dimension of `x` (`(…, in) → (…, out)`), as one
     /// matrix product over all leading dimensions.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Output::Values)
+    }
+
+    /// [`Linear::forward`]; with [`Output::GraphOnly`] the biased product's result is zeros
+    /// (its backward reads the operands only).
+    pub fn forward_with(&self, x: &Tensor, output: Output) -> Result<Tensor> {
         let mut out_dims = x.dims().to_vec();
         let in_dim = out_dims.pop().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
@@ -71,6 +88,7 @@ impl Linear {
                 let op = BiasedProduct {
                     reads_x: self.weight.track_op(),
                     reads_w: x.track_op(),
+                    values: output == Output::Values,
                 };
                 x.contiguous()?
                     .apply_op3(&self.weight.contiguous()?, &bias.contiguous()?, op)?
@@ -84,10 +102,12 @@ impl Linear {
 }
 
 /// `b + x·Wᵀ` on `(x, W, b)`: `x` `(rows, in)`, `W` `(out, in)`, `b` `(out,)`, f32. What
-/// its backward reads is fixed when the op is built, from which operands are tracked.
+/// its backward reads is fixed when the op is built, from which operands are tracked;
+/// without `values` the result is zeros (the graph only).
 struct BiasedProduct {
     reads_x: bool,
     reads_w: bool,
+    values: bool,
 }
 
 impl CustomOp3 for BiasedProduct {
@@ -117,6 +137,10 @@ impl CustomOp3 for BiasedProduct {
         if [x.dtype(), w.dtype(), b.dtype()] != [DType::F32; 3] {
             candle_core::bail!("linear: the biased product takes f32 operands");
         }
+        let shape = Shape::from((rows, out));
+        if !self.values {
+            return Ok((CpuStorage::F32(zeroed(rows * out)), shape));
+        }
         let (x, w, b) = (
             widened(x, x_layout)?,
             widened(w, w_layout)?,
@@ -125,7 +149,7 @@ impl CustomOp3 for BiasedProduct {
         let mut y = repeat_rows(&b, rows);
         let w_t = Mat::row_major(&w, out, inner).t();
         matmul_parallel(&mut y, Mat::row_major(&x, rows, inner), w_t, true);
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
@@ -172,7 +196,7 @@ fn bias_gradient(grad_y: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::max_relative_diff;
+    use super::super::test_support::{max_abs, max_relative_diff};
     use super::*;
     use candle_core::{Device, Var};
 
@@ -232,5 +256,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The graph only: zeros, and gradients bitwise those of the full product (the
+    /// backward never reads the output).
+    #[test]
+    fn graph_only_gives_zeros_and_the_same_gradients() {
+        let (x, w, b) = (
+            var(3 * 300 * 8, 1, &[3, 300, 8]),
+            var(6 * 8, 2, &[6, 8]),
+            var(6, 3, &[6]),
+        );
+        let cotangent = var(3 * 300 * 6, 4, &[3, 300, 6]).as_tensor().detach();
+        let linear = Linear::from_parts(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let run = |output| {
+            let y = linear.forward_with(x.as_tensor(), output).unwrap();
+            let grads = (&y * &cotangent)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            let grads: Vec<Vec<f32>> = [&x, &w, &b].map(|v| grad(v).to_vec1().unwrap()).to_vec();
+            (y, grads)
+        };
+        let (values, full) = run(Output::Values);
+        let (zeros, graph_only) = run(Output::GraphOnly);
+        assert!(max_abs(&values) > 0.0);
+        assert_eq!(max_abs(&zeros), 0.0);
+        assert_eq!(full, graph_only);
     }
 }
