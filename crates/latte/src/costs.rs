@@ -567,6 +567,8 @@ mod vt {
         Fused(V, Fused),
         /// `nn/fused_attention.rs`: `(q, k, v, heads)`.
         Attention(V, V, V, usize),
+        /// `nn/fused_attention.rs`'s self-attention: `(qkv, heads)`.
+        SelfAttention(V, usize),
         /// `nn/linear.rs`'s biased product: `(x, W, b)`.
         BiasedProduct(V, V, V),
         /// `nn/gelu_linear.rs`: `(h, W, [b; gates])`.
@@ -616,6 +618,18 @@ mod vt {
                 s: dims[1],
                 l: k.dims()[1],
                 d: dims[2] / heads,
+            }
+        }
+
+        /// From the packed `qkv` `(b, s, 3·h·d)` of a self-attention.
+        fn packed(qkv: &V, heads: usize) -> Self {
+            let dims = qkv.dims();
+            Self {
+                batch: dims[0],
+                heads,
+                s: dims[1],
+                l: dims[1],
+                d: dims[2] / (3 * heads),
             }
         }
 
@@ -1164,6 +1178,53 @@ mod vt {
             })
         }
 
+        /// `nn/fused_attention.rs`'s self-attention over `heads` heads on the contiguous
+        /// packed `qkv` `(b, s, 3·h·d)`: the `(b, s, h·d)` output (f32, narrowed in half
+        /// precision), one `s × s` probability buffer per busy thread.
+        pub(super) fn fused_self_attention(qkv: &V, heads: usize) -> V {
+            let qkv = qkv.contiguous();
+            let meter = qkv.meter().clone();
+            let shape = AttentionShape::packed(&qkv, heads);
+            let dims = vec![shape.batch, shape.s, shape.heads * shape.d];
+            let out_f32 = (4 * numel(&dims)) as u64;
+            meter.count_matmul(2.0 * shape.product_flops());
+            meter.count_moved(qkv.bytes() + out_f32 + 2 * shape.scores_bytes());
+            let widened = widened_copy_bytes(&[&qkv]);
+            meter.alloc(widened);
+            meter.alloc(out_f32);
+            meter.alloc(shape.scratch_bytes(1));
+            meter.free(shape.scratch_bytes(1));
+            let op = qkv.tracked().then(|| Op::SelfAttention(qkv.clone(), heads));
+            let dtype = qkv.dtype();
+            let storage = if dtype == DType::F32 {
+                meter.free(out_f32);
+                V::storage(&meter, numel(&dims), DType::F32)
+            } else {
+                let narrowed = V::storage(&meter, numel(&dims), dtype);
+                meter.free(out_f32);
+                narrowed
+            };
+            meter.free(widened);
+            V::node(&meter, dims, None, dtype, storage, op, false)
+        }
+
+        /// The self-attention's `bwd`: `qkv` and the upstream gradient widened in half
+        /// precision, the packed gradient in f32, two `s × s` buffers per busy thread,
+        /// then the gradient narrowed in half precision.
+        fn fused_self_attention_backward(qkv: &V, heads: usize, grad: &V) -> V {
+            let meter = qkv.meter().clone();
+            let shape = AttentionShape::packed(qkv, heads);
+            meter.count_matmul(5.0 * shape.product_flops());
+            meter.count_moved(2 * qkv.bytes() + grad.bytes() + 4 * shape.scores_bytes());
+            let widened = widened_copy_bytes(&[qkv, grad]);
+            meter.alloc(widened);
+            meter.alloc(f32_bytes(qkv));
+            meter.alloc(shape.scratch_bytes(2));
+            meter.free(shape.scratch_bytes(2));
+            meter.free(widened);
+            V::from_f32_buffer(&meter, qkv.dims(), qkv.dtype())
+        }
+
         /// `ops::tensor_from_f32` on an f32 buffer of `dims` already counted as live: the
         /// buffer becomes the tensor in f32; in half precision a narrowed copy is made and
         /// the buffer freed.
@@ -1540,7 +1601,8 @@ mod vt {
             | Op::Sum(a)
             | Op::Unary(a, _)
             | Op::ToDType(a)
-            | Op::Fused(a, _) => vec![a],
+            | Op::Fused(a, _)
+            | Op::SelfAttention(a, _) => vec![a],
             Op::Attention(q, k, v, _)
             | Op::ModulatedNorm(q, k, v)
             | Op::BiasedProduct(q, k, v)
@@ -1575,6 +1637,7 @@ mod vt {
                 Unary::Silu | Unary::NoBackward => (vec![true], true),
             },
             Op::Fused(_, Fused::Gelu) => (vec![true], false),
+            Op::SelfAttention(..) => (vec![true], false),
             Op::Attention(..) => (vec![true, true, true], false),
             Op::ModulatedNorm(..) => (vec![true, false, true], false),
             Op::GatedGeluLinear(..) => (vec![true, true, true], false),
@@ -1782,6 +1845,10 @@ mod vt {
                 let arg_grad = arg.fused_backward(&grad);
                 grads.accumulate(arg, &arg_grad);
             }
+            Op::SelfAttention(qkv, heads) => {
+                let dqkv = V::fused_self_attention_backward(qkv, *heads, &grad.contiguous());
+                grads.accumulate(qkv, &dqkv);
+            }
             Op::Attention(q, k, v, heads) => {
                 let (dq, dk, dv) = V::fused_attention_backward(q, k, v, *heads, &grad.contiguous());
                 grads.accumulate(q, &dq);
@@ -1902,6 +1969,16 @@ mod replay {
     }
 
     impl Linear {
+        /// `nn::linear::Linear::stacked`: weights and biases concatenated (copies).
+        fn stacked(layers: &[&Linear]) -> Linear {
+            let weights: Vec<&V> = layers.iter().map(|l| &l.weight).collect();
+            let biases: Option<Vec<&V>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+            Linear {
+                weight: V::cat(&weights, 0),
+                bias: biases.map(|b| V::cat(&b, 0)),
+            }
+        }
+
         fn forward(&self, x: &V) -> V {
             self.forward_with(x, true)
         }
@@ -2226,6 +2303,11 @@ mod replay {
         // ---- nn/attention.rs ----
 
         fn attention(&self, a: &Attention, x: &V, context: Option<&V>, values: bool) -> V {
+            if self.kernels == Kernels::Fused && context.is_none() {
+                let qkv = Linear::stacked(&[&a.to_q, &a.to_k, &a.to_v]).forward(x);
+                let heads = V::fused_self_attention(&qkv, a.heads);
+                return a.to_out.forward_with(&heads, values);
+            }
             let context = context.unwrap_or(x);
             let q = a.to_q.forward(x);
             let k = a.to_k.forward(context);

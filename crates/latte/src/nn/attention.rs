@@ -49,13 +49,21 @@ impl Attention {
     /// for self-attention. Returns `(b, s, dim)`; with [`Output::GraphOnly`], the output
     /// projection's graph without its values ([`Linear::forward_with`]).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, output: Output) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let cpu = x.device().is_cpu();
+        if cpu && context.is_none() {
+            // One product for q, k and v: `[q | k | v]` rows, which the kernel reads in
+            // place and whose gradient it returns packed the same way.
+            let qkv = Linear::stacked(&[&self.to_q, &self.to_k, &self.to_v])?.forward(x)?;
+            let heads = fused_attention::self_attention(&qkv, self.num_heads, scale)?;
+            return self.to_out.forward_with(&heads, output);
+        }
+        let context = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         // (b, s, h·d): the fused kernel reads each head in place.
-        let heads = if q.device().is_cpu() {
+        let heads = if cpu {
             fused_attention::attention(&q, &k, &v, self.num_heads, scale)?
         } else {
             let (q, k, v) = (

@@ -19,7 +19,9 @@
 //!
 //! Operands and results keep the projections' layout, heads side by side in the last
 //! dimension (`(b, s, h·d)`): a head is a strided view, so no split into `(b, h, s, d)` and
-//! merge back is ever copied.
+//! merge back is ever copied. Self-attention takes the fused projection's output
+//! `[q | k | v]` (`(b, s, 3·h·d)`, [`self_attention`]) and returns its gradient packed the
+//! same way: one product and one gradient for the three projections.
 //!
 //! Products run on the `gemm` crate (candle's CPU matmul kernel), one single-threaded call
 //! per (batch, head), runs of batch elements spread over rayon's threads
@@ -32,7 +34,7 @@ use super::ops::{cpu, narrowed, tensor_from_f32, widened, zeroed};
 use super::simd;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -46,6 +48,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// `softmax(scale·q·kᵀ)·v` over `heads` heads of the packed `qkv` `(b, s, 3·h·d)`, each
+/// row `[q | k | v]` (a fused projection's output), on the CPU; the result is `(b, s, h·d)`
+/// and the gradient is packed as `qkv` is.
+pub fn self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    super::matrix::allocate_packing_buffers();
+    let op = FusedSelfAttention {
+        heads,
+        scale: scale as f32,
+    };
+    qkv.contiguous()?.apply_op1(op)
 }
 
 /// The op over `heads` heads; `scale` multiplies the scores.
@@ -87,14 +101,89 @@ impl Dims {
         })
     }
 
+    /// `qkv` `(b, s, 3·h·d)` of a self-attention.
+    fn packed(qkv: &Shape, heads: usize) -> Result<Self> {
+        let (b, s, packed) = qkv.dims3()?;
+        if heads == 0 || packed % (3 * heads) != 0 {
+            candle_core::bail!(
+                "fused self-attention: qkv {:?} does not fit {heads} heads (expected \
+                 (b, s, 3·h·d))",
+                qkv.dims()
+            );
+        }
+        Ok(Self {
+            batch: b,
+            heads,
+            s,
+            l: s,
+            d: packed / (3 * heads),
+        })
+    }
+
     /// Width of a token: every head's `d` columns.
     fn width(&self) -> usize {
         self.heads * self.d
     }
+}
 
-    /// Head `head` of the `rows × width` matrix `x` of one batch element: a strided view.
-    fn head<'a>(&self, x: &'a [f32], rows: usize, head: usize) -> Mat<'a> {
-        Mat::strided(&x[head * self.d..], rows, self.d, self.width())
+/// Where the rows of one operand lie in its buffer: row `r` of batch element `e` starts at
+/// `offset + (e·rows + r)·row_stride`, and head `h` is the `d` columns from `h·d` on.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    offset: usize,
+    row_stride: usize,
+}
+
+impl Placement {
+    /// A `(b, rows, h·d)` tensor of its own.
+    fn alone(dims: &Dims) -> Self {
+        Self {
+            offset: 0,
+            row_stride: dims.width(),
+        }
+    }
+
+    /// Part `part` (0: q, 1: k, 2: v) of packed `[q | k | v]` rows.
+    fn packed(dims: &Dims, part: usize) -> Self {
+        Self {
+            offset: part * dims.width(),
+            row_stride: 3 * dims.width(),
+        }
+    }
+}
+
+/// An operand: its buffer and where its rows lie.
+#[derive(Debug, Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    at: Placement,
+}
+
+impl<'a> Operand<'a> {
+    /// Head `head` of batch element `element`, `rows × d`: a strided view.
+    fn head(&self, dims: &Dims, element: usize, rows: usize, head: usize) -> Mat<'a> {
+        let start = self.at.offset + element * rows * self.at.row_stride + head * dims.d;
+        Mat::strided(&self.data[start..], rows, dims.d, self.at.row_stride)
+    }
+}
+
+/// One batch element's gradient rows: three buffers of their own, or one buffer of packed
+/// `[dq | dk | dv]` rows.
+enum ElementGrads<'a> {
+    Alone([&'a mut [f32]; 3]),
+    Packed(&'a mut [f32]),
+}
+
+impl ElementGrads<'_> {
+    /// Where head `head` of gradient `part` (0: q, 1: k, 2: v) starts, and its row stride.
+    fn head(&mut self, dims: &Dims, part: usize, head: usize) -> (&mut [f32], usize) {
+        match self {
+            Self::Alone(grads) => (&mut grads[part][head * dims.d..], dims.width()),
+            Self::Packed(rows) => (
+                &mut rows[part * dims.width() + head * dims.d..],
+                3 * dims.width(),
+            ),
+        }
     }
 }
 
@@ -124,7 +213,9 @@ impl CustomOp3 for FusedAttention {
             widened(k, k_layout)?,
             widened(v, v_layout)?,
         );
-        let out = forward(&q, &k, &v, dims, self.scale);
+        let at = Placement::alone(&dims);
+        let operands = [&q, &k, &v].map(|data| Operand { data, at });
+        let out = forward(operands, dims, self.scale);
         Ok((narrowed(out, dtype)?, q_layout.shape().clone()))
     }
 
@@ -142,14 +233,18 @@ impl CustomOp3 for FusedAttention {
         let (k_storage, k_layout) = k.storage_and_layout();
         let (v_storage, v_layout) = v.storage_and_layout();
         let (g_storage, g_layout) = grad_out.storage_and_layout();
-        let (dq, dk, dv) = backward(
-            &widened(cpu(&q_storage)?, q_layout)?,
-            &widened(cpu(&k_storage)?, k_layout)?,
-            &widened(cpu(&v_storage)?, v_layout)?,
-            &widened(cpu(&g_storage)?, g_layout)?,
-            dims,
-            self.scale,
-        );
+        let values = [
+            widened(cpu(&q_storage)?, q_layout)?,
+            widened(cpu(&k_storage)?, k_layout)?,
+            widened(cpu(&v_storage)?, v_layout)?,
+        ];
+        let grad_values = widened(cpu(&g_storage)?, g_layout)?;
+        let at = Placement::alone(&dims);
+        let operands = [0, 1, 2].map(|i| Operand {
+            data: &values[i],
+            at,
+        });
+        let [dq, dk, dv] = backward_alone(operands, &grad_values, dims, self.scale);
         let tensor = |values, shape| tensor_from_f32(values, q.dtype(), shape);
         Ok((
             Some(tensor(dq, q.shape())?),
@@ -163,6 +258,54 @@ impl CustomOp3 for FusedAttention {
     fn bwd_reads(&self) -> BackwardReads {
         BackwardReads {
             args: [true; 3],
+            res: false,
+        }
+    }
+}
+
+/// The self-attention op on packed `[q | k | v]` rows.
+struct FusedSelfAttention {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for FusedSelfAttention {
+    fn name(&self) -> &'static str {
+        "fused-self-attention"
+    }
+
+    fn cpu_fwd(&self, qkv: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::packed(layout.shape(), self.heads)?;
+        let dtype = qkv.dtype();
+        let qkv = widened(qkv, layout)?;
+        let operands = [0, 1, 2].map(|part| Operand {
+            data: &qkv,
+            at: Placement::packed(&dims, part),
+        });
+        let out = forward(operands, dims, self.scale);
+        let shape = Shape::from((dims.batch, dims.s, dims.width()));
+        Ok((narrowed(out, dtype)?, shape))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad_out: &Tensor) -> Result<Option<Tensor>> {
+        let grad_out = grad_out.contiguous()?;
+        let dims = Dims::packed(qkv.shape(), self.heads)?;
+        let (qkv_storage, qkv_layout) = qkv.storage_and_layout();
+        let (g_storage, g_layout) = grad_out.storage_and_layout();
+        let grads = backward_packed(
+            &widened(cpu(&qkv_storage)?, qkv_layout)?,
+            &widened(cpu(&g_storage)?, g_layout)?,
+            dims,
+            self.scale,
+        );
+        Ok(Some(tensor_from_f32(grads, qkv.dtype(), qkv.shape())?))
+    }
+
+    /// The backward pass recomputes the probabilities from `q` and `k` and reads `v`; it
+    /// never reads the output.
+    fn bwd_reads(&self) -> BackwardReads {
+        BackwardReads {
+            args: [true, false, false],
             res: false,
         }
     }
@@ -192,10 +335,11 @@ impl ThreadGroups {
     }
 }
 
-/// `O` for every (batch, head) pair.
-fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
+/// `O` `(b, s, h·d)` for every (batch, head) pair of `[q, k, v]`.
+fn forward(operands: [Operand<'_>; 3], dims: Dims, scale: f32) -> Vec<f32> {
     let Dims { batch, s, l, .. } = dims;
     let width = dims.width();
+    let [q, k, v] = operands;
     let mut out = zeroed(batch * s * width);
     if out.is_empty() {
         return out;
@@ -208,73 +352,128 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> Vec<f32> 
         .for_each(|(group, (out, probs))| {
             for (i, out) in out.chunks_mut(s * width).enumerate() {
                 let element = group * split.per_group + i;
-                let q = &q[element * s * width..][..s * width];
-                let k = &k[element * l * width..][..l * width];
-                let v = &v[element * l * width..][..l * width];
                 for head in 0..dims.heads {
-                    probabilities(probs, dims.head(q, s, head), dims.head(k, l, head), scale);
-                    let out = &mut out[head * dims.d..];
+                    let (q, k) = (
+                        q.head(&dims, element, s, head),
+                        k.head(&dims, element, l, head),
+                    );
+                    probabilities(probs, q, k, scale);
                     let probs = Mat::row_major(probs, s, l);
-                    matmul_into_rows(out, width, probs, dims.head(v, l, head), 1.0);
+                    let v = v.head(&dims, element, l, head);
+                    matmul_into_rows(&mut out[head * dims.d..], width, probs, v, 1.0);
                 }
             }
         });
     out
 }
 
-/// `(dQ, dK, dV)` for every (batch, head) pair.
-fn backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+/// `[dQ, dK, dV]`, each `(b, rows, h·d)` of its own.
+fn backward_alone(
+    operands: [Operand<'_>; 3],
     grad_out: &[f32],
     dims: Dims,
     scale: f32,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let Dims { batch, s, l, d, .. } = dims;
+) -> [Vec<f32>; 3] {
+    let Dims { batch, s, l, .. } = dims;
     let width = dims.width();
-    let mut dq = zeroed(batch * s * width);
-    let mut dk = zeroed(batch * l * width);
-    let mut dv = zeroed(batch * l * width);
-    if dq.is_empty() || dk.is_empty() {
-        return (dq, dk, dv);
+    let mut grads = [s, l, l].map(|rows| zeroed(batch * rows * width));
+    if grads.iter().any(Vec::is_empty) {
+        return grads;
     }
-    let split = ThreadGroups::for_batch(batch);
-    let mut scratch: Vec<(Vec<f32>, Vec<f32>)> = (0..split.groups)
-        .map(|_| (vec![0f32; s * l], vec![0f32; s * l]))
-        .collect();
-    let per = split.per_group;
+    let (per, mut scratch) = backward_scratch(dims);
+    let [dq, dk, dv] = &mut grads;
     dq.par_chunks_mut(per * s * width)
         .zip(dk.par_chunks_mut(per * l * width))
         .zip(dv.par_chunks_mut(per * l * width))
         .zip(scratch.par_iter_mut())
         .enumerate()
-        .for_each(|(group, (((dq, dk), dv), (probs, grad_scores)))| {
-            let outputs = dq
+        .for_each(|(group, (((dq, dk), dv), scratch))| {
+            let elements = dq
                 .chunks_mut(s * width)
                 .zip(dk.chunks_mut(l * width))
-                .zip(dv.chunks_mut(l * width));
-            for (i, ((dq, dk), dv)) in outputs.enumerate() {
-                let element = group * per + i;
-                let q = &q[element * s * width..][..s * width];
-                let k = &k[element * l * width..][..l * width];
-                let v = &v[element * l * width..][..l * width];
-                let grad_out = &grad_out[element * s * width..][..s * width];
-                for head in 0..dims.heads {
-                    let (q, k) = (dims.head(q, s, head), dims.head(k, l, head));
-                    let (v, grad_out) = (dims.head(v, l, head), dims.head(grad_out, s, head));
-                    probabilities(probs, q, k, scale);
-                    let p = Mat::row_major(probs, s, l);
-                    matmul_into_rows(&mut dv[head * d..], width, p.t(), grad_out, 1.0);
-                    matmul(grad_scores, grad_out, v.t(), 1.0);
-                    softmax_backward(grad_scores, probs, l);
-                    let grad_scores = Mat::row_major(grad_scores, s, l);
-                    matmul_into_rows(&mut dq[head * d..], width, grad_scores, k, scale);
-                    matmul_into_rows(&mut dk[head * d..], width, grad_scores.t(), q, scale);
-                }
-            }
+                .zip(dv.chunks_mut(l * width))
+                .map(|((dq, dk), dv)| ElementGrads::Alone([dq, dk, dv]));
+            let first = group * per;
+            backward_group(first, elements, operands, grad_out, dims, scale, scratch);
         });
-    (dq, dk, dv)
+    grads
+}
+
+/// The gradient of packed `[q | k | v]` rows, packed the same way `(b, s, 3·h·d)`.
+fn backward_packed(qkv: &[f32], grad_out: &[f32], dims: Dims, scale: f32) -> Vec<f32> {
+    let Dims { batch, s, .. } = dims;
+    let packed = 3 * dims.width();
+    let mut grads = zeroed(batch * s * packed);
+    if grads.is_empty() {
+        return grads;
+    }
+    let operands = [0, 1, 2].map(|part| Operand {
+        data: qkv,
+        at: Placement::packed(&dims, part),
+    });
+    let (per, mut scratch) = backward_scratch(dims);
+    grads
+        .par_chunks_mut(per * s * packed)
+        .zip(scratch.par_iter_mut())
+        .enumerate()
+        .for_each(|(group, (rows, scratch))| {
+            let elements = rows.chunks_mut(s * packed).map(ElementGrads::Packed);
+            let first = group * per;
+            backward_group(first, elements, operands, grad_out, dims, scale, scratch);
+        });
+    grads
+}
+
+/// A thread group's two `s × l` buffers: probabilities and their gradient.
+type Scratch = (Vec<f32>, Vec<f32>);
+
+/// Batch elements per thread group, and every group's scratch, allocated before the
+/// parallel loop.
+fn backward_scratch(dims: Dims) -> (usize, Vec<Scratch>) {
+    let split = ThreadGroups::for_batch(dims.batch);
+    let buffer = || vec![0f32; dims.s * dims.l];
+    let scratch = (0..split.groups).map(|_| (buffer(), buffer())).collect();
+    (split.per_group, scratch)
+}
+
+/// The backward pass of the module doc for consecutive batch elements from `first`, each
+/// with its gradient rows, on one thread with its group's scratch.
+fn backward_group<'a>(
+    first: usize,
+    elements: impl Iterator<Item = ElementGrads<'a>>,
+    [q, k, v]: [Operand<'_>; 3],
+    grad_out: &[f32],
+    dims: Dims,
+    scale: f32,
+    (probs, grad_scores): &mut Scratch,
+) {
+    let Dims { s, l, .. } = dims;
+    let grad_out = Operand {
+        data: grad_out,
+        at: Placement::alone(&dims),
+    };
+    for (i, mut grads) in elements.enumerate() {
+        let element = first + i;
+        for head in 0..dims.heads {
+            let (q, k) = (
+                q.head(&dims, element, s, head),
+                k.head(&dims, element, l, head),
+            );
+            let v = v.head(&dims, element, l, head);
+            let grad_out = grad_out.head(&dims, element, s, head);
+            probabilities(probs, q, k, scale);
+            let p = Mat::row_major(probs, s, l);
+            let (dv, stride) = grads.head(&dims, 2, head);
+            matmul_into_rows(dv, stride, p.t(), grad_out, 1.0);
+            matmul(grad_scores, grad_out, v.t(), 1.0);
+            softmax_backward(grad_scores, probs, l);
+            let grad_scores = Mat::row_major(grad_scores, s, l);
+            let (dq, stride) = grads.head(&dims, 0, head);
+            matmul_into_rows(dq, stride, grad_scores, k, scale);
+            let (dk, stride) = grads.head(&dims, 1, head);
+            matmul_into_rows(dk, stride, grad_scores.t(), q, scale);
+        }
+    }
 }
 
 /// `probs = softmax(scale·q·kᵀ)`, row by row (`s × l`, row-major).
@@ -311,7 +510,7 @@ fn softmax_backward(grad: &mut [f32], probs: &[f32], cols: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::max_relative_diff;
+    use super::super::test_support::{max_abs, max_relative_diff};
     use super::*;
     use candle_core::{DType, Device, Var, D};
 
@@ -373,6 +572,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Self-attention on packed `[q | k | v]` rows against the op on the three parts:
+    /// output and gradient (the packed one against the parts' gradients of `narrow`s).
+    /// The same products on differently strided views: equal to 1e-6 relative.
+    #[test]
+    fn packed_self_attention_matches_the_parts() {
+        let (heads, width) = (3, 12);
+        let qkv = var((3, 7, 3 * width), 8);
+        let weights = var((3, 7, width), 9);
+        let part = |i: usize| qkv.narrow(2, i * width, width).unwrap();
+        let packed = self_attention(&qkv, heads, 0.5).unwrap();
+        let parts = attention(&part(0), &part(1), &part(2), heads, 0.5).unwrap();
+        assert!(max_relative_diff(&packed, &parts) < 1e-6);
+        let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
+        let (a, b) = (
+            loss(&packed).backward().unwrap(),
+            loss(&parts).backward().unwrap(),
+        );
+        let (a, b) = (a.get(&qkv).unwrap(), b.get(&qkv).unwrap());
+        assert!(max_abs(a) > 0.0);
+        assert!(max_relative_diff(a, b) < 1e-6);
+        let err = self_attention(&qkv, 5, 0.5).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
     }
 
     /// Half precision computes in f32 and rounds once: within bf16's rounding of the f32

@@ -57,6 +57,21 @@ impl Linear {
         Self { weight, bias }
     }
 
+    /// One layer computing `layers` side by side (`(…, in) → (…, Σ out)`): their weights
+    /// and biases stacked along the output dimension (a copy, differentiable; each
+    /// layer's parameters get their part of the gradient).
+    pub fn stacked(layers: &[&Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        if biases.is_none() && layers.iter().any(|l| l.bias.is_some()) {
+            candle_core::bail!("linear: stacked layers must all have a bias or none");
+        }
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+        })
+    }
+
     /// The weight `(out, in)`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
