@@ -177,13 +177,11 @@ enum ElementGrads<'a> {
 impl ElementGrads<'_> {
     /// Where head `head` of gradient `part` (0: q, 1: k, 2: v) starts, and its row stride.
     fn head(&mut self, dims: &Dims, part: usize, head: usize) -> (&mut [f32], usize) {
-        match self {
-            Self::Alone(grads) => (&mut grads[part][head * dims.d..], dims.width()),
-            Self::Packed(rows) => (
-                &mut rows[part * dims.width() + head * dims.d..],
-                3 * dims.width(),
-            ),
-        }
+        let (rows, at) = match self {
+            Self::Alone(grads) => (&mut *grads[part], Placement::alone(dims)),
+            Self::Packed(rows) => (&mut **rows, Placement::packed(dims, part)),
+        };
+        (&mut rows[at.offset + head * dims.d..], at.row_stride)
     }
 }
 

@@ -66,13 +66,7 @@ pub(super) struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// `rows × cols` stored row by row in `data`.
     pub(super) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
+        Self::strided(data, rows, cols, cols)
     }
 
     /// `rows × cols` whose rows start `row_stride` elements apart in `data` (a block of
