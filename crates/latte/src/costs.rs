@@ -437,6 +437,7 @@ pub fn analytic_costs(
 mod vt {
     use super::{CostsError, Kernels, Work};
     use crate::nn::fused_attention::ThreadGroups;
+    use crate::nn::gated_linear::Activation;
     use candle_core::DType;
     use std::cell::Cell;
     use std::collections::{HashMap, HashSet};
@@ -571,8 +572,8 @@ mod vt {
         SelfAttention(V, usize),
         /// `nn/linear.rs`'s biased product: `(x, W, b)`.
         BiasedProduct(V, V, V),
-        /// `nn/gelu_linear.rs`: `(h, W, [b; gates])`.
-        GatedGeluLinear(V, V, V),
+        /// `nn/gated_linear.rs`: `(h, W, [b; gates], activation)`.
+        GatedLinear(V, V, V, Activation),
         /// `nn/fused_norm.rs`: `(x, shift, scale)`.
         ModulatedNorm(V, V, V),
     }
@@ -693,9 +694,13 @@ mod vt {
         (4 * t.numel()) as u64
     }
 
-    /// Rows of one row block of `nn/gelu_linear.rs` for `rows × inner` input.
-    fn gelu_block_rows(rows: usize, inner: usize) -> usize {
-        crate::nn::gelu_linear::block_rows(inner).min(rows)
+    /// Bytes of `nn/gated_linear.rs`'s activation scratch: one row block of a
+    /// `rows`-row sequence, `inner` wide (none without an activation).
+    fn activation_scratch_bytes(activation: Activation, rows: usize, inner: usize) -> u64 {
+        match activation {
+            Activation::Identity => 0,
+            Activation::GeluTanh => (4 * activation.block_rows(inner, rows) * inner) as u64,
+        }
     }
 
     /// What `ops::widened` allocates for `operands`: nothing for f32 (read in place), an
@@ -1385,18 +1390,24 @@ mod vt {
             dims: Vec<usize>,
             storage: Rc<Storage>,
             [a, b, c]: [&V; 3],
-            make: fn(V, V, V) -> Op,
+            make: impl FnOnce(V, V, V) -> Op,
         ) -> V {
             let op = (a.tracked() || b.tracked() || c.tracked())
                 .then(|| make(a.clone(), b.clone(), c.clone()));
             V::node(meter, dims, None, DType::F32, storage, op, false)
         }
 
-        /// `nn/gelu_linear.rs` forward on contiguous f32 `h` `(rows, inner)`, `W`
+        /// `nn/gated_linear.rs` forward on contiguous f32 `h` `(rows, inner)`, `W`
         /// `(out, inner)` and the bias with the gates `(1 + n, out)`: the output, then (with
-        /// values) one row block of GELU output as scratch and gemm's packed copy of it (the
-        /// left operand of each product); for the graph only, zeros.
-        pub(super) fn gated_gelu_linear(h: &V, w: &V, bias_and_gates: &V, values: bool) -> V {
+        /// values) one row block of activation output as scratch and gemm's packed copy of
+        /// it (the left operand of each product); for the graph only, zeros.
+        pub(super) fn gated_linear(
+            h: &V,
+            w: &V,
+            bias_and_gates: &V,
+            activation: Activation,
+            values: bool,
+        ) -> V {
             let (h, w) = (h.contiguous(), w.contiguous());
             let meter = h.meter().clone();
             let (rows, inner, out) = (h.dims()[0], h.dims()[1], w.dims()[0]);
@@ -1405,9 +1416,11 @@ mod vt {
             if values {
                 let sequences = bias_and_gates.dims()[0].saturating_sub(1).max(1);
                 meter.count_matmul(2.0 * (rows * inner * out) as f64);
-                // h read twice (GELU, product), W, the output written and gated.
-                meter.count_moved(2 * h.bytes() + w.bytes() + 3 * output_bytes);
-                let scratch = (4 * gelu_block_rows(rows / sequences, inner) * inner) as u64;
+                // h read by the product (and the activation), W, the output written and
+                // gated.
+                let h_reads = 1 + u64::from(activation != Activation::Identity);
+                meter.count_moved(h_reads * h.bytes() + w.bytes() + 3 * output_bytes);
+                let scratch = activation_scratch_bytes(activation, rows / sequences, inner);
                 meter.alloc(2 * scratch);
                 meter.free(2 * scratch);
             } else {
@@ -1418,18 +1431,19 @@ mod vt {
                 vec![rows, out],
                 storage,
                 [&h, &w, bias_and_gates],
-                Op::GatedGeluLinear,
+                |h, w, bg| Op::GatedLinear(h, w, bg, activation),
             )
         }
 
         /// Its `bwd`: the wanted gradients (`∂h`, `∂W`, the bias's and gates'), the weight
-        /// scaled by a sequence's gates, `Mᵢ` and one row block of recomputed GELU output
-        /// (when `W` or the gates are tracked), each product's left operand (a row block of
+        /// scaled by a sequence's gates, `Mᵢ` and one row block of recomputed activation
+        /// output (when `W` or the gates are tracked), each product's left operand (a row block of
         /// `∂y`, or its transpose) packed by gemm, and the f64 column sums of `∂y`.
-        fn gated_gelu_linear_backward(
+        fn gated_linear_backward(
             h: &V,
             w: &V,
             bias_and_gates: &V,
+            activation: Activation,
             grad: &V,
         ) -> (Option<V>, Option<V>, Option<V>) {
             let meter = h.meter().clone();
@@ -1439,11 +1453,18 @@ mod vt {
             let needs_m = want_w || want_bg;
             let products = f64::from(u8::from(want_h) + u8::from(needs_m));
             meter.count_matmul(products * 2.0 * (rows * inner * out) as f64);
-            // h read for GELU' (and GELU), ∂h written, ∂y read; per sequence the scaled
-            // weight and the folds of Mᵢ.
+            // h read for act' and act (or by the product), ∂h written, ∂y read; per
+            // sequence the scaled weight and the folds of Mᵢ.
             let folds = u64::from(want_h) + 2 * u64::from(needs_m);
-            meter.count_moved(3 * h.bytes() + grad.bytes() + sequences as u64 * folds * w.bytes());
-            let block_rows = gelu_block_rows(rows / sequences, inner);
+            let h_passes = if activation == Activation::Identity {
+                2
+            } else {
+                3
+            };
+            meter.count_moved(
+                h_passes * h.bytes() + grad.bytes() + sequences as u64 * folds * w.bytes(),
+            );
+            let block_rows = activation.block_rows(inner, rows / sequences);
             let weight_sized = f32_bytes(w);
             let mut scratch = 0;
             if want_h {
@@ -1457,7 +1478,8 @@ mod vt {
                 meter.alloc(f32_bytes(bias_and_gates));
             }
             if needs_m {
-                scratch += weight_sized + (4 * block_rows * inner) as u64;
+                scratch +=
+                    weight_sized + activation_scratch_bytes(activation, rows / sequences, inner);
             }
             meter.alloc(scratch);
             // gemm's packed block of ∂y; the f64 column sums of ∂y by blocks of rows.
@@ -1606,7 +1628,7 @@ mod vt {
             Op::Attention(q, k, v, _)
             | Op::ModulatedNorm(q, k, v)
             | Op::BiasedProduct(q, k, v)
-            | Op::GatedGeluLinear(q, k, v) => {
+            | Op::GatedLinear(q, k, v, _) => {
                 vec![q, k, v]
             }
         }
@@ -1640,7 +1662,7 @@ mod vt {
             Op::SelfAttention(..) => (vec![true], false),
             Op::Attention(..) => (vec![true, true, true], false),
             Op::ModulatedNorm(..) => (vec![true, false, true], false),
-            Op::GatedGeluLinear(..) => (vec![true, true, true], false),
+            Op::GatedLinear(..) => (vec![true, true, true], false),
             Op::BiasedProduct(x, w, _) => (vec![w.tracked(), x.tracked(), false], false),
         }
     }
@@ -1866,8 +1888,9 @@ mod vt {
                     }
                 }
             }
-            Op::GatedGeluLinear(h, w, bg) => {
-                let (dh, dw, dbg) = V::gated_gelu_linear_backward(h, w, bg, &grad.contiguous());
+            Op::GatedLinear(h, w, bg, activation) => {
+                let (dh, dw, dbg) =
+                    V::gated_linear_backward(h, w, bg, *activation, &grad.contiguous());
                 for (t, g) in [(h, dh), (w, dw), (bg, dbg)] {
                     if let Some(g) = g {
                         grads.accumulate(t, &g);
@@ -1956,6 +1979,7 @@ mod replay {
     use super::vt::{backward, release_unneeded, Fused, Grads, Meter, Unary, V};
     use super::{CostsError, Kernels, Mode, StageCosts, StageWork};
     use crate::config::{InputGeometry, LatteConfig};
+    use crate::nn::gated_linear::Activation;
     use candle_core::DType;
     use std::rc::Rc;
 
@@ -2035,8 +2059,8 @@ mod replay {
     /// The head's results as `remat::grads::run_head` keeps them.
     struct Head {
         tokens: V,
-        /// What the stages read: `[timestep_spatial, timestep_temporal, captions,
-        /// embedded_timestep, timestep_video]` (leaf copies when tracked).
+        /// What the stages read: `[captions, embedded_timestep, timestep_video]` (leaf
+        /// copies when tracked).
         context: Vec<V>,
         /// Whether each context tensor is a leaf collecting gradients.
         leaves: Vec<bool>,
@@ -2144,8 +2168,8 @@ mod replay {
                     if !attention_half {
                         self.feed_forward_stage(b, input, &head, values)
                     } else if !temporal {
-                        let captions = Some(&head.context[2]);
-                        self.attention_half(b, input, &head.context[0], captions, values)
+                        let captions = Some(&head.context[0]);
+                        self.attention_half(b, input, &head.context[2], captions, values)
                     } else {
                         self.temporal_attention(b, layer, input, &head.context, values)
                     }
@@ -2280,46 +2304,72 @@ mod replay {
             }
         }
 
-        // ---- nn/gelu_linear.rs ----
+        // ---- nn/gated_linear.rs ----
 
-        fn gated_gelu_linear(&self, h: &V, linear: &Linear, gate: &V, values: bool) -> V {
+        fn gated_linear(
+            &self,
+            h: &V,
+            linear: &Linear,
+            gate: &V,
+            activation: Activation,
+            values: bool,
+        ) -> V {
             match &linear.bias {
                 Some(bias) if self.kernels == Kernels::Fused && h.dtype() == DType::F32 => {
                     let (n, s, inner) = (h.dims()[0], h.dims()[1], h.dims()[2]);
                     let out = linear.weight.dims()[0];
                     let bias_and_gates = V::cat(&[&bias.unsqueeze(0), &gate.reshape(&[n, out])], 0);
-                    V::gated_gelu_linear(
+                    V::gated_linear(
                         &h.reshape(&[n * s, inner]),
                         &linear.weight,
                         &bias_and_gates,
+                        activation,
                         values,
                     )
                     .reshape(&[n, s, out])
                 }
-                _ => linear.forward(&self.gelu_tanh(h)).broadcast_mul(gate),
+                _ => {
+                    let activated = match activation {
+                        Activation::Identity => h.clone(),
+                        Activation::GeluTanh => self.gelu_tanh(h),
+                    };
+                    linear.forward(&activated).broadcast_mul(gate)
+                }
             }
         }
 
         // ---- nn/attention.rs ----
 
         fn attention(&self, a: &Attention, x: &V, context: Option<&V>, values: bool) -> V {
+            a.to_out.forward_with(&self.attend(a, x, context), values)
+        }
+
+        fn gated_self_attention(&self, a: &Attention, x: &V, gate: &V, values: bool) -> V {
+            let heads = self.attend(a, x, None);
+            let (n, s, inner) = (heads.dims()[0], heads.dims()[1], heads.dims()[2]);
+            let videos = gate.dims()[0];
+            let per_video = heads.reshape(&[videos, n / videos * s, inner]);
+            let out = a.to_out.weight.dims()[0];
+            self.gated_linear(&per_video, &a.to_out, gate, Activation::Identity, values)
+                .reshape(&[n, s, out])
+        }
+
+        fn attend(&self, a: &Attention, x: &V, context: Option<&V>) -> V {
             if self.kernels == Kernels::Fused && context.is_none() {
                 let qkv = Linear::stacked(&[&a.to_q, &a.to_k, &a.to_v]).forward(x);
-                let heads = V::fused_self_attention(&qkv, a.heads);
-                return a.to_out.forward_with(&heads, values);
+                return V::fused_self_attention(&qkv, a.heads);
             }
             let context = context.unwrap_or(x);
             let q = a.to_q.forward(x);
             let k = a.to_k.forward(context);
             let v = a.to_v.forward(context);
-            let heads = match self.kernels {
+            match self.kernels {
                 Kernels::Fused => V::fused_attention(&q, &k, &v, a.heads),
                 Kernels::Composed => {
                     let (q, k, v) = (split_heads(a, &q), split_heads(a, &k), split_heads(a, &v));
                     merge_heads(&composed_attention(&q, &k, &v))
                 }
-            };
-            a.to_out.forward_with(&heads, values)
+            }
         }
 
         // ---- nn/feed_forward.rs, nn/block.rs ----
@@ -2333,10 +2383,14 @@ mod replay {
             values: bool,
         ) -> V {
             let [shift_msa, scale_msa, gate_msa] = self.modulation(b, timestep, 0);
-            let x = self.modulated_layer_norm(h, &shift_msa, &scale_msa);
-            let attn1_values = values || b.attn2.is_some() || gate_msa.tracked();
-            let attn1 = self.attention(&b.attn1, &x, None, attn1_values);
-            let h = h.add(&attn1.broadcast_mul(&gate_msa));
+            let (n, s, d) = (h.dims()[0], h.dims()[1], h.dims()[2]);
+            let per_video = h.reshape(&[timestep.dims()[0], n * s / timestep.dims()[0], d]);
+            let x = self
+                .modulated_layer_norm(&per_video, &shift_msa, &scale_msa)
+                .reshape(&[n, s, d]);
+            let attn1_values = values || b.attn2.is_some();
+            let attn1 = self.gated_self_attention(&b.attn1, &x, &gate_msa, attn1_values);
+            let h = h.add(&attn1);
             match (&b.attn2, captions) {
                 (Some(attn2), Some(captions)) => {
                     h.add(&self.attention(attn2, &h, Some(captions), values))
@@ -2348,7 +2402,8 @@ mod replay {
         fn feed_forward_half(&self, b: &Block, h: &V, timestep: &V, values: bool) -> V {
             let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(b, timestep, 3);
             let x = self.modulated_layer_norm(h, &shift_mlp, &scale_mlp);
-            h.add(&self.gated_gelu_linear(&b.ff_in.forward(&x), &b.ff_out, &gate_mlp, values))
+            let ff_in = b.ff_in.forward(&x);
+            h.add(&self.gated_linear(&ff_in, &b.ff_out, &gate_mlp, Activation::GeluTanh, values))
         }
 
         /// `model::LatteChain::run_stage` of a feed-forward half: one sequence per video.
@@ -2359,7 +2414,7 @@ mod replay {
                 dims[0] * dims[1] / self.geometry.batch,
                 dims[2],
             ]);
-            self.feed_forward_half(b, &videos, &head.context[4], values)
+            self.feed_forward_half(b, &videos, &head.context[2], values)
                 .reshape(&dims)
         }
 
@@ -2394,7 +2449,7 @@ mod replay {
                 let positions = self.constant_table(self.geometry.frames, d, x.dtype());
                 sequences = sequences.broadcast_add(&positions);
             }
-            let out = self.attention_half(b, &sequences, &context[1], None, values);
+            let out = self.attention_half(b, &sequences, &context[2], None, values);
             swap_sequence_axes(&out, batch)
         }
 
@@ -2402,7 +2457,7 @@ mod replay {
             let g = self.geometry;
             let c = &self.config;
             let (rows, d) = (x.dims()[0], x.dims()[2]);
-            let modulation = context[3]
+            let modulation = context[1]
                 .reshape(&[rows, 1, d])
                 .broadcast_add(&table.unsqueeze(0));
             let (shift, scale) = (modulation.narrow(1, 0, 1), modulation.narrow(1, 1, 1));
@@ -2498,8 +2553,6 @@ mod replay {
             drop(features);
             let projected = cap_2.forward(&self.gelu_tanh(&cap_1.forward(&captions)));
             let context = vec![
-                repeat_rows(&modulation, f),
-                repeat_rows(&modulation, gh * gw),
                 repeat_rows(&projected, f),
                 repeat_rows(&embedded, f),
                 modulation.clone(),

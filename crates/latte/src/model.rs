@@ -187,16 +187,12 @@ impl Latte {
 /// Tensors every stage reads, computed once by the head.
 #[derive(Debug, Clone)]
 pub struct LatteContext {
-    /// adaLN-single modulation per frame image, `(b·f, 6·d)`.
-    timestep_spatial: Tensor,
-    /// adaLN-single modulation per token position, `(b·n, 6·d)`.
-    timestep_temporal: Tensor,
     /// Projected captions per frame image, `(b·f, l, d)`.
     captions: Tensor,
     /// The embedded timestep per frame image for the output modulation, `(b·f, d)`.
     embedded_timestep: Tensor,
-    /// adaLN-single modulation per video, `(b, 6·d)`, for the token-wise feed-forward
-    /// halves.
+    /// adaLN-single modulation per video, `(b, 6·d)`: every block modulates the tokens of
+    /// each video with its video's row.
     timestep_video: Tensor,
     geometry: Geometry,
 }
@@ -210,17 +206,9 @@ struct Geometry {
     grid_w: usize,
 }
 
-impl Geometry {
-    fn tokens(&self) -> usize {
-        self.grid_h * self.grid_w
-    }
-}
-
 impl StageContext for LatteContext {
     fn tensors(&self) -> Vec<Tensor> {
         vec![
-            self.timestep_spatial.clone(),
-            self.timestep_temporal.clone(),
             self.captions.clone(),
             self.embedded_timestep.clone(),
             self.timestep_video.clone(),
@@ -228,13 +216,10 @@ impl StageContext for LatteContext {
     }
 
     fn with_tensors(&self, tensors: Vec<Tensor>) -> Result<Self> {
-        let [timestep_spatial, timestep_temporal, captions, embedded_timestep, timestep_video]: [Tensor; 5] =
-            tensors
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("LatteContext holds 5 tensors".into()))?;
+        let [captions, embedded_timestep, timestep_video]: [Tensor; 3] = tensors
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("LatteContext holds 3 tensors".into()))?;
         Ok(Self {
-            timestep_spatial,
-            timestep_temporal,
             captions,
             embedded_timestep,
             timestep_video,
@@ -334,7 +319,7 @@ impl LatteChain<'_> {
         }
         let out = self.model.temporal_transformer_blocks[layer].attention_half(
             &sequences,
-            &ctx.timestep_temporal,
+            &ctx.timestep_video,
             None,
             output,
         )?;
@@ -363,7 +348,7 @@ impl LatteChain<'_> {
         let _span = tracing::trace_span!("stage", layer, temporal, ?half).entered();
         match (half, temporal) {
             (Half::Attention, false) => {
-                blocks[layer].attention_half(x, &ctx.timestep_spatial, Some(&ctx.captions), output)
+                blocks[layer].attention_half(x, &ctx.timestep_video, Some(&ctx.captions), output)
             }
             (Half::Attention, true) => self.temporal_attention(layer, x, ctx, output),
             (Half::FeedForward, _) => {
@@ -405,8 +390,6 @@ impl ChainModel for LatteChain<'_> {
         let (modulation, embedded) = model.adaln_single.forward(timestep, dtype)?;
         let captions = model.caption_projection.forward(captions)?;
         let context = LatteContext {
-            timestep_spatial: repeat_rows(&modulation, f)?,
-            timestep_temporal: repeat_rows(&modulation, geometry.tokens())?,
             captions: repeat_rows(&captions, f)?,
             embedded_timestep: repeat_rows(&embedded, f)?,
             timestep_video: modulation,

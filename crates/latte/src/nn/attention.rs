@@ -7,6 +7,7 @@
 //! record no backward.
 
 use super::fused_attention;
+use super::gated_linear::{gated_linear, Activation};
 use super::linear::{Linear, Output};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -49,31 +50,54 @@ impl Attention {
     /// for self-attention. Returns `(b, s, dim)`; with [`Output::GraphOnly`], the output
     /// projection's graph without its values ([`Linear::forward_with`]).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, output: Output) -> Result<Tensor> {
+        self.to_out.forward_with(&self.attend(x, context)?, output)
+    }
+
+    /// Self-attention scaled by adaLN's gate, `gate ⊙ attn(x)`: `x` `(n, s, dim)` holds the
+    /// sequences of `v` videos one video after another and `gate` `(v, 1, dim)` one row per
+    /// video. The output projection and the gate are one op ([`gated_linear`]) whose
+    /// backward does not read its result, so [`Output::GraphOnly`] skips the projection
+    /// whether or not the gate is tracked.
+    pub fn forward_gated(&self, x: &Tensor, gate: &Tensor, output: Output) -> Result<Tensor> {
+        let heads = self.attend(x, None)?;
+        let (n, s, inner) = heads.dims3()?;
+        let videos = gate.dim(0)?;
+        if videos == 0 || !n.is_multiple_of(videos) {
+            candle_core::bail!("attention: {n} sequences do not split into {videos} videos");
+        }
+        // Token-wise from here: one sequence of rows per video, with its gate.
+        let per_video = heads.reshape((videos, n / videos * s, inner))?;
+        gated_linear(&per_video, &self.to_out, gate, Activation::Identity, output)?.reshape((
+            n,
+            s,
+            (),
+        ))
+    }
+
+    /// The heads' outputs before the output projection, `(b, s, h·d)`.
+    fn attend(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let cpu = x.device().is_cpu();
         if cpu && context.is_none() {
             // One product for q, k and v: `[q | k | v]` rows, which the kernel reads in
             // place and whose gradient it returns packed the same way.
             let qkv = Linear::stacked(&[&self.to_q, &self.to_k, &self.to_v])?.forward(x)?;
-            let heads = fused_attention::self_attention(&qkv, self.num_heads, scale)?;
-            return self.to_out.forward_with(&heads, output);
+            return fused_attention::self_attention(&qkv, self.num_heads, scale);
         }
         let context = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         // (b, s, h·d): the fused kernel reads each head in place.
-        let heads = if cpu {
-            fused_attention::attention(&q, &k, &v, self.num_heads, scale)?
-        } else {
-            let (q, k, v) = (
-                self.split_heads(&q)?,
-                self.split_heads(&k)?,
-                self.split_heads(&v)?,
-            );
-            merge_heads(&composed_attention(&q, &k, &v, scale)?)?
-        };
-        self.to_out.forward_with(&heads, output)
+        if cpu {
+            return fused_attention::attention(&q, &k, &v, self.num_heads, scale);
+        }
+        let (q, k, v) = (
+            self.split_heads(&q)?,
+            self.split_heads(&k)?,
+            self.split_heads(&v)?,
+        );
+        merge_heads(&composed_attention(&q, &k, &v, scale)?)
     }
 
     /// `(b, s, h·d) → (b, h, s, d)`.

@@ -72,12 +72,11 @@ impl TransformerBlock {
     }
 
     /// The attention half: `h += gate₁ · attn1(norm(h)·(1 + scale₁) + shift₁)`, then the
-    /// cross-attention of spatial blocks. `h`: `(n, s, d)` token sequences; `timestep`:
-    /// `(n, 6·d)` modulation, one row per sequence; `captions`: `(n, l, d)`, required by
-    /// spatial blocks. With [`Output::GraphOnly`] the last output projection computes no
-    /// values when nothing's backward reads them: the cross-attention's (a residual sum
-    /// reads nothing), or the self-attention's of a temporal block when its gate is a
-    /// constant (the product with a tracked gate reads it).
+    /// cross-attention of spatial blocks. `h`: `(n, s, d)` token sequences, those of each
+    /// video one after another; `timestep`: `(v, 6·d)` modulation, one row per video;
+    /// `captions`: `(n, l, d)`, required by spatial blocks. With [`Output::GraphOnly`] the
+    /// last output projection computes no values (its backward reads none): the
+    /// cross-attention's, or the gated self-attention's of a temporal block.
     pub fn attention_half(
         &self,
         h: &Tensor,
@@ -86,15 +85,16 @@ impl TransformerBlock {
         output: Output,
     ) -> Result<Tensor> {
         let [shift_msa, scale_msa, gate_msa] = self.modulation(timestep, 0)?;
-        let x = modulated_layer_norm(h, &shift_msa, &scale_msa, self.norm_eps)?;
-        let last = self.attn2.is_none();
-        let attn1_output = if last && !gate_msa.track_op() {
-            output
-        } else {
-            Output::Values
+        // The norm is token-wise: one sequence of rows per video, with its modulation.
+        let (n, s, d) = h.dims3()?;
+        let per_video = h.reshape((timestep.dim(0)?, (), d))?;
+        let x = modulated_layer_norm(&per_video, &shift_msa, &scale_msa, self.norm_eps)?
+            .reshape((n, s, d))?;
+        let attn1_output = match self.attn2 {
+            None => output,
+            Some(_) => Output::Values,
         };
-        let attn1 = self.attn1.forward(&x, None, attn1_output)?;
-        let h = (h + attn1.broadcast_mul(&gate_msa)?)?;
+        let h = (h + self.attn1.forward_gated(&x, &gate_msa, attn1_output)?)?;
         match &self.attn2 {
             Some(attn2) => {
                 let captions = captions.ok_or_else(|| {
@@ -122,8 +122,8 @@ impl TransformerBlock {
         h + self.ff.forward_gated(&x, &gate_mlp, output)?
     }
 
-    /// Rows `first..first + 3` of `scale_shift_table + t`: three `(n, 1, d)` vectors
-    /// (shift, scale, gate) from the `(n, 6·d)` modulation.
+    /// Rows `first..first + 3` of `scale_shift_table + t`: three `(v, 1, d)` vectors
+    /// (shift, scale, gate) from the `(v, 6·d)` modulation.
     fn modulation(&self, timestep: &Tensor, first: usize) -> Result<[Tensor; 3]> {
         let (n, six_d) = timestep.dims2()?;
         let d = six_d / 6;

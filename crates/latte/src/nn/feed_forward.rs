@@ -1,7 +1,7 @@
 //! The transformer MLP: `Linear → GELU(tanh) → Linear` (diffusers `FeedForward` with
 //! `activation_fn="gelu-approximate"`, `mult=4`), with adaLN's gate on its output.
 
-use super::gelu_linear::gated_gelu_linear;
+use super::gated_linear::{gated_linear, Activation};
 use super::linear::{Linear, Output};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -24,9 +24,10 @@ impl FeedForward {
     }
 
     /// `gate ⊙ ff(x)` for `x`: `(n, s, dim)` and `gate`: `(n, 1, dim)`; the GELU, the
-    /// second projection and the gate are one op on the CPU in f32 ([`gated_gelu_linear`]),
+    /// second projection and the gate are one op on the CPU in f32 ([`gated_linear`]),
     /// which skips its work when `output` asks for the graph only.
     pub fn forward_gated(&self, x: &Tensor, gate: &Tensor, output: Output) -> Result<Tensor> {
-        gated_gelu_linear(&self.proj_in.forward(x)?, &self.proj_out, gate, output)
+        let h = self.proj_in.forward(x)?;
+        gated_linear(&h, &self.proj_out, gate, Activation::GeluTanh, output)
     }
 }

@@ -6,7 +6,7 @@ pub mod embeddings;
 pub mod feed_forward;
 pub mod fused_attention;
 pub mod fused_norm;
-pub mod gelu_linear;
+pub mod gated_linear;
 pub mod linear;
 pub mod matrix;
 pub mod norm;

@@ -1,17 +1,18 @@
-//! The MLP's gated second half, `y = gate ⊙ (b + GELU(h)·Wᵀ)`, as one CPU op with its own
-//! backward. `h` holds `n` sequences of `s` rows; `gate` has one row per sequence (adaLN's
-//! `gate₂`, one per video).
+//! A gated linear layer, `y = gate ⊙ (b + act(h)·Wᵀ)`, as one CPU op with its own backward:
+//! the MLP's second half (`act` = GELU) and an attention's output projection (`act` = the
+//! identity), each followed by adaLN's gate. `h` holds `n` sequences of `s` rows; `gate`
+//! has one row per sequence (one per video).
 //!
-//! Composed, the GELU output `g` (4·d per token, the MLP's widest tensor) is stored for
-//! `∂W = ∂fᵀ·g`, the product `f = b + g·Wᵀ` is stored for the gate's gradient, and the
-//! backward holds `∂g` and `∂h` (4·d each) at once. Here `g` exists only one block of rows
-//! at a time, in both passes, and `f` is never stored:
+//! Composed, the activation's output `g` (4·d per token in the MLP, its widest tensor) is
+//! stored for `∂W = ∂fᵀ·g`, the product `f = b + g·Wᵀ` is stored for the gate's gradient,
+//! and the backward holds `∂g` and `∂h` at once. Here `g` exists only one block of rows at
+//! a time, in both passes, and `f` is never stored:
 //!
 //! ```text
-//! forward, per row block r of sequence i:   g_r = GELU(h_r)     y_r = gate_i ⊙ (b + g_r·Wᵀ)
+//! forward, per row block r of sequence i:   g_r = act(h_r)     y_r = gate_i ⊙ (b + g_r·Wᵀ)
 //! backward, per sequence i:                 Wᵢ = diag(gate_i)·W
-//!   per row block r:   ∂h_r = (∂y_r·Wᵢ) ∘ GELU'(h_r)
-//!                      Mᵢ += ∂y_rᵀ·GELU(h_r)          (recomputed; only if W or the gate is tracked)
+//!   per row block r:   ∂h_r = (∂y_r·Wᵢ) ∘ act'(h_r)
+//!                      Mᵢ += ∂y_rᵀ·act(h_r)           (recomputed; only if W or the gate is tracked)
 //!   then               ∂W += diag(gate_i)·Mᵢ           ∂b += gate_i ⊙ Σ_rows ∂y
 //!                      ∂gate_i = rowsum(W ∘ Mᵢ) + b ⊙ Σ_rows ∂y
 //! ```
@@ -20,12 +21,13 @@
 //! so the backward reads `h`, `W`, `b` and the gates, never the output. That lets the op
 //! run **without values** ([`Output::GraphOnly`]): when the caller back-propagates through
 //! the result at once and never reads it (a checkpointed stage recomputed right before
-//! its own backward), the forward skips the product and the GELU and returns zeros; the
-//! gradients are those of the full op.
+//! its own backward), the forward skips the product and returns zeros; the gradients are
+//! those of the full op. Without an activation a block is a whole sequence (there is no
+//! activation output to hold).
 //!
 //! Blocks are processed in a fixed order, so results are deterministic; they differ from
 //! the composed ops in rounding only (sums over rows split by block, `∂h` through the
-//! scaled weight). f32 on the CPU; elsewhere [`gated_gelu_linear`] composes [`gelu_tanh`],
+//! scaled weight). f32 on the CPU; elsewhere [`gated_linear`] composes the activation,
 //! [`Linear`] and the product with the gate.
 
 use super::linear::{Linear, Output};
@@ -41,14 +43,74 @@ use rayon::prelude::*;
 /// Output rows gated by one rayon task.
 const ROWS_PER_TASK: usize = 64;
 
-/// Bytes of f32 GELU output a row block holds (the op's scratch).
+/// Bytes of f32 activation output a row block holds (the op's scratch).
 pub const BLOCK_BYTES: usize = 8 << 20;
 
-/// `gate ⊙ linear(GELU(h))` for `h`: `(n, s, inner)` and `gate`: `(n, 1, out)`.
-pub fn gated_gelu_linear(
+/// What is applied to `h` before the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Nothing: `y = gate ⊙ (b + h·Wᵀ)`.
+    Identity,
+    /// PyTorch's `gelu(approximate="tanh")`.
+    GeluTanh,
+}
+
+impl Activation {
+    /// Rows of `h` per block in a sequence of `sequence_rows` rows: for GELU,
+    /// [`BLOCK_BYTES`] of f32 output (at least 16 rows); without an activation the whole
+    /// sequence.
+    pub fn block_rows(self, inner: usize, sequence_rows: usize) -> usize {
+        match self {
+            Self::Identity => sequence_rows,
+            Self::GeluTanh => (BLOCK_BYTES / (4 * inner.max(1)))
+                .max(16)
+                .min(sequence_rows),
+        }
+        .max(1)
+    }
+
+    /// `act(h)` as a tensor (the composed path).
+    fn apply(self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Identity => Ok(h.clone()),
+            Self::GeluTanh => gelu_tanh(h),
+        }
+    }
+
+    /// `act(h)` of a block of rows: `h` itself, or GELU written into `scratch`.
+    fn block<'a>(self, h: &'a [f32], scratch: &'a mut [f32]) -> &'a [f32] {
+        match self {
+            Self::Identity => h,
+            Self::GeluTanh => {
+                let g = &mut scratch[..h.len()];
+                gelu_into(g, h);
+                g
+            }
+        }
+    }
+
+    /// `grad ∘= act'(h)`.
+    fn multiply_by_derivative(self, grad: &mut [f32], h: &[f32]) {
+        if self == Self::GeluTanh {
+            multiply_by_gelu_derivative(grad, h);
+        }
+    }
+
+    /// Elements of scratch for one block of `block_rows` rows.
+    fn scratch_len(self, block_rows: usize, inner: usize) -> usize {
+        match self {
+            Self::Identity => 0,
+            Self::GeluTanh => block_rows * inner,
+        }
+    }
+}
+
+/// `gate ⊙ linear(act(h))` for `h`: `(n, s, inner)` and `gate`: `(n, 1, out)`.
+pub fn gated_linear(
     h: &Tensor,
     linear: &Linear,
     gate: &Tensor,
+    activation: Activation,
     output: Output,
 ) -> Result<Tensor> {
     let fused = h.device().is_cpu() && h.dtype() == DType::F32 && gate.dtype() == DType::F32;
@@ -58,7 +120,8 @@ pub fn gated_gelu_linear(
             let out = linear.weight().dim(0)?;
             // The bias and the gates travel as one `(1 + n, out)` operand.
             let bias_and_gates = Tensor::cat(&[bias.unsqueeze(0)?, gate.reshape((n, out))?], 0)?;
-            let op = GatedGeluLinear {
+            let op = GatedLinear {
+                activation,
                 values: output == Output::Values,
             };
             h.reshape((n * s, inner))?
@@ -66,13 +129,8 @@ pub fn gated_gelu_linear(
                 .apply_op3(&linear.weight().contiguous()?, &bias_and_gates, op)?
                 .reshape((n, s, out))
         }
-        _ => linear.forward(&gelu_tanh(h)?)?.broadcast_mul(gate),
+        _ => linear.forward(&activation.apply(h)?)?.broadcast_mul(gate),
     }
-}
-
-/// Rows of `h` per block: [`BLOCK_BYTES`] of f32 GELU output, at least 16.
-pub fn block_rows(inner: usize) -> usize {
-    (BLOCK_BYTES / (4 * inner.max(1))).max(16)
 }
 
 /// Sizes of one call: `h` is `sequences · rows_per_sequence × inner`, `W` is `out × inner`.
@@ -96,7 +154,7 @@ impl Dims {
             || !rows.is_multiple_of(sequences)
         {
             candle_core::bail!(
-                "gated gelu-linear: h {h:?}, weight {w:?} and bias with gates \
+                "gated linear: h {h:?}, weight {w:?} and bias with gates \
                  {bias_and_gates:?} do not fit (expected (n·s, in), (out, in) and (1 + n, out))"
             );
         }
@@ -109,9 +167,9 @@ impl Dims {
     }
 
     /// `(first row, rows)` of each block of sequence `i`.
-    fn blocks(&self, i: usize) -> impl Iterator<Item = (usize, usize)> {
+    fn blocks(&self, i: usize, activation: Activation) -> impl Iterator<Item = (usize, usize)> {
         let (first, rows) = (i * self.rows_per_sequence, self.rows_per_sequence);
-        let step = block_rows(self.inner);
+        let step = activation.block_rows(self.inner, rows);
         (0..rows)
             .step_by(step)
             .map(move |start| (first + start, step.min(rows - start)))
@@ -123,20 +181,21 @@ impl Dims {
 }
 
 /// The op on `(h, W, [b; gates])`; without `values` it returns zeros.
-struct GatedGeluLinear {
+struct GatedLinear {
+    activation: Activation,
     values: bool,
 }
 
 fn f32_only(storages: [&CpuStorage; 3]) -> Result<()> {
     if let Some(other) = storages.iter().find(|s| s.dtype() != DType::F32) {
-        candle_core::bail!("gated gelu-linear: f32 only, got {:?}", other.dtype());
+        candle_core::bail!("gated linear: f32 only, got {:?}", other.dtype());
     }
     Ok(())
 }
 
-impl CustomOp3 for GatedGeluLinear {
+impl CustomOp3 for GatedLinear {
     fn name(&self) -> &'static str {
-        "gated-gelu-linear"
+        "gated-linear"
     }
 
     fn cpu_fwd(
@@ -162,15 +221,16 @@ impl CustomOp3 for GatedGeluLinear {
         );
         let (bias, gates) = bg.split_at(out);
         let mut y = repeat_rows(bias, dims.rows());
-        let mut g = zeroed(block_rows(inner).min(dims.rows_per_sequence) * inner);
+        let activation = self.activation;
+        let block = activation.block_rows(inner, dims.rows_per_sequence);
+        let mut scratch = zeroed(activation.scratch_len(block, inner));
         let w_t = Mat::row_major(&w, out, inner).t();
         for i in 0..dims.sequences {
             let gate = &gates[i * out..(i + 1) * out];
-            for (start, len) in dims.blocks(i) {
-                let g = &mut g[..len * inner];
-                gelu_into(g, &h[start * inner..(start + len) * inner]);
+            for (start, len) in dims.blocks(i, activation) {
+                let g = activation.block(&h[start * inner..(start + len) * inner], &mut scratch);
                 let y = &mut y[start * out..(start + len) * out];
-                matmul_parallel(y, Mat::row_major(&*g, len, inner), w_t, true);
+                matmul_parallel(y, Mat::row_major(g, len, inner), w_t, true);
                 y.par_chunks_exact_mut(out)
                     .with_min_len(ROWS_PER_TASK)
                     .for_each(|row| row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g));
@@ -205,6 +265,7 @@ impl CustomOp3 for GatedGeluLinear {
             &widened(cpu(&g_storage)?, g_layout)?,
             dims,
             want,
+            self.activation,
         );
         let tensor = |values: Option<Vec<f32>>, shape: &Shape| {
             values
@@ -218,7 +279,7 @@ impl CustomOp3 for GatedGeluLinear {
         ))
     }
 
-    /// The backward pass recomputes `GELU(h)` and reads `W`, the bias and the gates; not
+    /// The backward pass recomputes `act(h)` and reads `W`, the bias and the gates; not
     /// the output.
     fn bwd_reads(&self) -> BackwardReads {
         BackwardReads {
@@ -251,6 +312,7 @@ fn backward(
     grad_y: &[f32],
     dims: Dims,
     want: Wanted,
+    activation: Activation,
 ) -> Grads {
     let Dims { inner, out, .. } = dims;
     let (bias, gates) = bias_and_gates.split_at(out);
@@ -262,25 +324,28 @@ fn backward(
         .then(|| vec![0f32; bias_and_gates.len()]);
     let mut scaled_w = vec![0f32; if want.h { out * inner } else { 0 }];
     let mut m = vec![0f32; if needs_m { out * inner } else { 0 }];
-    let block = block_rows(inner).min(dims.rows_per_sequence);
-    let mut g = zeroed(if needs_m { block * inner } else { 0 });
+    let block = activation.block_rows(inner, dims.rows_per_sequence);
+    let mut scratch = zeroed(if needs_m {
+        activation.scratch_len(block, inner)
+    } else {
+        0
+    });
     for i in 0..dims.sequences {
         let gate = &gates[i * out..(i + 1) * out];
         if want.h {
             scale_rows(&mut scaled_w, w, gate, false);
         }
-        for (k, (start, len)) in dims.blocks(i).enumerate() {
+        for (k, (start, len)) in dims.blocks(i, activation).enumerate() {
             let h = &h[start * inner..(start + len) * inner];
             let grad_y = Mat::row_major(&grad_y[start * out..(start + len) * out], len, out);
             if let Some(grad_h) = &mut grad_h {
                 let grad_h = &mut grad_h[start * inner..(start + len) * inner];
                 matmul_parallel(grad_h, grad_y, Mat::row_major(&scaled_w, out, inner), false);
-                multiply_by_gelu_derivative(grad_h, h);
+                activation.multiply_by_derivative(grad_h, h);
             }
             if needs_m {
-                let g = &mut g[..len * inner];
-                gelu_into(g, h);
-                matmul_parallel(&mut m, grad_y.t(), Mat::row_major(&*g, len, inner), k > 0);
+                let g = activation.block(h, &mut scratch);
+                matmul_parallel(&mut m, grad_y.t(), Mat::row_major(g, len, inner), k > 0);
             }
         }
         if let Some(grad_w) = &mut grad_w {
@@ -342,9 +407,9 @@ mod tests {
             .collect()
     }
 
-    /// Two sequences of more rows than one block (sums cross blocks, the last block is
-    /// ragged), every operand a variable.
+    /// Sequences of `h` with every operand a variable, and the activation.
     struct Case {
+        activation: Activation,
         h: Var,
         w: Var,
         b: Var,
@@ -353,12 +418,13 @@ mod tests {
     }
 
     impl Case {
-        fn new(n: usize, s: usize, inner: usize, out: usize) -> Self {
+        fn new(activation: Activation, n: usize, s: usize, inner: usize, out: usize) -> Self {
             let dev = &Device::Cpu;
             let var = |len: usize, seed: usize, shape: &[usize]| {
                 Var::from_vec(values(len, seed), shape, dev).unwrap()
             };
             Self {
+                activation,
                 h: var(n * s * inner, 1, &[n, s, inner]),
                 w: var(out * inner, 2, &[out, inner]),
                 b: var(out, 3, &[out]),
@@ -372,10 +438,11 @@ mod tests {
         }
 
         fn fused(&self, output: Output) -> Tensor {
-            gated_gelu_linear(
+            gated_linear(
                 self.h.as_tensor(),
                 &self.linear(),
                 self.gate.as_tensor(),
+                self.activation,
                 output,
             )
             .unwrap()
@@ -383,7 +450,7 @@ mod tests {
 
         fn composed(&self) -> Tensor {
             self.linear()
-                .forward(&gelu_tanh(self.h.as_tensor()).unwrap())
+                .forward(&self.activation.apply(self.h.as_tensor()).unwrap())
                 .unwrap()
                 .broadcast_mul(self.gate.as_tensor())
                 .unwrap()
@@ -408,57 +475,82 @@ mod tests {
         }
     }
 
+    const ACTIVATIONS: [Activation; 2] = [Activation::GeluTanh, Activation::Identity];
+
+    /// Two sequences of more rows than one GELU block (sums cross blocks, the last block
+    /// is ragged).
     #[test]
-    fn matches_the_composed_gelu_linear_and_gate() {
+    fn matches_the_composed_activation_linear_and_gate() {
         let (inner, out) = (BLOCK_BYTES / 4 / 40, 24);
-        let case = Case::new(2, 2 * block_rows(inner) + 5, inner, out);
-        let (fused, composed) = (case.fused(Output::Values), case.composed());
-        // f32 sums of `inner` products in another order: ~1e-6 relative.
-        assert!(max_relative_diff(&fused, &composed) < 1e-5);
-        let (gf, gc) = (case.grads(&fused), case.grads(&composed));
-        for (name, var) in case.vars() {
-            let (a, c) = (gf.get(var).unwrap(), gc.get(var).unwrap());
-            let diff = max_relative_diff(a, c);
-            assert!(diff < 1e-5, "∂{name}: {diff}");
+        let rows = 2 * Activation::GeluTanh.block_rows(inner, usize::MAX) + 5;
+        for activation in ACTIVATIONS {
+            let case = Case::new(activation, 2, rows, inner, out);
+            let (fused, composed) = (case.fused(Output::Values), case.composed());
+            // f32 sums of `inner` products in another order: ~1e-6 relative.
+            let diff = max_relative_diff(&fused, &composed);
+            assert!(diff < 1e-5, "{activation:?}: {diff}");
+            let (gf, gc) = (case.grads(&fused), case.grads(&composed));
+            for (name, var) in case.vars() {
+                let (a, c) = (gf.get(var).unwrap(), gc.get(var).unwrap());
+                let diff = max_relative_diff(a, c);
+                assert!(diff < 1e-5, "{activation:?} ∂{name}: {diff}");
+            }
         }
     }
 
     /// Without values the output is zeros and every gradient is bitwise the same.
     #[test]
     fn graph_only_gives_the_same_gradients() {
-        let case = Case::new(3, 40, 32, 8);
-        let (full, graph_only) = (case.fused(Output::Values), case.fused(Output::GraphOnly));
-        assert_eq!(max_abs(&graph_only), 0.0);
-        assert!(max_abs(&full) > 0.0);
-        let (a, b) = (case.grads(&full), case.grads(&graph_only));
-        for (name, var) in case.vars() {
-            let (a, b) = (a.get(var).unwrap(), b.get(var).unwrap());
-            assert_eq!(max_abs(&(a - b).unwrap()), 0.0, "∂{name}");
+        for activation in ACTIVATIONS {
+            let case = Case::new(activation, 3, 40, 32, 8);
+            let (full, graph_only) = (case.fused(Output::Values), case.fused(Output::GraphOnly));
+            assert_eq!(max_abs(&graph_only), 0.0);
+            assert!(max_abs(&full) > 0.0);
+            let (a, b) = (case.grads(&full), case.grads(&graph_only));
+            for (name, var) in case.vars() {
+                let (a, b) = (a.get(var).unwrap(), b.get(var).unwrap());
+                assert_eq!(max_abs(&(a - b).unwrap()), 0.0, "{activation:?} ∂{name}");
+            }
         }
     }
 
     /// Guidance: frozen weights and gates get no gradient; the input's is unchanged.
     #[test]
     fn constants_get_no_gradient() {
-        let case = Case::new(2, 10, 12, 5);
-        let (w, b, gate) = (
-            case.w.as_tensor().detach(),
-            case.b.as_tensor().detach(),
-            case.gate.as_tensor().detach(),
-        );
-        let linear = Linear::from_parts(w.clone(), Some(b.clone()));
-        let y = gated_gelu_linear(case.h.as_tensor(), &linear, &gate, Output::Values).unwrap();
-        let grads = case.grads(&y);
-        assert!(grads.get(&w).is_none() && grads.get(&b).is_none() && grads.get(&gate).is_none());
-        let expected = case.grads(&case.composed());
-        let diff = max_relative_diff(grads.get(&case.h).unwrap(), expected.get(&case.h).unwrap());
-        assert!(diff < 1e-5, "{diff}");
+        for activation in ACTIVATIONS {
+            let case = Case::new(activation, 2, 10, 12, 5);
+            let (w, b, gate) = (
+                case.w.as_tensor().detach(),
+                case.b.as_tensor().detach(),
+                case.gate.as_tensor().detach(),
+            );
+            let linear = Linear::from_parts(w.clone(), Some(b.clone()));
+            let y = gated_linear(
+                case.h.as_tensor(),
+                &linear,
+                &gate,
+                activation,
+                Output::Values,
+            )
+            .unwrap();
+            let grads = case.grads(&y);
+            assert!(
+                grads.get(&w).is_none() && grads.get(&b).is_none() && grads.get(&gate).is_none()
+            );
+            let expected = case.grads(&case.composed());
+            let diff =
+                max_relative_diff(grads.get(&case.h).unwrap(), expected.get(&case.h).unwrap());
+            assert!(diff < 1e-5, "{activation:?}: {diff}");
+        }
     }
 
     #[test]
     fn mismatched_shapes_are_an_error() {
         let dev = &Device::Cpu;
-        let op = || GatedGeluLinear { values: true };
+        let op = || GatedLinear {
+            activation: Activation::GeluTanh,
+            values: true,
+        };
         let h = Tensor::zeros((4, 6), DType::F32, dev).unwrap();
         let w = Tensor::zeros((3, 5), DType::F32, dev).unwrap();
         let bg = Tensor::zeros((2, 3), DType::F32, dev).unwrap();
