@@ -20,6 +20,14 @@ const ROWS_PER_TASK: usize = 64;
 /// Rows summed by one rayon task in [`column_sums`].
 const SUM_BLOCK_ROWS: usize = 256;
 
+/// The widest right operand with strided columns that [`matmul_parallel`] splits by rows.
+/// gemm packs such an operand on the calling thread before its parallel loop when the
+/// product is at most two of its row blocks wide (2·mc ≤ 1024 columns for f32): the other
+/// threads wait. One single-threaded product per thread over a share of the rows packs a
+/// copy on every thread at once instead (a gemm micro-probe on this project's 2-core
+/// AVX-512 host, 4096 × 512 outputs: 8–15 % faster).
+const SPLIT_MAX_COLS: usize = 1024;
+
 /// Blocks of [`column_sums`] (one f64 partial row each) for `rows` rows.
 pub fn column_sum_blocks(rows: usize) -> usize {
     rows.div_ceil(SUM_BLOCK_ROWS).max(1)
@@ -81,6 +89,15 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Rows `first..first + rows` (a view).
+    fn row_range(self, first: usize, rows: usize) -> Self {
+        Self {
+            data: &self.data[(first * self.row_stride).min(self.data.len())..],
+            rows,
+            ..self
+        }
+    }
+
     /// The transpose (a view).
     pub(super) fn t(self) -> Self {
         Self {
@@ -119,15 +136,37 @@ pub(super) fn matmul_into_rows(
 }
 
 /// `dst = a · b`, or `dst += a · b` when `accumulate`, `dst` row-major `a.rows × b.cols`,
-/// split over candle's thread count on rayon's pool.
+/// split over candle's thread count on rayon's pool: by gemm itself, or, for a narrow `b`
+/// with strided columns ([`SPLIT_MAX_COLS`]), by rows.
 pub(super) fn matmul_parallel(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
     let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    product(dst, b.cols, a, b, 1.0, accumulate, parallelism);
+    if threads <= 1 {
+        return product(dst, b.cols, a, b, 1.0, accumulate, Parallelism::None);
+    }
+    let (rows, cols) = (a.rows, b.cols);
+    if b.col_stride == 1 || cols > SPLIT_MAX_COLS || rows < threads || cols == 0 {
+        return product(
+            dst,
+            cols,
+            a,
+            b,
+            1.0,
+            accumulate,
+            Parallelism::Rayon(threads),
+        );
+    }
+    assert!(
+        dst.len() >= rows * cols,
+        "matrix product: destination too small"
+    );
+    let share = rows.div_ceil(threads);
+    dst[..rows * cols]
+        .par_chunks_mut(share * cols)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let a = a.row_range(i * share, dst.len() / cols);
+            product(dst, cols, a, b, 1.0, accumulate, Parallelism::None);
+        });
 }
 
 /// `dst = scale · a · b + (dst if accumulate)`, `dst`'s rows `dst_row_stride` apart.
@@ -240,6 +279,31 @@ mod tests {
         }
         assert_eq!(column_sums(&values, cols), expected);
         assert_eq!(column_sums(&[], 2), vec![0.0; 2]);
+    }
+
+    /// A narrow product with a strided right operand (split by rows) and a wide one (split
+    /// by gemm) equal the single-threaded product, with and without accumulation.
+    #[test]
+    fn parallel_products_equal_the_single_threaded_one() {
+        let (rows, inner) = (37, 9);
+        let a: Vec<f32> = (0..rows * inner).map(|i| (i % 13) as f32 - 6.0).collect();
+        for cols in [5, SPLIT_MAX_COLS + 3] {
+            let w: Vec<f32> = (0..cols * inner).map(|i| (i % 7) as f32 - 3.0).collect();
+            // b = Wᵀ, a view with strided columns (a linear layer's weight).
+            let (a, b) = (
+                Mat::row_major(&a, rows, inner),
+                Mat::row_major(&w, cols, inner).t(),
+            );
+            let mut expected = vec![1.0f32; rows * cols];
+            matmul(&mut expected, a, b, 1.0);
+            let mut fresh = vec![f32::NAN; rows * cols];
+            matmul_parallel(&mut fresh, a, b, false);
+            assert_eq!(fresh, expected, "{cols} columns");
+            let mut accumulated = vec![1.0f32; rows * cols];
+            matmul_parallel(&mut accumulated, a, b, true);
+            let plus_one: Vec<f32> = expected.iter().map(|v| v + 1.0).collect();
+            assert_eq!(accumulated, plus_one, "{cols} columns, accumulated");
+        }
     }
 
     /// A product into a block of columns leaves the other columns alone.
