@@ -1662,7 +1662,12 @@ mod vt {
             Op::SelfAttention(..) => (vec![true], false),
             Op::Attention(..) => (vec![true, true, true], false),
             Op::ModulatedNorm(..) => (vec![true, false, true], false),
-            Op::GatedLinear(..) => (vec![true, true, true], false),
+            Op::GatedLinear(h, w, bg, activation) => {
+                let reads_h = w.tracked()
+                    || bg.tracked()
+                    || (h.tracked() && *activation != Activation::Identity);
+                (vec![reads_h, h.tracked() || bg.tracked(), true], false)
+            }
             Op::BiasedProduct(x, w, _) => (vec![w.tracked(), x.tracked(), false], false),
         }
     }

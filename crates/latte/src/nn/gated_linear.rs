@@ -39,6 +39,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::backprop::BackwardReads;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Output rows gated by one rayon task.
 const ROWS_PER_TASK: usize = 64;
@@ -120,10 +121,15 @@ pub fn gated_linear(
             let out = linear.weight().dim(0)?;
             // The bias and the gates travel as one `(1 + n, out)` operand.
             let bias_and_gates = Tensor::cat(&[bias.unsqueeze(0)?, gate.reshape((n, out))?], 0)?;
-            let op = GatedLinear {
+            let op = GatedLinear::new(
                 activation,
-                values: output == Output::Values,
-            };
+                [
+                    h.track_op(),
+                    linear.weight().track_op(),
+                    gate.track_op() || bias.track_op(),
+                ],
+                output,
+            );
             h.reshape((n * s, inner))?
                 .contiguous()?
                 .apply_op3(&linear.weight().contiguous()?, &bias_and_gates, op)?
@@ -180,10 +186,27 @@ impl Dims {
     }
 }
 
-/// The op on `(h, W, [b; gates])`; without `values` it returns zeros.
+/// The op on `(h, W, [b; gates])`; without `values` it returns zeros. What its backward
+/// reads is fixed when the op is built, from which operands are tracked.
 struct GatedLinear {
     activation: Activation,
     values: bool,
+    reads_h: bool,
+    reads_w: bool,
+}
+
+impl GatedLinear {
+    /// For operands `(h, W, [b; gates])` of which `tracked` take gradients: `h` is read
+    /// for `Mᵢ` (`∂W`, the gates') and for `act'(h)`, `W` for `∂h` and the gates'.
+    fn new(activation: Activation, tracked: [bool; 3], output: Output) -> Self {
+        let [h, w, bias_and_gates] = tracked;
+        Self {
+            activation,
+            values: output == Output::Values,
+            reads_h: w || bias_and_gates || (h && activation != Activation::Identity),
+            reads_w: h || bias_and_gates,
+        }
+    }
 }
 
 fn f32_only(storages: [&CpuStorage; 3]) -> Result<()> {
@@ -258,9 +281,17 @@ impl CustomOp3 for GatedLinear {
         let (w_storage, w_layout) = w.storage_and_layout();
         let (bg_storage, bg_layout) = bias_and_gates.storage_and_layout();
         let (g_storage, g_layout) = grad_y.storage_and_layout();
+        // An operand the backward does not read may have been released: not touched.
+        let read = |storage, layout, reads: bool| -> Result<Cow<'_, [f32]>> {
+            if reads {
+                widened(cpu(storage)?, layout)
+            } else {
+                Ok(Cow::Borrowed(&[]))
+            }
+        };
         let grads = backward(
-            &widened(cpu(&h_storage)?, h_layout)?,
-            &widened(cpu(&w_storage)?, w_layout)?,
+            &read(&h_storage, h_layout, self.reads_h)?,
+            &read(&w_storage, w_layout, self.reads_w)?,
             &widened(cpu(&bg_storage)?, bg_layout)?,
             &widened(cpu(&g_storage)?, g_layout)?,
             dims,
@@ -279,11 +310,11 @@ impl CustomOp3 for GatedLinear {
         ))
     }
 
-    /// The backward pass recomputes `act(h)` and reads `W`, the bias and the gates; not
-    /// the output.
+    /// The backward pass recomputes `act(h)` and reads `W` where it needs them
+    /// ([`GatedLinear::new`]), always the bias and the gates; never the output.
     fn bwd_reads(&self) -> BackwardReads {
         BackwardReads {
-            args: [true, true, true],
+            args: [self.reads_h, self.reads_w, true],
             res: false,
         }
     }
@@ -336,7 +367,10 @@ fn backward(
             scale_rows(&mut scaled_w, w, gate, false);
         }
         for (k, (start, len)) in dims.blocks(i, activation).enumerate() {
-            let h = &h[start * inner..(start + len) * inner];
+            // Empty when nothing below reads it (`GatedLinear::new`).
+            let h = h
+                .get(start * inner..(start + len) * inner)
+                .unwrap_or_default();
             let grad_y = Mat::row_major(&grad_y[start * out..(start + len) * out], len, out);
             if let Some(grad_h) = &mut grad_h {
                 let grad_h = &mut grad_h[start * inner..(start + len) * inner];
@@ -544,13 +578,33 @@ mod tests {
         }
     }
 
+    /// Guidance releases what its backward does not read: `h` without an activation (only
+    /// `W` and the gates are needed for `∂h`), not with GELU (`GELU'(h)`); the input's
+    /// gradient is the same either way.
+    #[test]
+    fn guidance_keeps_h_only_for_the_activation_derivative() {
+        for (activation, releases_h) in [(Activation::Identity, 1), (Activation::GeluTanh, 0)] {
+            let case = Case::new(activation, 2, 10, 12, 5);
+            let linear = Linear::from_parts(case.w.as_tensor().detach(), Some(case.b.detach()));
+            let gate = case.gate.as_tensor().detach();
+            // `h` as an op node whose own backward reads nothing (so only this op holds it).
+            let h = case.h.as_tensor().affine(1.0, 0.0).unwrap();
+            let y = gated_linear(&h, &linear, &gate, activation, Output::Values).unwrap();
+            drop(h);
+            let released = candle_core::backprop::release_unneeded_for_backward(&[&y]).unwrap();
+            assert_eq!(released, releases_h, "{activation:?}");
+            let grads = case.grads(&y);
+            let expected = case.grads(&case.composed());
+            let diff =
+                max_relative_diff(grads.get(&case.h).unwrap(), expected.get(&case.h).unwrap());
+            assert!(diff < 1e-5, "{activation:?}: {diff}");
+        }
+    }
+
     #[test]
     fn mismatched_shapes_are_an_error() {
         let dev = &Device::Cpu;
-        let op = || GatedLinear {
-            activation: Activation::GeluTanh,
-            values: true,
-        };
+        let op = || GatedLinear::new(Activation::GeluTanh, [true; 3], Output::Values);
         let h = Tensor::zeros((4, 6), DType::F32, dev).unwrap();
         let w = Tensor::zeros((3, 5), DType::F32, dev).unwrap();
         let bg = Tensor::zeros((2, 3), DType::F32, dev).unwrap();
