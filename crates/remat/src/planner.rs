@@ -88,7 +88,7 @@ use thiserror::Error;
 
 use crate::costs::{ChainCosts, CostsError};
 use crate::policy::{ByteSize, Policy};
-use crate::schedule::{Op, Schedule, Simulation};
+use crate::schedule::{may_run_graph_only, Op, Schedule, Simulation};
 
 /// A schedule together with its simulated peak and time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -461,7 +461,7 @@ impl Sizes {
             fwd_s: costs.stages.iter().map(|s| s.fwd_s).collect(),
             keep_last_fwd_s: (costs.stages.iter().enumerate())
                 .map(|(i, s)| {
-                    if i + 1 < costs.num_stages() {
+                    if may_run_graph_only(i, costs.num_stages()) {
                         s.graph_only_s()
                     } else {
                         s.fwd_s

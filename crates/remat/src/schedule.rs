@@ -467,6 +467,13 @@ impl Engine {
     }
 }
 
+/// Whether stage `stage` of a chain of `num_stages` may run for its graph only when it is
+/// recomputed right before its own backward: any stage but the last, whose output the
+/// loss reads.
+pub(crate) fn may_run_graph_only(stage: usize, num_stages: usize) -> bool {
+    stage + 1 < num_stages
+}
+
 impl Schedule {
     /// A schedule running `ops` in order.
     pub fn new(ops: Vec<Op>) -> Self {
@@ -541,7 +548,7 @@ impl Schedule {
         let Some(&Op::ForwardKeep(i)) = self.ops.get(op_index) else {
             return false;
         };
-        i + 1 < num_stages && self.ops.get(op_index + 1) == Some(&Op::Backward(i))
+        may_run_graph_only(i, num_stages) && self.ops.get(op_index + 1) == Some(&Op::Backward(i))
     }
 
     /// No recomputation: `Fe0 … Fe(n-1)`, then `B(n-1) … B0`.
