@@ -67,11 +67,8 @@ impl Attention {
         }
         // Token-wise from here: one sequence of rows per video, with its gate.
         let per_video = heads.reshape((videos, n / videos * s, inner))?;
-        gated_linear(&per_video, &self.to_out, gate, Activation::Identity, output)?.reshape((
-            n,
-            s,
-            (),
-        ))
+        let gated = gated_linear(&per_video, &self.to_out, gate, Activation::Identity, output)?;
+        gated.reshape((n, s, ()))
     }
 
     /// The heads' outputs before the output projection, `(b, s, h·d)`.
