@@ -697,10 +697,7 @@ mod vt {
     /// Bytes of `nn/gated_linear.rs`'s activation scratch: one row block of a
     /// `rows`-row sequence, `inner` wide (none without an activation).
     fn activation_scratch_bytes(activation: Activation, rows: usize, inner: usize) -> u64 {
-        match activation {
-            Activation::Identity => 0,
-            Activation::GeluTanh => (4 * activation.block_rows(inner, rows) * inner) as u64,
-        }
+        (4 * activation.scratch_len(activation.block_rows(inner, rows), inner)) as u64
     }
 
     /// What `ops::widened` allocates for `operands`: nothing for f32 (read in place), an

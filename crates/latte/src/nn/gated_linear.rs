@@ -97,8 +97,8 @@ impl Activation {
         }
     }
 
-    /// Elements of scratch for one block of `block_rows` rows.
-    fn scratch_len(self, block_rows: usize, inner: usize) -> usize {
+    /// Elements of activation output one block of `block_rows` rows holds as scratch.
+    pub fn scratch_len(self, block_rows: usize, inner: usize) -> usize {
         match self {
             Self::Identity => 0,
             Self::GeluTanh => block_rows * inner,
