@@ -508,7 +508,7 @@ fn softmax_backward(grad: &mut [f32], probs: &[f32], cols: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{max_abs, max_relative_diff};
+    use super::super::test_support::{grads_of_weighted_sum, max_abs, max_relative_diff};
     use super::*;
     use candle_core::{DType, Device, Var, D};
 
@@ -558,9 +558,8 @@ mod tests {
             let fused = attention(&q, &k, &v, heads, scale).unwrap();
             let reference = composed(&q, &k, &v, heads, scale);
             assert!(max_relative_diff(&fused, &reference) < 1e-5);
-            let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
-            let fused_grads = loss(&fused).backward().unwrap();
-            let reference_grads = loss(&reference).backward().unwrap();
+            let fused_grads = grads_of_weighted_sum(&fused, &weights);
+            let reference_grads = grads_of_weighted_sum(&reference, &weights);
             for x in [&q, &k, &v] {
                 let (a, b) = (fused_grads.get(x).unwrap(), reference_grads.get(x).unwrap());
                 assert!(
@@ -584,10 +583,9 @@ mod tests {
         let packed = self_attention(&qkv, heads, 0.5).unwrap();
         let parts = attention(&part(0), &part(1), &part(2), heads, 0.5).unwrap();
         assert!(max_relative_diff(&packed, &parts) < 1e-6);
-        let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
         let (a, b) = (
-            loss(&packed).backward().unwrap(),
-            loss(&parts).backward().unwrap(),
+            grads_of_weighted_sum(&packed, &weights),
+            grads_of_weighted_sum(&parts, &weights),
         );
         let (a, b) = (a.get(&qkv).unwrap(), b.get(&qkv).unwrap());
         assert!(max_abs(a) > 0.0);

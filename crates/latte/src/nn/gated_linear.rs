@@ -431,7 +431,7 @@ fn scale_rows(dst: &mut [f32], src: &[f32], gate: &[f32], accumulate: bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{max_abs, max_relative_diff};
+    use super::super::test_support::{grads_of_weighted_sum, max_abs, max_relative_diff};
     use super::*;
     use candle_core::backprop::GradStore;
     use candle_core::{Device, Var};
@@ -509,12 +509,7 @@ mod tests {
         }
 
         fn grads(&self, y: &Tensor) -> GradStore {
-            (y * &self.cotangent)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
+            grads_of_weighted_sum(y, &self.cotangent)
         }
     }
 

@@ -211,7 +211,7 @@ fn bias_gradient(grad_y: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{max_abs, max_relative_diff};
+    use super::super::test_support::{grads_of_weighted_sum, max_abs, max_relative_diff};
     use super::*;
     use candle_core::{Device, Var};
 
@@ -254,15 +254,10 @@ mod tests {
                 .reshape((2, 7, 5))
                 .unwrap();
             assert!(max_relative_diff(&fused, &composed) < 1e-6);
-            let grads = |y: Tensor| {
-                (y * &cotangent)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap()
-            };
-            let (gf, gc) = (grads(fused), grads(composed));
+            let (gf, gc) = (
+                grads_of_weighted_sum(&fused, &cotangent),
+                grads_of_weighted_sum(&composed, &cotangent),
+            );
             for (bit, t) in [(1, &x), (2, &w), (4, &b)] {
                 match (gf.get(t), gc.get(t)) {
                     (Some(a), Some(c)) => assert!(max_relative_diff(a, c) < 1e-6, "mask {mask}"),
@@ -286,12 +281,7 @@ mod tests {
         let linear = Linear::from_parts(w.as_tensor().clone(), Some(b.as_tensor().clone()));
         let run = |output| {
             let y = linear.forward_with(x.as_tensor(), output).unwrap();
-            let grads = (&y * &cotangent)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = grads_of_weighted_sum(&y, &cotangent);
             let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap();
             let grads: Vec<Vec<f32>> = [&x, &w, &b].map(|v| grad(v).to_vec1().unwrap()).to_vec();
             (y, grads)

@@ -206,6 +206,7 @@ impl CustomOp2 for GeluTanhBackward {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::grads_of_weighted_sum;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -239,18 +240,8 @@ mod tests {
         let fused = gelu_tanh(x.as_tensor()).unwrap();
         let composed = x.as_tensor().gelu().unwrap();
         assert!(max_diff(&fused, &composed) < 1e-6);
-        let g_fused = (fused * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_composed = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_fused = grads_of_weighted_sum(&fused, &weights);
+        let g_composed = grads_of_weighted_sum(&composed, &weights);
         let (a, b) = (g_fused.get(&x).unwrap(), g_composed.get(&x).unwrap());
         // candle's composed derivative uses 6-digit constants: agreement to ~1e-5 relative.
         assert!(max_diff(a, b) < 1e-3 * 96.0, "{}", max_diff(a, b));

@@ -1,6 +1,18 @@
 //! Helpers shared by the fused kernels' unit tests.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
+
+/// The gradients of `Σ y ⊙ weights`: back-propagation from `y` with `weights` as its
+/// cotangent.
+pub(super) fn grads_of_weighted_sum(y: &Tensor, weights: &Tensor) -> GradStore {
+    (y * weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
 
 /// `max |a − b| / max |b|` in f32: the largest difference relative to the reference's
 /// scale.
