@@ -160,6 +160,20 @@ struct Operand<'a> {
 }
 
 impl<'a> Operand<'a> {
+    /// A `(b, rows, h·d)` tensor of its own.
+    fn alone(data: &'a [f32], dims: &Dims) -> Self {
+        let at = Placement::alone(dims);
+        Self { data, at }
+    }
+
+    /// `[q, k, v]` read from packed `[q | k | v]` rows.
+    fn packed_parts(qkv: &'a [f32], dims: &Dims) -> [Self; 3] {
+        [0, 1, 2].map(|part| Self {
+            data: qkv,
+            at: Placement::packed(dims, part),
+        })
+    }
+
     /// Head `head` of batch element `element`, `rows × d`: a strided view.
     fn head(&self, dims: &Dims, element: usize, rows: usize, head: usize) -> Mat<'a> {
         let start = self.at.offset + element * rows * self.at.row_stride + head * dims.d;
@@ -211,8 +225,7 @@ impl CustomOp3 for FusedAttention {
             widened(k, k_layout)?,
             widened(v, v_layout)?,
         );
-        let at = Placement::alone(&dims);
-        let operands = [&q, &k, &v].map(|data| Operand { data, at });
+        let operands = [&q, &k, &v].map(|data| Operand::alone(data, &dims));
         let out = forward(operands, dims, self.scale);
         Ok((narrowed(out, dtype)?, q_layout.shape().clone()))
     }
@@ -237,11 +250,7 @@ impl CustomOp3 for FusedAttention {
             widened(cpu(&v_storage)?, v_layout)?,
         ];
         let grad_values = widened(cpu(&g_storage)?, g_layout)?;
-        let at = Placement::alone(&dims);
-        let operands = [0, 1, 2].map(|i| Operand {
-            data: &values[i],
-            at,
-        });
+        let operands = [0, 1, 2].map(|i| Operand::alone(&values[i], &dims));
         let [dq, dk, dv] = backward_alone(operands, &grad_values, dims, self.scale);
         let tensor = |values, shape| tensor_from_f32(values, q.dtype(), shape);
         Ok((
@@ -276,10 +285,7 @@ impl CustomOp1 for FusedSelfAttention {
         let dims = Dims::packed(layout.shape(), self.heads)?;
         let dtype = qkv.dtype();
         let qkv = widened(qkv, layout)?;
-        let operands = [0, 1, 2].map(|part| Operand {
-            data: &qkv,
-            at: Placement::packed(&dims, part),
-        });
+        let operands = Operand::packed_parts(&qkv, &dims);
         let out = forward(operands, dims, self.scale);
         let shape = Shape::from((dims.batch, dims.s, dims.width()));
         Ok((narrowed(out, dtype)?, shape))
@@ -405,10 +411,7 @@ fn backward_packed(qkv: &[f32], grad_out: &[f32], dims: Dims, scale: f32) -> Vec
     if grads.is_empty() {
         return grads;
     }
-    let operands = [0, 1, 2].map(|part| Operand {
-        data: qkv,
-        at: Placement::packed(&dims, part),
-    });
+    let operands = Operand::packed_parts(qkv, &dims);
     let (per, mut scratch) = backward_scratch(dims);
     grads
         .par_chunks_mut(per * s * packed)
@@ -446,10 +449,7 @@ fn backward_group<'a>(
     (probs, grad_scores): &mut Scratch,
 ) {
     let Dims { s, l, .. } = dims;
-    let grad_out = Operand {
-        data: grad_out,
-        at: Placement::alone(&dims),
-    };
+    let grad_out = Operand::alone(grad_out, &dims);
     for (i, mut grads) in elements.enumerate() {
         let element = first + i;
         for head in 0..dims.heads {
