@@ -437,7 +437,7 @@ pub fn analytic_costs(
 mod vt {
     use super::{CostsError, Kernels, Work};
     use crate::nn::fused_attention::ThreadGroups;
-    use crate::nn::gated_linear::Activation;
+    use crate::nn::gated_linear::{self, Activation};
     use candle_core::DType;
     use std::cell::Cell;
     use std::collections::{HashMap, HashSet};
@@ -1660,10 +1660,11 @@ mod vt {
             Op::Attention(..) => (vec![true, true, true], false),
             Op::ModulatedNorm(..) => (vec![true, false, true], false),
             Op::GatedLinear(h, w, bg, activation) => {
-                let reads_h = w.tracked()
-                    || bg.tracked()
-                    || (h.tracked() && *activation != Activation::Identity);
-                (vec![reads_h, h.tracked() || bg.tracked(), true], false)
+                let tracked = [h.tracked(), w.tracked(), bg.tracked()];
+                (
+                    gated_linear::backward_reads(*activation, tracked).to_vec(),
+                    false,
+                )
             }
             Op::BiasedProduct(x, w, _) => (vec![w.tracked(), x.tracked(), false], false),
         }

@@ -186,25 +186,33 @@ impl Dims {
     }
 }
 
+/// Which of the operands `(h, W, [b; gates])` the backward reads when `tracked` say which
+/// take gradients: `h` for `Mᵢ` (`∂W`, the gates') and for `act'(h)`, `W` for `∂h` and
+/// the gates', the bias and the gates always; never the output.
+pub fn backward_reads(activation: Activation, tracked: [bool; 3]) -> [bool; 3] {
+    let [h, w, bias_and_gates] = tracked;
+    [
+        w || bias_and_gates || (h && activation != Activation::Identity),
+        h || bias_and_gates,
+        true,
+    ]
+}
+
 /// The op on `(h, W, [b; gates])`; without `values` it returns zeros. What its backward
-/// reads is fixed when the op is built, from which operands are tracked.
+/// reads is fixed when the op is built ([`backward_reads`]).
 struct GatedLinear {
     activation: Activation,
     values: bool,
-    reads_h: bool,
-    reads_w: bool,
+    reads: [bool; 3],
 }
 
 impl GatedLinear {
-    /// For operands `(h, W, [b; gates])` of which `tracked` take gradients: `h` is read
-    /// for `Mᵢ` (`∂W`, the gates') and for `act'(h)`, `W` for `∂h` and the gates'.
+    /// For operands `(h, W, [b; gates])` of which `tracked` take gradients.
     fn new(activation: Activation, tracked: [bool; 3], output: Output) -> Self {
-        let [h, w, bias_and_gates] = tracked;
         Self {
             activation,
             values: output == Output::Values,
-            reads_h: w || bias_and_gates || (h && activation != Activation::Identity),
-            reads_w: h || bias_and_gates,
+            reads: backward_reads(activation, tracked),
         }
     }
 }
@@ -290,8 +298,8 @@ impl CustomOp3 for GatedLinear {
             }
         };
         let grads = backward(
-            &read(&h_storage, h_layout, self.reads_h)?,
-            &read(&w_storage, w_layout, self.reads_w)?,
+            &read(&h_storage, h_layout, self.reads[0])?,
+            &read(&w_storage, w_layout, self.reads[1])?,
             &widened(cpu(&bg_storage)?, bg_layout)?,
             &widened(cpu(&g_storage)?, g_layout)?,
             dims,
@@ -310,11 +318,10 @@ impl CustomOp3 for GatedLinear {
         ))
     }
 
-    /// The backward pass recomputes `act(h)` and reads `W` where it needs them
-    /// ([`GatedLinear::new`]), always the bias and the gates; never the output.
+    /// [`backward_reads`].
     fn bwd_reads(&self) -> BackwardReads {
         BackwardReads {
-            args: [self.reads_h, self.reads_w, true],
+            args: self.reads,
             res: false,
         }
     }
@@ -367,7 +374,7 @@ fn backward(
             scale_rows(&mut scaled_w, w, gate, false);
         }
         for (k, (start, len)) in dims.blocks(i, activation).enumerate() {
-            // Empty when nothing below reads it (`GatedLinear::new`).
+            // Empty when nothing below reads it ([`backward_reads`]).
             let h = h
                 .get(start * inner..(start + len) * inner)
                 .unwrap_or_default();
