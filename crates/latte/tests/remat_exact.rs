@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use latte::vjp::{vjp, Vjp};
 use latte::weights::{fresh_trainable, frozen, ModelDir};
+use remat::costs::ChainCosts;
 use remat::grads::{self, scheduled_stages};
 use remat::meter::{CpuMeter, NoPhases};
 use remat::planner::{min_feasible_budget, plan};
@@ -55,6 +56,20 @@ fn policies(n: usize) -> Vec<(String, Schedule)> {
     ]
 }
 
+/// The planner's schedules at `intervals + 1` budgets evenly spaced from the smallest
+/// feasible to the store-all peak.
+fn planned(costs: &ChainCosts, n: usize, intervals: u64) -> Vec<(String, Schedule)> {
+    let lowest = min_feasible_budget(costs);
+    let highest = Schedule::store_all(n).simulate(costs).unwrap().peak_bytes;
+    (0..=intervals)
+        .map(|step| {
+            let budget = lowest + (highest - lowest) * step / intervals;
+            let schedule = plan(costs, budget).unwrap().schedule;
+            (format!("budget {budget}: {schedule}"), schedule)
+        })
+        .collect()
+}
+
 #[test]
 fn every_policy_gives_bitwise_identical_gradients_on_a_16_stage_chain() {
     let common::Workload {
@@ -88,19 +103,13 @@ fn every_policy_gives_bitwise_identical_gradients_on_a_16_stage_chain() {
         &CpuMeter,
     )
     .unwrap();
-    let lowest = min_feasible_budget(&costs);
-    let highest = Schedule::store_all(n).simulate(&costs).unwrap().peak_bytes;
-    for step in 0..=4 {
-        let budget = lowest + (highest - lowest) * step / 4;
-        let planned = plan(&costs, budget).unwrap();
-        let label = format!("budget {budget}: {}", planned.schedule);
-        assert_identical(&reference, &run(&planned.schedule), &label);
+    for (label, schedule) in planned(&costs, n, 4) {
+        assert_identical(&reference, &run(&schedule), &label);
     }
 }
 
-/// Guidance: frozen weights, gradients of the latents only. Recomputations right before
-/// their backward skip more here (a temporal self-attention's output projection, whose
-/// gate is a constant), and the latents' gradient stays bitwise that of storing everything.
+/// Guidance: frozen weights, gradients of the latents only (the gated ops' backward reads
+/// less), and the latents' gradient stays bitwise that of storing everything.
 #[test]
 fn every_policy_gives_bitwise_identical_latent_gradients_with_frozen_weights() {
     let common::Workload {
@@ -121,14 +130,7 @@ fn every_policy_gives_bitwise_identical_latent_gradients_with_frozen_weights() {
     let n = scheduled_stages(&chain);
     let reference = run(&Schedule::store_all(n));
     let costs = profile(&chain, &inputs.to_vec(), &wanted, &CpuMeter).unwrap();
-    let lowest = min_feasible_budget(&costs);
-    let planned = (0..=2).map(|step| {
-        let budget = lowest
-            + (Schedule::store_all(n).simulate(&costs).unwrap().peak_bytes - lowest) * step / 2;
-        let schedule = plan(&costs, budget).unwrap().schedule;
-        (format!("budget {budget}: {schedule}"), schedule)
-    });
-    for (label, schedule) in policies(n).into_iter().chain(planned) {
+    for (label, schedule) in policies(n).into_iter().chain(planned(&costs, n, 2)) {
         assert!(reference == run(&schedule), "{label}: grad.hidden_states");
     }
 }
