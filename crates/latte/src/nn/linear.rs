@@ -222,16 +222,21 @@ mod tests {
         Var::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
+    /// `x` `(n, s, inner)`, `W` `(out, inner)`, `b` `(out,)` and a cotangent `(n, s, out)`.
+    fn operands(n: usize, s: usize, inner: usize, out: usize) -> (Var, Var, Var, Tensor) {
+        (
+            var(n * s * inner, 1, &[n, s, inner]),
+            var(out * inner, 2, &[out, inner]),
+            var(out, 3, &[out]),
+            var(n * s * out, 4, &[n, s, out]).as_tensor().detach(),
+        )
+    }
+
     /// The biased product against candle's `matmul` + `broadcast_add`, for every tracked
     /// subset of `x`, `W` and `b`: output, gradients, and which operands get one.
     #[test]
     fn matches_matmul_and_broadcast_add() {
-        let (x, w, b) = (
-            var(2 * 7 * 12, 1, &[2, 7, 12]),
-            var(5 * 12, 2, &[5, 12]),
-            var(5, 3, &[5]),
-        );
-        let cotangent = var(2 * 7 * 5, 4, &[2, 7, 5]).as_tensor().detach();
+        let (x, w, b, cotangent) = operands(2, 7, 12, 5);
         for mask in 1..8u8 {
             let pick = |bit: u8, v: &Var| {
                 if mask & bit != 0 {
@@ -272,12 +277,7 @@ mod tests {
     /// backward never reads the output).
     #[test]
     fn graph_only_gives_zeros_and_the_same_gradients() {
-        let (x, w, b) = (
-            var(3 * 300 * 8, 1, &[3, 300, 8]),
-            var(6 * 8, 2, &[6, 8]),
-            var(6, 3, &[6]),
-        );
-        let cotangent = var(3 * 300 * 6, 4, &[3, 300, 6]).as_tensor().detach();
+        let (x, w, b, cotangent) = operands(3, 300, 8, 6);
         let linear = Linear::from_parts(w.as_tensor().clone(), Some(b.as_tensor().clone()));
         let run = |output| {
             let y = linear.forward_with(x.as_tensor(), output).unwrap();
