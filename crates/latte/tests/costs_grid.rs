@@ -18,6 +18,14 @@ use remat::schedule::Schedule;
 
 remat::install_counting_allocator!();
 
+/// How much more than predicted a whole-step peak may measure beyond the relative
+/// tolerance: memory whose lifetime depends on thread timing, which no schedule decides
+/// (thread-pool bookkeeping, such as the blocks of rayon's job queues, which are freed by
+/// epoch-based reclamation once every thread has moved on). On a 2-core machine the
+/// 248 KiB guide workload below measured 15 or 32 KiB more in 10 runs of 40, and never
+/// more with one thread.
+const THREAD_TIMING_SLACK: u64 = 48 << 10;
+
 /// A small model: 2 heads of `head_dim`, `layers` spatial and temporal blocks.
 fn config(layers: usize, head_dim: usize, video_length: usize) -> LatteConfig {
     LatteConfig {
@@ -269,8 +277,10 @@ fn predicted_peaks_match_measured_peaks() {
             format_bytes(measured),
             100.0 * error
         );
+        let over_by_thread_timing =
+            measured > predicted && measured - predicted <= THREAD_TIMING_SLACK;
         assert!(
-            error.abs() <= 0.10,
+            error.abs() <= 0.10 || over_by_thread_timing,
             "{label}: predicted {predicted} vs measured {measured}"
         );
     }
