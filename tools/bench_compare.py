@@ -223,18 +223,21 @@ def median_or_none(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def min_or_none(values: list[float | None]) -> float | None:
+    return min((v for v in values if v is not None), default=None)
+
+
 def fastest_ratio(results: Results, c: Comparison) -> float | None:
     """For a time row, each side's fastest timed step over all rounds, divided. Other load on
     the machine only ever adds time, so the fastest steps are the two sides' least disturbed
     ones; shown next to the ratio of medians, which is what the targets are judged on."""
     if c.metric != "step_s_median":
         return None
-    rounds = rounds_done(results)
-    fastest = []
-    for side, setup in (("latte", c.latte), ("torch", c.torch)):
-        steps = side_values(results, rounds, Config(side, c.mode, setup), "step_s_min")
-        fastest.append(min((v for v in steps if v is not None), default=None))
-    return ratio(*fastest)
+    latte, torch = (
+        min_or_none(side_values(results, rounds_done(results), Config(side, c.mode, setup), "step_s_min"))
+        for side, setup in (("latte", c.latte), ("torch", c.torch))
+    )
+    return ratio(latte, torch)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -287,10 +290,11 @@ def ratio_table(results: Results, args: argparse.Namespace) -> list[str]:
             latte_median, torch_median = median_or_none(latte), median_or_none(torch)
             overall = ratio(latte_median, torch_median)
             rounds = ", ".join(fmt_ratio(ratio(a, b)) for a, b in zip(latte, torch))
+            fastest = fmt_ratio(fastest_ratio(results, c))
             latte_cell = fmt_value(latte_median, c.metric) if latte_median is not None else "failed"
             lines.append(
                 f"| {mode} | {c.label} | {latte_cell} | {fmt_value(torch_median, c.metric)} | "
-                f"{fmt_ratio(overall)} | {rounds} | {fmt_ratio(fastest_ratio(results, c))} | {fmt_target(c)} | "
+                f"{fmt_ratio(overall)} | {rounds} | {fastest} | {fmt_target(c)} | "
                 f"{verdict(overall, c, latte_median is None)} |"
             )
     return lines
