@@ -143,6 +143,15 @@ impl Precision {
             Precision::Bf16 => DType::BF16,
         }
     }
+
+    /// The library's precision.
+    pub fn training(self) -> latte::train::Precision {
+        match self {
+            Precision::F32 => latte::train::Precision::F32,
+            Precision::F16 => latte::train::Precision::F16,
+            Precision::Bf16 => latte::train::Precision::Bf16,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -111,18 +111,19 @@ fn impossible_requests_are_errors_that_name_the_fix() {
         args.extend_from_slice(extra);
         args
     };
-    // Weights 58.8 MiB + AdamW state 117.7 MiB do not fit 100 MiB.
+    // Weights 58.8 MiB + AdamW moments 117.7 MiB + EMA 58.8 MiB do not fit 100 MiB.
     assert_fails(
         &with(&["--budget", "100MiB"]),
         &[
             "below the weights",
-            "optimizer state",
+            "optimizer moments 117.7 MiB",
+            "EMA 58.8 MiB",
             "smallest feasible budget",
         ],
     );
-    // Above weights and optimizer state, below anything the planner can do.
+    // Above weights, optimizer state and EMA, below anything the planner can do.
     assert_fails(
-        &with(&["--budget", "200MiB"]),
+        &with(&["--budget", "300MiB"]),
         &["no configuration fits", "smallest feasible budget"],
     );
     assert_fails(

@@ -107,6 +107,15 @@ pub enum Kernels {
 }
 
 impl Kernels {
+    /// The kernels `device` runs.
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Kernels::Fused
+        } else {
+            Kernels::Composed
+        }
+    }
+
     /// The kernels a device runs, from its command-line name (`cpu`, `cuda`, `cuda:1`).
     pub fn for_device_name(device: &str) -> Self {
         if device == "cpu" {
@@ -405,6 +414,20 @@ pub fn analytic_costs(
     kernels: Kernels,
     throughput: &Throughput,
 ) -> Result<LatteCosts, CostsError> {
+    analytic_chain_costs(config, geometry, dtype, mode, kernels, throughput, true)
+}
+
+/// [`analytic_costs`] of the chain with temporal attention on or off
+/// (`Latte::chain(temporal)`; off, the chain holds the spatial blocks only).
+pub fn analytic_chain_costs(
+    config: &LatteConfig,
+    geometry: &InputGeometry,
+    dtype: DType,
+    mode: Mode,
+    kernels: Kernels,
+    throughput: &Throughput,
+    temporal: bool,
+) -> Result<LatteCosts, CostsError> {
     check_geometry(config, geometry)?;
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(CostsError::Unsupported(format!(
@@ -412,7 +435,7 @@ pub fn analytic_costs(
         )));
     }
     let memory = static_memory(config, geometry, dtype, mode)?;
-    let replay = replay::Replay::new(config, geometry, dtype, mode, kernels);
+    let replay = replay::Replay::new(config, geometry, dtype, mode, kernels, temporal);
     let (stages, work, output_bytes, reserved_bytes) = replay.run()?;
     let stages = stages
         .into_iter()
@@ -423,7 +446,8 @@ pub fn analytic_costs(
         })
         .collect();
     // Blocks begin at every attention half and at the tail (`LatteChain::starts_block`).
-    let block_starts = (0..=4 * config.num_layers).step_by(2).collect();
+    let blocks = if temporal { 2 } else { 1 } * config.num_layers;
+    let block_starts = (0..=2 * blocks).step_by(2).collect();
     Ok(LatteCosts {
         chain: ChainCosts::new(stages, output_bytes, reserved_bytes)
             .with_block_starts(block_starts),
@@ -2057,6 +2081,8 @@ mod replay {
         dtype: DType,
         mode: Mode,
         kernels: Kernels,
+        /// Temporal attention on: blocks alternate spatial and temporal.
+        temporal: bool,
     }
 
     /// The head's results as `remat::grads::run_head` keeps them.
@@ -2082,6 +2108,7 @@ mod replay {
             dtype: DType,
             mode: Mode,
             kernels: Kernels,
+            temporal: bool,
         ) -> Self {
             Self {
                 meter: Rc::new(Meter::new(kernels)),
@@ -2090,6 +2117,7 @@ mod replay {
                 dtype,
                 mode,
                 kernels,
+                temporal,
             }
         }
 
@@ -2152,8 +2180,9 @@ mod replay {
             let proj_out = self.linear(d, p * p * self.config.out_channels, true);
 
             // Each block runs as two stages, its attention and its feed-forward half, and
-            // blocks alternate spatial and temporal (`LatteChain`).
-            let halves = 4 * layers;
+            // blocks alternate spatial and temporal (`LatteChain`) when temporal attention
+            // is on.
+            let halves = if self.temporal { 4 } else { 2 } * layers;
             let mut x = head.tokens.detach();
             let mut stages = Vec::with_capacity(halves + 1);
             let mut work = Vec::with_capacity(halves + 1);
@@ -2161,7 +2190,11 @@ mod replay {
             let mut param_grads = Grads::default();
             for i in 0..=halves {
                 let (block, attention_half) = (i / 2, i.is_multiple_of(2));
-                let (layer, temporal) = (block / 2, block % 2 == 1);
+                let (layer, temporal) = if self.temporal {
+                    (block / 2, block % 2 == 1)
+                } else {
+                    (block, false)
+                };
                 // `values: false` is `ChainModel::stage_graph_only`.
                 let run = |input: &V, values: bool| -> V {
                     if i == halves {

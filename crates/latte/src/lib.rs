@@ -11,6 +11,8 @@
 //! - [`diffusion`]: the noise schedule and the training loss; [`optim`]: AdamW, clipping,
 //!   loss scaling, EMA; [`data`]: synthetic videos and pre-encoded clips; [`train`]: the
 //!   training loop under a memory plan, with exact resume.
+//! - [`plan`]: one account of a step's memory and the choice of precision, batch and
+//!   checkpoint schedule for a budget, shared by every command.
 //! - [`scheduler`]: diffusers-compatible DDIM and DDPM samplers; [`guide`]: objectives on
 //!   the predicted clean video; [`sampling`]: guided, memory-planned text-to-video sampling.
 //! - [`pipeline`]: a diffusers LattePipeline directory; [`text_encoder`] (tokenizer and
@@ -27,6 +29,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod pipeline;
+pub mod plan;
 pub mod random;
 pub mod sampling;
 pub mod scheduler;

@@ -39,14 +39,15 @@
 //! arXiv 2209.14687), the step is normalised by the objective rather than tuned per
 //! timestep.
 
+use crate::config::{InputGeometry, LatteConfig};
+use crate::costs::Kernels;
 use crate::guide::{value_and_grad, Objective};
 use crate::model::{Latte, LatteInputs};
+use crate::plan::{Task, Workload};
 use crate::random::{randn, rng_for};
 use crate::scheduler::{epsilon_channels, Ddim, DdimConfig};
 use candle_core::{DType, Result, Tensor};
-use remat::meter::{MemoryMeter, PhaseSink, PhaseSinkExt};
-use remat::policy::Policy;
-use remat::profile::{resolve_policy, ResolveError, ResolvedPlan};
+use remat::meter::{PhaseSink, PhaseSinkExt};
 use remat::schedule::Schedule;
 use std::ops::Range;
 
@@ -90,7 +91,7 @@ pub struct Guidance<'a> {
     pub scale: f64,
     /// Step indices where guidance applies.
     pub steps: Range<usize>,
-    /// The memory plan for the backward pass (see [`plan_guidance`]).
+    /// The memory plan for the backward pass (see [`guide_workload`] and [`crate::plan::plan_run`]).
     pub schedule: &'a Schedule,
 }
 
@@ -139,31 +140,32 @@ fn combine(output: &Tensor, in_channels: usize, guidance_scale: f64) -> Result<T
     &u + ((c - &u)? * guidance_scale)?
 }
 
-/// The timestep the guided step is profiled at (costs do not depend on it).
-const PROFILE_TIMESTEP: usize = 500;
-
-/// Resolves the memory plan of the guided step once: `budget:` profiles the chain on the
-/// CFG batch with gradients for the latents only.
-#[allow(clippy::too_many_arguments)]
-pub fn plan_guidance(
-    policy: &Policy,
-    model: &Latte,
-    latents: &Tensor,
-    negative: &Tensor,
-    positive: &Tensor,
+/// The workload of a guided step for [`crate::plan`]: one video of `frames` ×
+/// `height` × `width` latents, captions of `caption_tokens` tokens, classifier-free
+/// guidance when `guidance_scale` > 1.
+pub fn guide_workload(
+    config: &LatteConfig,
+    (frames, height, width): (usize, usize, usize),
+    caption_tokens: usize,
     guidance_scale: f64,
     temporal: bool,
-    meter: &dyn MemoryMeter,
-) -> std::result::Result<ResolvedPlan, ResolveError> {
-    let captions = caption_batch(negative, positive, guidance_scale > 1.0)?;
-    let inputs = batch_inputs(latents, PROFILE_TIMESTEP, &captions)?;
-    resolve_policy(
-        policy,
-        &model.chain(temporal),
-        &inputs.to_vec(),
-        &[true, false, false],
-        meter,
-    )
+    device: &candle_core::Device,
+) -> Workload {
+    Workload {
+        config: config.clone(),
+        geometry: InputGeometry {
+            batch: 1,
+            frames,
+            height,
+            width,
+            caption_tokens,
+        },
+        task: Task::Guide {
+            cfg: guidance_scale > 1.0,
+        },
+        kernels: Kernels::for_device(device),
+        temporal,
+    }
 }
 
 /// One guided evaluation at `x_t`: ε̂ (CFG-combined), the objective on x̂₀ and

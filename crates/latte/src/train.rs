@@ -16,10 +16,11 @@
 //! order a function of `(seed, position)`, a run resumed from a checkpoint continues
 //! bitwise as if it had never stopped (CPU f32).
 //!
-//! With [`MemoryPlan::Budget`], the budget covers the whole step: weights, optimiser
-//! state (Adam moments, f32 master weights) and the EMA are subtracted first, then the
-//! f32 gradient buffer and the step's own inputs and loss, and the remaining bytes are
-//! given to the checkpoint planner, whose costs already include the parameter gradients.
+//! The memory plan comes from [`crate::plan`], the account every command shares: with
+//! [`MemoryPlan::Budget`], the budget covers the whole step — weights, optimiser state
+//! (Adam moments, f32 master weights), the EMA, the f32 gradient sums, the batch, the
+//! loss and the chain — and the run takes the row `latte plan` chooses for the same
+//! settings (see [`train_workload`]).
 //!
 //! # Checkpoints
 //!
@@ -31,7 +32,8 @@
 //! `<out>/latest` names the newest. Every step appends one JSON object ([`StepReport`]) to
 //! `<out>/metrics.jsonl`.
 
-use crate::config::{LatteConfig, LatteConfigFile};
+use crate::config::{InputGeometry, LatteConfig, LatteConfigFile};
+use crate::costs::Kernels;
 use crate::data::shards::ShardDirectory;
 use crate::data::synthetic::SyntheticVideos;
 use crate::data::{Batch, ClipShape, DataError, Dataset, Loader};
@@ -42,15 +44,16 @@ use crate::optim::{
     clip_grad_norm, global_grad_norm, sorted_params, warmup_lr, AdamW, AdamWConfig, Ema,
     GradAccumulator, LossScaler,
 };
+use crate::plan::{
+    plan_run, AnalyticCosts, Candidate, PlanningError, RunMemory, Setting, Task, Workload,
+};
 use crate::random::{normal_values, rng_for};
 use crate::weights::{trainable_from, ModelDir, WeightsError};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::Rng;
-use remat::meter::{format_bytes, meter_for, MemoryMeter, Recorder};
-use remat::planner::PlanError;
+use remat::meter::{meter_for, MemoryMeter, Recorder};
 use remat::policy::Policy;
-use remat::profile::{resolve_policy, ResolveError, ResolvedPlan};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -90,43 +93,10 @@ pub enum TrainError {
     /// The output directory cannot be written.
     #[error("cannot write to output directory {path}: {cause}")]
     Output { path: String, cause: std::io::Error },
-    /// The budget does not even hold the weights and the optimiser state.
-    #[error(
-        "memory budget {} is below what the weights and optimizer state alone need: \
-         weights {} + optimizer state {} ({}) + EMA {} = {}",
-        format_bytes(*budget_bytes),
-        format_bytes(*weights_bytes),
-        format_bytes(*optimizer_bytes),
-        optimizer_parts,
-        format_bytes(*ema_bytes),
-        format_bytes(weights_bytes + optimizer_bytes + ema_bytes)
-    )]
-    BudgetBelowState {
-        budget_bytes: u64,
-        weights_bytes: u64,
-        optimizer_bytes: u64,
-        optimizer_parts: &'static str,
-        ema_bytes: u64,
-    },
-    /// What the budget leaves for activations fits no schedule.
-    #[error(
-        "memory budget {} leaves {} for activations after weights, optimizer state, EMA, \
-         gradient buffer and step inputs ({} in all), but the smallest schedule needs {}: \
-         use a budget of at least {}",
-        format_bytes(*budget_bytes),
-        format_bytes(budget_bytes.saturating_sub(*fixed_bytes)),
-        format_bytes(*fixed_bytes),
-        format_bytes(*min_chain_bytes),
-        format_bytes(fixed_bytes + min_chain_bytes)
-    )]
-    BudgetInfeasible {
-        budget_bytes: u64,
-        fixed_bytes: u64,
-        min_chain_bytes: u64,
-    },
-    /// Planning the checkpoint schedule failed.
-    #[error("cannot plan the checkpoint schedule: {0}")]
-    Plan(#[from] ResolveError),
+    /// The memory plan cannot be made (the budget does not fit, or the workload cannot
+    /// be costed).
+    #[error("memory plan: {0}")]
+    Memory(#[from] PlanningError),
     /// The loss is NaN or infinite; the weights were not updated.
     #[error(
         "non-finite loss ({loss}) at step {step} (samples: {samples}); training stopped \
@@ -172,6 +142,15 @@ impl Precision {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
             Precision::F16 => DType::F16,
+        }
+    }
+
+    /// The lower-case name: `f32`, `bf16` or `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
 
@@ -343,7 +322,7 @@ impl DataSource {
     }
 
     /// Batches the loader reads ahead on a background thread for this source.
-    fn prefetch(&self) -> usize {
+    pub fn prefetch(&self) -> usize {
         match self {
             DataSource::Synthetic(_) => 0,
             DataSource::Shards(_) => PREFETCH_BATCHES,
@@ -395,38 +374,13 @@ pub struct StepReport {
     pub skipped: bool,
     /// Peak bytes allocated during the step above what was live at its start.
     pub step_peak_bytes: u64,
-    /// Bytes of weights, optimiser state and EMA (live across steps).
+    /// Bytes of weights, optimiser state and EMA (live across steps), as the memory
+    /// account counts them.
     pub resident_bytes: u64,
     /// Wall-clock seconds of the step.
     pub step_s: f64,
     /// Clips drawn so far.
     pub samples_seen: u64,
-}
-
-/// How the memory of a step is accounted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct MemoryAccount {
-    /// Model weights in the compute dtype.
-    pub weights_bytes: u64,
-    /// Adam moments and f32 master weights.
-    pub optimizer_bytes: u64,
-    /// EMA weights (f32).
-    pub ema_bytes: u64,
-    /// The f32 gradient buffer, when distinct from the backward's own gradients.
-    pub grad_buffer_bytes: u64,
-    /// A step's inputs, loss and prefetched data, measured once.
-    pub step_overhead_bytes: u64,
-    /// What the checkpoint planner was given (budget plans only).
-    pub chain_budget_bytes: Option<u64>,
-    /// The planner's predicted peak for the forward/backward (budget policies only).
-    pub predicted_chain_peak_bytes: Option<u64>,
-}
-
-impl MemoryAccount {
-    /// Bytes live across steps: weights, optimiser state, EMA.
-    pub fn resident_bytes(&self) -> u64 {
-        self.weights_bytes + self.optimizer_bytes + self.ema_bytes
-    }
 }
 
 /// How a call to [`Trainer::run`] ended.
@@ -436,6 +390,33 @@ pub enum RunOutcome {
     Finished { step: u64, checkpoint: PathBuf },
     /// The callback asked to stop; the checkpoint written then.
     Interrupted { step: u64, checkpoint: PathBuf },
+}
+
+/// The workload of a training run for [`crate::plan`]: the model, one clip's geometry,
+/// the micro-batches per step, the loader's prefetch and the device's kernels.
+pub fn train_workload(
+    model_config: &LatteConfig,
+    config: &TrainConfig,
+    data: &DataSource,
+    shape: ClipShape,
+    device: &Device,
+) -> Workload {
+    Workload {
+        config: model_config.clone(),
+        geometry: InputGeometry {
+            batch: 1,
+            frames: shape.frames,
+            height: shape.height,
+            width: shape.width,
+            caption_tokens: shape.caption_tokens,
+        },
+        task: Task::Train {
+            grad_accum: config.grad_accum,
+            prefetch_batches: data.prefetch(),
+        },
+        kernels: Kernels::for_device(device),
+        temporal: config.temporal,
+    }
 }
 
 /// The DDIM configuration that samples what [`Trainer`] trains, written to every
@@ -464,8 +445,8 @@ pub struct Trainer {
     ema: Ema,
     scaler: LossScaler,
     noise_schedule: NoiseSchedule,
-    plan: ResolvedPlan,
-    memory: MemoryAccount,
+    /// The memory plan: the account and the schedule every micro-batch runs.
+    plan: Candidate,
     data: DataSource,
     loader: Loader,
     device: Device,
@@ -715,7 +696,27 @@ impl Trainer {
         }
 
         let dataset = data.open(&model_config, config.temporal, config.seed)?;
-        // Only now that the model and the data are good is the metrics file touched.
+        let workload = train_workload(&model_config, &config, &data, dataset.shape(), device);
+        let plan = plan_run(
+            &workload,
+            Setting {
+                precision: config.precision,
+                batch: config.batch_size,
+            },
+            match config.memory {
+                MemoryPlan::Checkpoint(policy) => RunMemory::Policy(policy),
+                MemoryPlan::Budget(bytes) => RunMemory::Budget(bytes),
+            },
+            &AnalyticCosts,
+        )?;
+        tracing::info!(
+            policy = plan.policy,
+            schedule_ops = plan.schedule.len(),
+            predicted_peak = plan.total_peak_bytes,
+            "memory planned"
+        );
+        // Only now that the model, the data and the plan are good is the metrics file
+        // touched.
         let metrics = open_metrics(out_dir, steps_done, resumed.is_some())?;
         let loader = Loader::new(
             dataset.clone(),
@@ -724,7 +725,7 @@ impl Trainer {
             samples_seen,
             data.prefetch(),
         );
-        let mut trainer = Self {
+        let trainer = Self {
             model_config,
             config_file,
             model,
@@ -734,12 +735,7 @@ impl Trainer {
             ema,
             scaler,
             noise_schedule: NoiseSchedule::latte(),
-            plan: ResolvedPlan {
-                schedule: remat::schedule::Schedule::new(Vec::new()),
-                predicted_peak_bytes: None,
-                costs: None,
-            },
-            memory: MemoryAccount::default(),
+            plan,
             data,
             loader,
             device: device.clone(),
@@ -750,94 +746,16 @@ impl Trainer {
             last_checkpoint,
             config,
         };
-        trainer.plan_memory(dataset.as_ref())?;
+        trainer.check_data_fits(dataset.as_ref())?;
         Ok(trainer)
     }
 
-    /// Accounts the resident memory and resolves the checkpoint schedule.
-    fn plan_memory(&mut self, dataset: &dyn Dataset) -> Result<(), TrainError> {
-        let precision = self.config.precision;
-        let weights_bytes = self.optimizer.weight_bytes();
-        let grad_buffer_bytes = if self.config.grad_accum > 1 || precision != Precision::F32 {
-            self.optimizer.num_scalars() as u64 * 4
-        } else {
-            0
-        };
-        self.memory = MemoryAccount {
-            weights_bytes,
-            optimizer_bytes: self.optimizer.state_bytes(),
-            ema_bytes: self.ema.bytes(),
-            grad_buffer_bytes,
-            ..MemoryAccount::default()
-        };
+    /// Checks that the data's batches fit the model.
+    fn check_data_fits(&self, dataset: &dyn Dataset) -> Result<(), TrainError> {
         let example = self.example_batch(dataset.shape());
         let prepared = self.prepare(&example, 0, 0)?;
         self.model
             .check_inputs(&prepared.inputs, self.config.temporal)?;
-        let inputs = prepared.inputs.to_vec();
-        drop(prepared);
-        let chain = self.model.chain(self.config.temporal);
-        let policy = match self.config.memory {
-            MemoryPlan::Checkpoint(policy) => policy,
-            MemoryPlan::Budget(budget_bytes) => {
-                let resident = self.memory.resident_bytes();
-                if budget_bytes < resident {
-                    return Err(TrainError::BudgetBelowState {
-                        budget_bytes,
-                        weights_bytes,
-                        optimizer_bytes: self.memory.optimizer_bytes,
-                        optimizer_parts: if precision.uses_master_weights() {
-                            "Adam moments and f32 master weights"
-                        } else {
-                            "Adam moments"
-                        },
-                        ema_bytes: self.memory.ema_bytes,
-                    });
-                }
-                if !self.meter.is_measuring() {
-                    return Err(TrainError::Config(
-                        "a memory budget needs the counting allocator to measure the model \
-                         (remat::install_counting_allocator!() in the binary)"
-                            .into(),
-                    ));
-                }
-                self.memory.step_overhead_bytes = self.measure_step_overhead(&example)?;
-                let fixed_bytes =
-                    resident + self.memory.grad_buffer_bytes + self.memory.step_overhead_bytes;
-                let chain_budget = budget_bytes.saturating_sub(fixed_bytes);
-                self.memory.chain_budget_bytes = Some(chain_budget);
-                Policy::Budget(chain_budget)
-            }
-        };
-        let plan = resolve_policy(
-            &policy,
-            &chain,
-            &inputs,
-            &[false, false, false],
-            self.meter.as_ref(),
-        );
-        let plan = match (plan, self.config.memory) {
-            (
-                Err(ResolveError::Plan(PlanError::Infeasible { min_bytes, .. })),
-                MemoryPlan::Budget(budget_bytes),
-            ) => {
-                return Err(TrainError::BudgetInfeasible {
-                    budget_bytes,
-                    fixed_bytes: self.memory.resident_bytes()
-                        + self.memory.grad_buffer_bytes
-                        + self.memory.step_overhead_bytes,
-                    min_chain_bytes: min_bytes,
-                })
-            }
-            (plan, _) => plan?,
-        };
-        self.memory.predicted_chain_peak_bytes = plan.predicted_peak_bytes;
-        tracing::info!(
-            schedule_ops = plan.schedule.len(),
-            predicted_peak = plan.predicted_peak_bytes,
-            "checkpoint schedule resolved"
-        );
-        self.plan = plan;
         Ok(())
     }
 
@@ -852,28 +770,6 @@ impl Trainer {
             labels: vec![String::new(); b],
             position: 0,
         }
-    }
-
-    /// Peak bytes of preparing a micro-batch and evaluating the loss on an output, plus
-    /// what the background loader holds.
-    fn measure_step_overhead(&self, example: &Batch) -> Result<u64, TrainError> {
-        let recorder = Recorder::start(self.meter.clone());
-        {
-            let prepared = self.prepare(example, 0, 0)?;
-            let mut dims = prepared.x0.dims().to_vec();
-            dims[1] = self.model_config.out_channels;
-            let output = Tensor::zeros(dims, self.config.precision.dtype(), &self.device)?;
-            let loss = self.noise_schedule.training_loss(
-                &output,
-                &prepared.target(),
-                self.scaler.scale,
-            )?;
-            let _cast = loss.grad_output.to_dtype(self.config.precision.dtype())?;
-        }
-        let measured = recorder.finish().peak_bytes;
-        let batch_bytes = (example.videos.len() + example.captions.len()) as u64 * 4
-            + example.mask.as_ref().map_or(0, |m| m.len() as u64 * 4);
-        Ok(measured + self.data.prefetch() as u64 * 2 * batch_bytes)
     }
 
     /// Tensors for micro-batch `micro` of step `step`: timesteps, noise and caption
@@ -1014,7 +910,7 @@ impl Trainer {
             loss_scale,
             skipped: !stepped,
             step_peak_bytes: memory.peak_bytes,
-            resident_bytes: self.memory.resident_bytes(),
+            resident_bytes: self.plan.account.resident_bytes(),
             step_s: started.elapsed().as_secs_f64(),
             samples_seen: self.loader.position(),
         };
@@ -1168,13 +1064,9 @@ impl Trainer {
         self.ema.weights()
     }
 
-    /// The memory accounting of a step.
-    pub fn memory(&self) -> &MemoryAccount {
-        &self.memory
-    }
-
-    /// The resolved checkpoint schedule.
-    pub fn plan(&self) -> &ResolvedPlan {
+    /// The memory plan of a step: its account, policy, schedule and predicted peak (the
+    /// row `latte plan` prints for the same settings).
+    pub fn plan(&self) -> &Candidate {
         &self.plan
     }
 

@@ -4,7 +4,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use latte::guide::parse_objective;
-use latte::sampling::{initial_noise, plan_guidance, sample, Guidance, SampleOptions};
+use latte::plan::{plan_run, AnalyticCosts, RunMemory, Setting};
+use latte::sampling::{guide_workload, initial_noise, sample, Guidance, SampleOptions};
+use latte::train::Precision;
 use latte::weights::{fresh_trainable, frozen};
 use remat::meter::{format_bytes, CpuMeter, Recorder};
 use remat::policy::Policy;
@@ -30,15 +32,16 @@ fn guided_sampling_fits_a_budget_with_identical_latents() {
     };
     let objective = parse_objective("smooth", noise.dims(), &dev).unwrap();
     let run = |policy: &Policy| -> (Tensor, u64) {
-        let plan = plan_guidance(
-            policy,
-            &model,
-            &noise,
-            &negative,
-            &positive,
-            options.guidance_scale,
-            true,
-            &CpuMeter,
+        let workload = guide_workload(&config, (16, 8, 8), 5, options.guidance_scale, true, &dev);
+        let setting = Setting {
+            precision: Precision::F32,
+            batch: 1,
+        };
+        let plan = plan_run(
+            &workload,
+            setting,
+            RunMemory::Policy(*policy),
+            &AnalyticCosts,
         )
         .unwrap();
         let guidance = Guidance {

@@ -86,19 +86,15 @@ fn budget_at_40_percent_trains_identically_within_the_budget() {
     let none_peak = total_peak(&none);
     let budget = none_peak * 2 / 5;
     let (planned, planned_weights, trainer) = train(MemoryPlan::Budget(budget), "planned");
-    let m = trainer.memory();
+    let plan = trainer.plan();
     eprintln!(
-        "none: peak {}; budget {}: weights {} + optimizer {} + EMA {} + gradient buffer {} + \
-         step overhead {}, planner {} (predicted {}), measured peak {}",
+        "none: peak {}; budget {}: policy {}, predicted {} ({} + chain {}), measured peak {}",
         format_bytes(none_peak),
         format_bytes(budget),
-        format_bytes(m.weights_bytes),
-        format_bytes(m.optimizer_bytes),
-        format_bytes(m.ema_bytes),
-        format_bytes(m.grad_buffer_bytes),
-        format_bytes(m.step_overhead_bytes),
-        format_bytes(m.chain_budget_bytes.unwrap_or(0)),
-        format_bytes(m.predicted_chain_peak_bytes.unwrap_or(0)),
+        plan.policy,
+        format_bytes(plan.total_peak_bytes),
+        latte::plan::describe_parts(&plan.account.parts()),
+        format_bytes(plan.chain_peak_bytes),
         format_bytes(total_peak(&planned)),
     );
     for r in &planned {

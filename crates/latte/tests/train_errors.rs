@@ -282,11 +282,12 @@ fn budget_below_weights_and_optimizer_state() {
     assert_contains(
         &message,
         &[
-            "memory budget",
-            "is below what the weights and optimizer state alone need",
+            "memory plan: budget",
+            "is below the weights and optimizer state held across steps",
             "weights",
-            "Adam moments",
+            "optimizer moments",
             "EMA",
+            "smallest feasible budget",
         ],
     );
     std::fs::remove_dir_all(dir).unwrap();

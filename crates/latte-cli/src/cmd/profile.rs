@@ -6,7 +6,7 @@
 //! Memory is plotted for the whole process: what was live before the first step (weights,
 //! inputs, optimizer state in train mode) plus the recorder's readings above it.
 
-use crate::cmd::plan::{make_plan, random_inputs, Candidate, PlanOutcome, PlanRequest, Workload};
+use crate::cmd::plan::{make_plan, PlanOutcome, PlanRequest, RequestWorkload};
 use crate::cmd::video_out::png_bytes;
 use crate::options::GlobalOptions;
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,6 +15,8 @@ use clap::Args as ClapArgs;
 use latte::costs::Mode;
 use latte::io::write_atomically;
 use latte::optim::{sorted_params, AdamW, AdamWConfig};
+use latte::plan::measured::random_inputs;
+use latte::plan::Candidate;
 use latte::weights::{fresh_trainable, frozen};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -66,28 +68,26 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let (workload, outcome) = make_plan(&args.request, global)?;
+    let (request_workload, outcome) = make_plan(&args.request, global)?;
+    let request_workload = &request_workload;
     let Some(chosen) = outcome.chosen() else {
         bail!(
             "no configuration fits the budget {}: the smallest feasible budget is {}",
-            format_bytes(outcome.budget_bytes),
-            format_bytes(outcome.smallest_feasible_bytes)
+            format_bytes(outcome.plan.budget_bytes),
+            format_bytes(outcome.plan.smallest_feasible_bytes)
         );
     };
     let device = global.device()?;
     let meter = remat::meter::meter_for(&device)?;
-    let dtype = match chosen.precision {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    };
+    let dtype = chosen.precision.dtype();
+    let workload = &request_workload.workload;
     println!(
-        "{}\n{}\nrunning {} step(s) of {} in {} at batch {} ({} costs predicted a peak of {})",
+        "{}\n{}\nrunning {} step(s) of policy {} in {} at batch {} ({} costs predicted a peak of {})",
         outcome.model,
         outcome.workload,
         args.steps,
         chosen.policy,
-        chosen.precision,
+        chosen.precision.name(),
         chosen.effective_batch,
         chosen.costs,
         format_bytes(chosen.total_peak_bytes)
@@ -95,7 +95,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
 
     // Weights, inputs and (train) optimizer state exist before the recording starts.
     let (model, varmap) = fresh_trainable(&workload.config, global.seed, dtype, &device)?;
-    let (model, optimizer) = match workload.mode {
+    let (model, optimizer) = match workload.task.mode() {
         Mode::Train => {
             let params = sorted_params(&varmap)?;
             let master: Option<Vec<_>> = if dtype == DType::F32 {
@@ -117,8 +117,8 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     };
     let geometry = workload.at_batch(chosen.batch);
     let (inputs, grad) = random_inputs(&workload.config, &geometry, dtype, &device, global.seed)?;
-    let chain = model.chain(true);
-    let wants = workload.mode.wants_input_grad();
+    let chain = model.chain(workload.temporal);
+    let wants = workload.task.mode().wants_input_grad();
 
     let mut recorder = Recorder::start(meter);
     for step in 1..=args.steps {
@@ -141,7 +141,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     let timeline = args.out.join("timeline.json");
     report.write_json(&timeline)?;
     let measured_peak_bytes = report.baseline_bytes + report.peak_bytes;
-    let predicted_activation = chosen.total_peak_bytes - chosen.memory.outside_chain_bytes();
+    let predicted_activation = chosen.chain_peak_bytes;
     let summary = Summary {
         plan: &outcome,
         chosen,
@@ -159,7 +159,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     )
     .with_context(|| format!("cannot write {}", summary_path.display()))?;
 
-    let plot = PlotData::new(&workload, &outcome, chosen, &report);
+    let plot = PlotData::new(request_workload, &outcome, chosen, &report);
     let svg = args.out.join("profile.svg");
     let png = args.out.join("profile.png");
     write_svg(&plot, &svg)?;
@@ -167,7 +167,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     let error = 100.0 * (predicted_activation as f64 - report.peak_bytes as f64)
         / report.peak_bytes.max(1) as f64;
     println!(
-        "measured peak {} (above weights/inputs/optimizer: {}), predicted {} ({}; {error:+.1} %)",
+        "measured peak {} (chain, above weights/inputs/optimizer: {}), predicted {} (chain {}; {error:+.1} %)",
         format_bytes(measured_peak_bytes),
         format_bytes(report.peak_bytes),
         format_bytes(chosen.total_peak_bytes),
@@ -248,7 +248,7 @@ struct PlotData {
 
 impl PlotData {
     fn new(
-        workload: &Workload,
+        workload: &RequestWorkload,
         outcome: &PlanOutcome,
         chosen: &Candidate,
         report: &MemoryReport,
@@ -282,8 +282,8 @@ impl PlotData {
         Self {
             title: format!(
                 "{model}: {} {} batch {}, {} — predicted peak {}, measured {} ({error:+.1} %)",
-                workload.mode,
-                chosen.precision,
+                workload.workload.task.mode(),
+                chosen.precision.name(),
                 chosen.effective_batch,
                 chosen.policy,
                 format_bytes(predicted),
@@ -293,7 +293,7 @@ impl PlotData {
             bands,
             phases,
             steps,
-            budget_bytes: outcome.budget_bytes,
+            budget_bytes: outcome.plan.budget_bytes,
             predicted_bytes: predicted,
             measured_bytes: measured,
             duration_s: report.duration_s.max(1e-9),

@@ -15,8 +15,10 @@ use latte::data::ClipShape;
 use latte::guide::parse_objective;
 use latte::model::Latte;
 use latte::pipeline::PipelineDir;
-use latte::sampling::{initial_noise, plan_guidance, sample, Guidance, SampleOptions};
+use latte::plan::{describe_parts, plan_run, AnalyticCosts, RunMemory, Setting};
+use latte::sampling::{guide_workload, initial_noise, sample, Guidance, SampleOptions};
 use latte::scheduler::TimestepSpacing;
+use latte::train::Precision;
 use latte::weights::ModelDir;
 use remat::meter::{format_bytes, meter_for, Recorder};
 use remat::policy::Policy;
@@ -106,8 +108,9 @@ pub struct Args {
     /// Checkpoint policy of the guidance backward: none, every:K, sqrt, budget:SIZE.
     #[arg(long, value_name = "POLICY", conflicts_with = "budget")]
     checkpoint: Option<Policy>,
-    /// Memory budget of the guidance backward (same as --checkpoint budget:SIZE), or
-    /// `auto`: the device's available memory once the model is loaded, minus 10 %.
+    /// Memory budget of a guided step — weights, latents, captions, guidance tensors and
+    /// the backward's activations — as `latte plan --mode guide` accounts it, or `auto`:
+    /// the device's available memory once the model is loaded, minus 10 %.
     #[arg(long, value_name = "SIZE|auto", value_parser = parse_budget)]
     budget: Option<BudgetChoice>,
     /// Skip the temporal blocks.
@@ -391,8 +394,8 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         None => None,
     };
     let meter = meter_for(&device)?;
-    let policy = match (&args.checkpoint, args.budget) {
-        (Some(p), _) => *p,
+    let memory = match (&args.checkpoint, args.budget) {
+        (Some(p), _) => RunMemory::Policy(*p),
         (None, Some(choice)) => {
             let budget = choice.resolve(|| Ok(meter.as_ref()))?;
             if choice == BudgetChoice::Auto {
@@ -402,36 +405,41 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
                     budget.source
                 );
             }
-            Policy::Budget(budget.bytes)
+            RunMemory::Budget(budget.bytes)
         }
-        (None, None) => Policy::None,
+        (None, None) => RunMemory::Policy(Policy::None),
     };
     let guide_steps = match &args.guide_steps {
         Some(text) => parse_range(text, args.steps)?,
         None => 0..args.steps,
     };
     let plan = match &objective {
-        Some(_) => Some(plan_guidance(
-            &policy,
-            &model,
-            &noise,
-            &negative,
-            &positive,
-            args.guidance_scale,
-            temporal,
-            meter.as_ref(),
-        )?),
+        Some(_) => {
+            let workload = guide_workload(
+                &cfg,
+                (dims.2, dims.3, dims.4),
+                positive.dim(1)?,
+                args.guidance_scale,
+                temporal,
+                &device,
+            );
+            let setting = Setting {
+                precision: Precision::F32,
+                batch: 1,
+            };
+            Some(plan_run(&workload, setting, memory, &AnalyticCosts)?)
+        }
         None => None,
     };
     if let Some(plan) = &plan {
-        print!(
-            "guidance backward: {policy}, schedule of {} ops",
-            plan.schedule.len()
+        println!(
+            "guidance step: policy {}, schedule of {} ops, predicted peak {} ({} + chain {})",
+            plan.policy,
+            plan.schedule.len(),
+            format_bytes(plan.total_peak_bytes),
+            describe_parts(&plan.account.parts()),
+            format_bytes(plan.chain_peak_bytes)
         );
-        match plan.predicted_peak_bytes {
-            Some(p) => println!(", predicted peak {}", format_bytes(p)),
-            None => println!(),
-        }
     }
     let guidance = match (&objective, &plan) {
         (Some(o), Some(plan)) => Some(Guidance {

@@ -10,6 +10,7 @@ use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use latte::config::Preset;
 use latte::data::ClipShape;
+use latte::plan::describe_parts;
 use latte::train::{
     DataSource, MemoryPlan, ModelSource, RunOutcome, StepReport, TrainConfig, Trainer, METRICS_FILE,
 };
@@ -144,11 +145,7 @@ impl Args {
             config.caption_dropout = v;
         }
         if let Some(v) = self.precision {
-            let precision = match v {
-                Precision::F32 => latte::train::Precision::F32,
-                Precision::Bf16 => latte::train::Precision::Bf16,
-                Precision::F16 => latte::train::Precision::F16,
-            };
+            let precision = v.training();
             set("--precision", config.precision != precision);
             config.precision = precision;
         }
@@ -321,7 +318,6 @@ fn new_trainer(
 /// Prints what is trained, on what, and the memory plan.
 fn describe(trainer: &Trainer) {
     let c = trainer.config();
-    let m = trainer.memory();
     let params: usize = latte::optim::sorted_params(trainer.varmap())
         .map(|p| p.iter().map(|(_, v)| v.elem_count()).sum())
         .unwrap_or(0);
@@ -345,23 +341,18 @@ fn describe(trainer: &Trainer) {
         c.ema_decay,
         c.caption_dropout
     );
-    let plan = match c.memory {
-        MemoryPlan::Checkpoint(policy) => format!("checkpoint policy {policy}"),
-        MemoryPlan::Budget(bytes) => format!(
-            "budget {} for the step: {} to the planner",
-            format_bytes(bytes),
-            format_bytes(m.chain_budget_bytes.unwrap_or(0))
-        ),
+    let plan = trainer.plan();
+    let budget = match c.memory {
+        MemoryPlan::Checkpoint(_) => String::new(),
+        MemoryPlan::Budget(bytes) => format!("budget {}; ", format_bytes(bytes)),
     };
     println!(
-        "memory: weights {} + optimizer {} + EMA {}; {plan}; schedule of {} ops{}",
-        format_bytes(m.weights_bytes),
-        format_bytes(m.optimizer_bytes),
-        format_bytes(m.ema_bytes),
-        trainer.plan().schedule.len(),
-        m.predicted_chain_peak_bytes
-            .map(|p| format!(", predicted forward/backward peak {}", format_bytes(p)))
-            .unwrap_or_default()
+        "memory: {budget}policy {} (schedule of {} ops); predicted peak {} = {} + chain {}",
+        plan.policy,
+        plan.schedule.len(),
+        format_bytes(plan.total_peak_bytes),
+        describe_parts(&plan.account.parts()),
+        format_bytes(plan.chain_peak_bytes)
     );
 }
 

@@ -1,0 +1,317 @@
+//! The memory of a step outside the checkpointed chain, part by part, and the whole
+//! step's peak for a chain peak.
+//!
+//! A step's memory is the resident state (weights; in training also AdamW's moments,
+//! f32 master weights below f32 and the f32 EMA), what the step holds beside the chain
+//! (the batch, its tensors, the loss or guidance transient around the model output) and
+//! the chain's own peak (activations, stage gradients and transients, from
+//! [`crate::costs`] or a measurement). After the backward come the phases without the
+//! chain: accumulating the gradients in f32 and the optimiser step. The step's peak is
+//! the largest of those phases ([`MemoryAccount::total_peak_bytes`]).
+//!
+//! Each part below mirrors what the code of [`crate::train`] and [`crate::sampling`]
+//! allocates; `tests/memory_account.rs` measures whole steps against it.
+
+use super::workload::{Setting, Task, Workload};
+use crate::train::Precision;
+use crate::weights::parameter_specs;
+use serde::Serialize;
+
+/// f32 temporaries the size of the largest parameter that AdamW's update holds at once
+/// (the decayed weight, the two new moments, the denominator, the update and its cast).
+const OPTIMIZER_TEMPORARIES: u64 = 6;
+
+/// f32 temporaries the size of one parameter while a micro-batch's gradients are added
+/// to the f32 sums (the converted gradient and the new sum).
+const ACCUMULATE_TEMPORARIES: u64 = 2;
+
+/// Model-output-sized f32 tensors that a guided step holds around the backward:
+/// ε̂, x̂₀, ∂L/∂x̂₀, the upstream gradient v, its weighted copies and the concatenated
+/// upstream gradient, and the input gradient with its sum over the CFG batch.
+const GUIDANCE_OUTPUT_TENSORS: u64 = 8;
+
+/// Heap bytes of one held tensor besides its elements (candle's `Tensor_` and storage
+/// handles, shape and strides), as the counting allocator sees them; with
+/// [`NAMES_BYTES`], calibrated by `tests/memory_account.rs` (241 bytes per weight of a
+/// frozen model on the tiny and small presets).
+const TENSOR_HANDLE_BYTES: u64 = 256;
+
+/// Heap bytes per parameter of the training state's names (the variable map, the
+/// sorted parameter list, the optimiser's and the EMA's entries): 1,694 bytes per
+/// parameter measured for f32 training (four tensors), 1,923 below f32 (five).
+const NAMES_BYTES: u64 = 640;
+
+/// Memory of one step outside the checkpointed chain, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct MemoryAccount {
+    /// Parameters of the model.
+    pub parameter_count: u64,
+    /// Weights in the compute precision.
+    pub weights_bytes: u64,
+    /// f32 master weights (training below f32).
+    pub master_weights_bytes: u64,
+    /// AdamW's two f32 moments (training).
+    pub optimizer_moments_bytes: u64,
+    /// The f32 moving average of the weights (training).
+    pub ema_bytes: u64,
+    /// Handles and names of the tensors held across steps.
+    pub handles_bytes: u64,
+    /// Batches the data loader holds ahead of the step (host memory, f32).
+    pub prefetch_bytes: u64,
+    /// The step's inputs: the batch on the host and its tensors (clean, noisy and noise
+    /// latents, captions, loss mask) in training; the latents and caption batch in
+    /// guidance.
+    pub step_inputs_bytes: u64,
+    /// What is computed from the model output before the backward and still live at the
+    /// forward's end: the loss and its gradient (training), or ε̂, x̂₀ and the objective's
+    /// gradient (guidance).
+    pub output_transient_bytes: u64,
+    /// Parameter gradients in the compute precision (training). The stages' share is
+    /// allocated inside the chain's backward and counted in its peak.
+    pub param_grad_bytes: u64,
+    /// Gradients of the parameters before the chain (patch, timestep and caption
+    /// embeddings), allocated after the chain's backward (training).
+    pub head_param_grad_bytes: u64,
+    /// The f32 gradient sums: a buffer of their own when accumulating micro-batches or
+    /// computing below f32 (training).
+    pub grad_buffer_bytes: u64,
+    /// Whether the buffer holds sums while later micro-batches run through the chain.
+    pub grad_buffer_during_chain: bool,
+    /// Temporaries of accumulating, clipping and AdamW's update (the largest parameter's
+    /// f32 copies).
+    pub update_transient_bytes: u64,
+}
+
+impl MemoryAccount {
+    /// The account of `workload` at `setting`.
+    ///
+    /// # Errors
+    /// When the model's parameters cannot be listed (an invalid configuration).
+    pub fn of(workload: &Workload, setting: Setting) -> candle_core::Result<Self> {
+        let specs = parameter_specs(&workload.config)?;
+        let tensors = specs.len() as u64;
+        let count: u64 = specs.iter().map(|s| s.numel() as u64).sum();
+        let largest = specs.iter().map(|s| s.numel() as u64).max().unwrap_or(0);
+        let head_count: u64 = specs
+            .iter()
+            .filter(|s| is_head_parameter(&s.name))
+            .map(|s| s.numel() as u64)
+            .sum();
+        let elem = setting.precision.dtype().size_in_bytes() as u64;
+        let sizes = Sizes::new(workload, setting.batch);
+        let weights_bytes = count * elem;
+        Ok(match workload.task {
+            Task::Train {
+                grad_accum,
+                prefetch_batches,
+            } => {
+                let low_precision = setting.precision != Precision::F32;
+                let separate_sums = low_precision || grad_accum > 1;
+                // The prepared micro-batch: x₀, ε and x_t in f32, x_t again in the compute
+                // precision below f32, the captions in it, the mask, the timesteps.
+                let prepared = 4 * 3 * sizes.latents
+                    + if low_precision {
+                        elem * sizes.latents
+                    } else {
+                        0
+                    }
+                    + elem * sizes.captions
+                    + 4 * sizes.positions
+                    + 8 * sizes.videos;
+                // The loss (`NoiseSchedule::training_loss`) reads the output, x₀, x_t, ε and
+                // the mask as f64 on the host and writes the gradient in f64 and f32.
+                let loss = 8 * sizes.outputs
+                    + 8 * 3 * sizes.latents
+                    + 8 * sizes.positions
+                    + 8 * sizes.outputs
+                    + 4 * sizes.outputs;
+                MemoryAccount {
+                    parameter_count: count,
+                    weights_bytes,
+                    master_weights_bytes: if low_precision { 4 * count } else { 0 },
+                    optimizer_moments_bytes: 8 * count,
+                    ema_bytes: 4 * count,
+                    // Weights, two moments, EMA (and master weights), and their names.
+                    handles_bytes: tensors
+                        * (TENSOR_HANDLE_BYTES * if low_precision { 5 } else { 4 } + NAMES_BYTES),
+                    prefetch_bytes: prefetch_batches as u64 * sizes.host_batch_bytes(),
+                    step_inputs_bytes: sizes.host_batch_bytes() + prepared,
+                    output_transient_bytes: loss,
+                    param_grad_bytes: count * elem,
+                    head_param_grad_bytes: head_count * elem,
+                    grad_buffer_bytes: if separate_sums { 4 * count } else { 0 },
+                    grad_buffer_during_chain: grad_accum > 1,
+                    update_transient_bytes: 4 * largest * OPTIMIZER_TEMPORARIES,
+                }
+            }
+            Task::Guide { .. } => {
+                // The f32 latents, the negative and positive captions and their batch,
+                // and the latents repeated over the CFG batch.
+                let model_videos = workload.model_batch(setting.batch) as u64;
+                let per_video_latents = sizes.latents / sizes.videos;
+                let caption_batch = elem * sizes.model_captions;
+                let inputs = 4 * sizes.latents
+                    + caption_batch
+                    + if model_videos > 1 {
+                        caption_batch + 4 * per_video_latents * model_videos
+                    } else {
+                        0
+                    };
+                let per_video_outputs = sizes.outputs / sizes.videos;
+                MemoryAccount {
+                    parameter_count: count,
+                    weights_bytes,
+                    handles_bytes: tensors * TENSOR_HANDLE_BYTES,
+                    step_inputs_bytes: inputs,
+                    output_transient_bytes: 4
+                        * GUIDANCE_OUTPUT_TENSORS
+                        * per_video_outputs
+                        * model_videos,
+                    ..MemoryAccount::default()
+                }
+            }
+        })
+    }
+
+    /// Bytes live across steps: weights, master weights, AdamW's moments, EMA and their
+    /// handles.
+    pub fn resident_bytes(&self) -> u64 {
+        self.weights_bytes
+            + self.master_weights_bytes
+            + self.optimizer_moments_bytes
+            + self.ema_bytes
+            + self.handles_bytes
+    }
+
+    /// Bytes live beside the chain at its peak.
+    pub fn beside_chain_bytes(&self) -> u64 {
+        self.resident_bytes()
+            + self.prefetch_bytes
+            + self.step_inputs_bytes
+            + self.output_transient_bytes
+            + self.head_param_grad_bytes
+            + if self.grad_buffer_during_chain {
+                self.grad_buffer_bytes
+            } else {
+                0
+            }
+    }
+
+    /// Peak of the phases after the chain's backward: the gradients converted and added
+    /// to the f32 sums, then clipping and AdamW's update over them.
+    pub fn after_chain_bytes(&self) -> u64 {
+        if self.param_grad_bytes == 0 {
+            return 0;
+        }
+        let accumulate = self.step_inputs_bytes
+            + self.param_grad_bytes
+            + self.grad_buffer_bytes
+            + self.update_transient_bytes / OPTIMIZER_TEMPORARIES * ACCUMULATE_TEMPORARIES;
+        let f32_grads = self.grad_buffer_bytes.max(self.param_grad_bytes);
+        let update = f32_grads + self.update_transient_bytes;
+        self.resident_bytes() + self.prefetch_bytes + accumulate.max(update)
+    }
+
+    /// The whole step's peak when the chain's own peak is `chain_peak_bytes`.
+    pub fn total_peak_bytes(&self, chain_peak_bytes: u64) -> u64 {
+        (self.beside_chain_bytes() + chain_peak_bytes).max(self.after_chain_bytes())
+    }
+
+    /// The smallest budget for the chain that a whole-step budget leaves, or `None` when
+    /// what lies outside the chain alone exceeds it.
+    pub fn chain_budget(&self, budget_bytes: u64) -> Option<u64> {
+        if self.after_chain_bytes() > budget_bytes {
+            return None;
+        }
+        budget_bytes.checked_sub(self.beside_chain_bytes())
+    }
+
+    /// The non-zero parts held across steps, by name.
+    pub fn resident_parts(&self) -> Vec<(&'static str, u64)> {
+        let mut parts = self.parts();
+        parts.truncate(
+            [
+                self.weights_bytes,
+                self.master_weights_bytes,
+                self.optimizer_moments_bytes,
+                self.ema_bytes,
+                self.handles_bytes,
+            ]
+            .iter()
+            .filter(|b| **b > 0)
+            .count(),
+        );
+        parts
+    }
+
+    /// The non-zero parts by name, for listings.
+    pub fn parts(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("weights", self.weights_bytes),
+            ("master weights", self.master_weights_bytes),
+            ("optimizer moments", self.optimizer_moments_bytes),
+            ("EMA", self.ema_bytes),
+            ("tensor handles", self.handles_bytes),
+            ("prefetch", self.prefetch_bytes),
+            ("step inputs", self.step_inputs_bytes),
+            (
+                if self.param_grad_bytes > 0 {
+                    "loss"
+                } else {
+                    "guidance tensors"
+                },
+                self.output_transient_bytes,
+            ),
+            ("gradient sums", self.grad_buffer_bytes),
+        ]
+        .into_iter()
+        .filter(|(_, bytes)| *bytes > 0)
+        .collect()
+    }
+}
+
+/// Whether a parameter belongs to the head (it gets its gradient after the chain).
+fn is_head_parameter(name: &str) -> bool {
+    ["pos_embed.", "adaln_single.", "caption_projection."]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
+
+/// Element counts of a step's tensors.
+struct Sizes {
+    /// Videos in the batch (before CFG).
+    videos: u64,
+    /// Latent elements of the batch, `b·c·f·h·w`.
+    latents: u64,
+    /// Model-output elements of the batch, `b·c_out·f·h·w`.
+    outputs: u64,
+    /// Latent positions of the batch, `b·f·h·w`.
+    positions: u64,
+    /// Caption elements of the batch, `b·l·d`.
+    captions: u64,
+    /// Caption elements of the model's batch (doubled by CFG).
+    model_captions: u64,
+}
+
+impl Sizes {
+    fn new(workload: &Workload, batch: usize) -> Self {
+        let g = &workload.geometry;
+        let c = &workload.config;
+        let b = batch as u64;
+        let positions = b * (g.frames * g.height * g.width) as u64;
+        let caption = (g.caption_tokens * c.caption_channels) as u64;
+        Self {
+            videos: b,
+            latents: positions * c.in_channels as u64,
+            outputs: positions * c.out_channels as u64,
+            positions,
+            captions: b * caption,
+            model_captions: workload.model_batch(batch) as u64 * caption,
+        }
+    }
+
+    /// A batch of clips on the host (`data::Batch`: videos, captions, mask in f32).
+    fn host_batch_bytes(&self) -> u64 {
+        4 * (self.latents + self.captions + self.positions)
+    }
+}

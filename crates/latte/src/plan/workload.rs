@@ -1,0 +1,104 @@
+//! What a run computes: the model, the geometry of one video, the task and the kernels —
+//! everything besides the precision, the batch and the checkpoint schedule that decides
+//! its memory.
+
+use crate::config::{InputGeometry, LatteConfig};
+use crate::costs::{Kernels, Mode};
+use crate::train::Precision;
+use std::fmt;
+
+/// A step of training or of gradient-guided sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// One optimiser step of [`crate::train::Trainer`]: `grad_accum` micro-batches,
+    /// AdamW with f32 moments (and f32 master weights below f32), an f32 EMA of the
+    /// weights, and `prefetch_batches` batches read ahead by the data loader.
+    Train {
+        /// Micro-batches per optimiser step.
+        grad_accum: usize,
+        /// Batches the loader holds ahead of the step (0 for the built-in videos).
+        prefetch_batches: usize,
+    },
+    /// One guided DDIM step of [`crate::sampling::sample`]: frozen weights, gradients for
+    /// the latents only; with classifier-free guidance the model sees every video twice.
+    Guide {
+        /// Classifier-free guidance (batch `[negative, positive]`).
+        cfg: bool,
+    },
+}
+
+impl Task {
+    /// What the chain differentiates.
+    pub fn mode(self) -> Mode {
+        match self {
+            Task::Train { .. } => Mode::Train,
+            Task::Guide { .. } => Mode::Guide,
+        }
+    }
+}
+
+/// The precision and batch of one candidate configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    /// Compute precision of the weights and activations.
+    pub precision: Precision,
+    /// Videos per (micro-)batch, before classifier-free guidance doubles it.
+    pub batch: usize,
+}
+
+/// A model, the geometry of one video and the task: what [`super::MemoryAccount`] and
+/// the planner need besides a [`Setting`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    /// The model configuration.
+    pub config: LatteConfig,
+    /// Latent geometry of ONE video (its `batch` is ignored).
+    pub geometry: InputGeometry,
+    /// Training or guided sampling.
+    pub task: Task,
+    /// The device's kernel set.
+    pub kernels: Kernels,
+    /// Temporal attention on (off: diffusers' `enable_temporal_attentions=False`).
+    pub temporal: bool,
+}
+
+impl Workload {
+    /// Videos the model sees for `batch` videos (doubled by classifier-free guidance).
+    pub fn model_batch(&self, batch: usize) -> usize {
+        match self.task {
+            Task::Guide { cfg: true } => 2 * batch,
+            _ => batch,
+        }
+    }
+
+    /// The model's input geometry at `batch` videos.
+    pub fn at_batch(&self, batch: usize) -> InputGeometry {
+        InputGeometry {
+            batch: self.model_batch(batch),
+            ..self.geometry
+        }
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.task {
+            Task::Train {
+                grad_accum,
+                prefetch_batches,
+            } => {
+                write!(f, "train")?;
+                if grad_accum > 1 {
+                    write!(f, " ({grad_accum} micro-batches per step)")?;
+                }
+                if prefetch_batches > 0 {
+                    write!(f, " ({prefetch_batches} batches prefetched)")?;
+                }
+                Ok(())
+            }
+            Task::Guide { cfg } => {
+                write!(f, "guide{}", if cfg { " with CFG (batch ×2)" } else { "" })
+            }
+        }
+    }
+}
