@@ -15,7 +15,7 @@ use latte::data::ClipShape;
 use latte::guide::parse_objective;
 use latte::model::Latte;
 use latte::pipeline::PipelineDir;
-use latte::plan::{describe_parts, plan_run, AnalyticCosts, RunMemory, Setting};
+use latte::plan::{plan_run, AnalyticCosts, RunMemory, Setting};
 use latte::sampling::{guide_workload, initial_noise, sample, Guidance, SampleOptions};
 use latte::scheduler::TimestepSpacing;
 use latte::train::Precision;
@@ -432,14 +432,7 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         None => None,
     };
     if let Some(plan) = &plan {
-        println!(
-            "guidance step: policy {}, schedule of {} ops, predicted peak {} ({} + chain {})",
-            plan.policy,
-            plan.schedule.len(),
-            format_bytes(plan.total_peak_bytes),
-            describe_parts(&plan.account.parts()),
-            format_bytes(plan.chain_peak_bytes)
-        );
+        println!("guidance step: {}", plan.summary());
     }
     let guidance = match (&objective, &plan) {
         (Some(o), Some(plan)) => Some(Guidance {

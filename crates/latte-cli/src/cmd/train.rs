@@ -10,7 +10,6 @@ use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use latte::config::Preset;
 use latte::data::ClipShape;
-use latte::plan::describe_parts;
 use latte::train::{
     DataSource, MemoryPlan, ModelSource, RunOutcome, StepReport, TrainConfig, Trainer, METRICS_FILE,
 };
@@ -346,14 +345,7 @@ fn describe(trainer: &Trainer) {
         MemoryPlan::Checkpoint(_) => String::new(),
         MemoryPlan::Budget(bytes) => format!("budget {}; ", format_bytes(bytes)),
     };
-    println!(
-        "memory: {budget}policy {} (schedule of {} ops); predicted peak {} = {} + chain {}",
-        plan.policy,
-        plan.schedule.len(),
-        format_bytes(plan.total_peak_bytes),
-        describe_parts(&plan.account.parts()),
-        format_bytes(plan.chain_peak_bytes)
-    );
+    println!("memory: {budget}{}", plan.summary());
 }
 
 /// Running totals for the end-of-run summary.

@@ -7,6 +7,7 @@ use super::workload::{Setting, Workload};
 use super::{CostModel, PlanningError};
 use crate::train::Precision;
 use remat::costs::ChainCosts;
+use remat::meter::format_bytes;
 use remat::policy::{ByteSize, Policy};
 use remat::profile::{min_budget, plan_within};
 use remat::schedule::Schedule;
@@ -44,6 +45,21 @@ pub struct Candidate {
     pub fits: bool,
     /// `analytic` or `measured`.
     pub costs: &'static str,
+}
+
+impl Candidate {
+    /// `policy P (schedule of N ops); predicted peak T = parts + chain C`, as the commands
+    /// that run a plan print it.
+    pub fn summary(&self) -> String {
+        format!(
+            "policy {} (schedule of {} ops); predicted peak {} = {} + chain {}",
+            self.policy,
+            self.schedule.len(),
+            format_bytes(self.total_peak_bytes),
+            super::describe_parts(&self.account.parts()),
+            format_bytes(self.chain_peak_bytes)
+        )
+    }
 }
 
 /// `--batch N` or `--batch auto`.
