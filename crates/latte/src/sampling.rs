@@ -237,7 +237,9 @@ pub fn guided_eval(
         });
     }
     let grad_output = Tensor::cat(&pieces, 0)?.to_dtype(output.dtype())?;
-    drop(output);
+    // Through the backward only ε̂, ∂L/∂x̂₀ and the upstream gradient stay alive (what
+    // `plan::MemoryAccount` counts for a guided step).
+    drop((pieces, v, x0, output));
     let grads = tape.backward(&grad_output, phases)?;
     let grad_inputs = grads.inputs[0]
         .clone()

@@ -25,10 +25,9 @@ const OPTIMIZER_TEMPORARIES: u64 = 6;
 /// to the f32 sums (the converted gradient and the new sum).
 const ACCUMULATE_TEMPORARIES: u64 = 2;
 
-/// Model-output-sized f32 tensors that a guided step holds around the backward:
-/// ε̂, x̂₀, ∂L/∂x̂₀, the upstream gradient v, its weighted copies and the concatenated
-/// upstream gradient, and the input gradient with its sum over the CFG batch.
-const GUIDANCE_OUTPUT_TENSORS: u64 = 8;
+/// Latent-sized f32 tensors (one video, `in_channels`) that a guided step holds through
+/// the backward: ε̂ and ∂L/∂x̂₀ (`sampling::guided_eval`).
+const GUIDANCE_LATENT_TENSORS: u64 = 2;
 
 /// Heap bytes of one held tensor besides its elements (candle's `Tensor_` and storage
 /// handles, shape and strides), as the counting allocator sees them; with
@@ -80,6 +79,11 @@ pub struct MemoryAccount {
     /// Temporaries of accumulating, clipping and AdamW's update (the largest parameter's
     /// f32 copies).
     pub update_transient_bytes: u64,
+    /// The matrix kernel's packed copy of a product's right operand, at most the largest
+    /// weight in f32: gemm packs `kc × nc` of it for products of few rows, a transient the
+    /// chain's analytic costs do not see (measured: 0.3–0.6 MiB per stage of the small
+    /// preset at 64 tokens).
+    pub kernel_workspace_bytes: u64,
 }
 
 impl MemoryAccount {
@@ -98,6 +102,7 @@ impl MemoryAccount {
             .map(|s| s.numel() as u64)
             .sum();
         let elem = setting.precision.dtype().size_in_bytes() as u64;
+        let kernel_workspace_bytes = 4 * largest_matrix(&specs);
         let sizes = Sizes::new(workload, setting.batch);
         let weights_bytes = count * elem;
         Ok(match workload.task {
@@ -142,6 +147,7 @@ impl MemoryAccount {
                     grad_buffer_bytes: if separate_sums { 4 * count } else { 0 },
                     grad_buffer_during_chain: grad_accum > 1,
                     update_transient_bytes: 4 * largest * OPTIMIZER_TEMPORARIES,
+                    kernel_workspace_bytes,
                 }
             }
             Task::Guide { .. } => {
@@ -163,10 +169,11 @@ impl MemoryAccount {
                     weights_bytes,
                     handles_bytes: tensors * TENSOR_HANDLE_BYTES,
                     step_inputs_bytes: inputs,
+                    // ε̂ and ∂L/∂x̂₀, and the upstream gradient over the model's batch.
                     output_transient_bytes: 4
-                        * GUIDANCE_OUTPUT_TENSORS
-                        * per_video_outputs
-                        * model_videos,
+                        * (GUIDANCE_LATENT_TENSORS * per_video_latents
+                            + per_video_outputs * model_videos),
+                    kernel_workspace_bytes,
                     ..MemoryAccount::default()
                 }
             }
@@ -190,6 +197,7 @@ impl MemoryAccount {
             + self.step_inputs_bytes
             + self.output_transient_bytes
             + self.head_param_grad_bytes
+            + self.kernel_workspace_bytes
             + if self.grad_buffer_during_chain {
                 self.grad_buffer_bytes
             } else {
@@ -263,11 +271,22 @@ impl MemoryAccount {
                 self.output_transient_bytes,
             ),
             ("gradient sums", self.grad_buffer_bytes),
+            ("kernel workspace", self.kernel_workspace_bytes),
         ]
         .into_iter()
         .filter(|(_, bytes)| *bytes > 0)
         .collect()
     }
+}
+
+/// Elements of the largest two-dimensional parameter (a linear layer's weight).
+fn largest_matrix(specs: &[crate::weights::ParamSpec]) -> u64 {
+    specs
+        .iter()
+        .filter(|s| s.shape.len() == 2)
+        .map(|s| s.numel() as u64)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether a parameter belongs to the head (it gets its gradient after the chain).
