@@ -18,10 +18,17 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    /// The file is not valid JSON or a key has the wrong type.
+    /// The file is not valid JSON.
     #[error("malformed config {path}: {source}")]
     Parse {
         path: String,
+        source: serde_json::Error,
+    },
+    /// A key holds a value of the wrong type.
+    #[error("config {path}: key `{key}`: {source}")]
+    KeyType {
+        path: String,
+        key: String,
         source: serde_json::Error,
     },
     /// A key holds a value latte-rs does not implement.
@@ -99,9 +106,28 @@ impl LatteConfigFile {
             path: path.display().to_string(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source,
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses the text of a `config.json` read from `path` (for messages); a value of the
+    /// wrong type names its key.
+    pub fn from_json(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let source = e.into_inner();
+            if source.is_data() && key != "." {
+                ConfigError::KeyType {
+                    path: path.to_string(),
+                    key,
+                    source,
+                }
+            } else {
+                ConfigError::Parse {
+                    path: path.to_string(),
+                    source,
+                }
+            }
         })
     }
 
@@ -452,6 +478,23 @@ mod tests {
         "norm_type":"ada_norm_single","num_attention_heads":16,"num_embeds_ada_norm":1000,
         "num_layers":28,"out_channels":8,"patch_size":2,"sample_size":64,
         "_class_name":"LatteTransformer3DModel"}"#;
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let text = LATTE_1_JSON.replace(
+            r#""num_attention_heads":16"#,
+            r#""num_attention_heads":"16""#,
+        );
+        let err = LatteConfigFile::from_json(&text, "dir/config.json").unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("dir/config.json") && message.contains("`num_attention_heads`"),
+            "{message}"
+        );
+        let truncated = &LATTE_1_JSON[..40];
+        let err = LatteConfigFile::from_json(truncated, "dir/config.json").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
 
     #[test]
     fn published_latte_1_config_resolves_to_the_preset() {
