@@ -52,7 +52,7 @@ use crate::weights::{trainable_from, ModelDir, WeightsError};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::Rng;
-use remat::meter::{meter_for, MemoryMeter, Recorder};
+use remat::meter::{meter_for, MemoryMeter, MemoryReport, Recorder};
 use remat::policy::Policy;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -831,6 +831,13 @@ impl Trainer {
     /// Takes one optimiser step (see the module doc) and appends its line to
     /// `metrics.jsonl`. On a non-finite loss or gradient nothing is updated.
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
+        Ok(self.train_step_recorded()?.0)
+    }
+
+    /// [`Trainer::train_step`], with the step's memory timeline: the executor's phases
+    /// (`head`, `forward`, `recompute X`, `backward X`) of every micro-batch, `loss`
+    /// after each forward, and `update` for clipping, AdamW and the EMA.
+    pub fn train_step_recorded(&mut self) -> Result<(StepReport, MemoryReport), TrainError> {
         let started = Instant::now();
         let mut recorder = Recorder::start(self.meter.clone());
         let step = self.steps_done;
@@ -849,6 +856,7 @@ impl Trainer {
                 &self.plan.schedule,
                 &mut recorder,
             )?;
+            recorder.phase("loss");
             let loss =
                 self.noise_schedule
                     .training_loss(tape.output(), &prepared.target(), grad_scale)?;
@@ -869,6 +877,7 @@ impl Trainer {
             drop(loss);
             accumulator.add(&self.params, &grads)?;
         }
+        recorder.phase("update");
         let mut grads = accumulator.finish(&self.params)?;
         if self.scaler.scale != 1.0 {
             let unscale = 1.0 / self.scaler.scale;
@@ -922,7 +931,7 @@ impl Trainer {
             .write_all(line.as_bytes())
             .and_then(|()| self.metrics.flush())
             .map_err(output_error(&path))?;
-        Ok(report)
+        Ok((report, memory))
     }
 
     /// Trains until `config.steps` steps are done, checkpointing every `save_every` steps

@@ -359,7 +359,7 @@ pub fn render_table(outcome: &PlanOutcome) -> String {
         }
         seen.push((c.precision, c.batch));
         out.push_str(&format!(
-            "  {} batch {}: {} besides the chain ({} costs)\n",
+            "  {} batch {}: {} ({} costs)\n",
             c.precision.name(),
             c.effective_batch,
             describe_parts(&c.account.parts()),

@@ -1,10 +1,12 @@
-//! `latte profile`: runs a few steps of the plan `latte plan` chooses, on random weights and
-//! inputs, records the memory timeline (phases `head`, `forward`, `recompute X`,
-//! `backward X`) and writes it as JSON with a plot (SVG and PNG): live bytes over time,
-//! the phases shaded, the budget, and the predicted against the measured peak.
+//! `latte profile`: runs a few steps of the plan `latte plan` chooses — optimizer steps of
+//! `latte train` on the built-in videos, or guided steps of `latte sample` — on random
+//! weights, records the memory timeline (phases `head`, `forward`, `recompute X`,
+//! `backward X`, `loss`, `update`, …) and writes it as JSON with a plot (SVG and PNG):
+//! live bytes over time, the phases shaded, the budget, and the predicted against the
+//! measured peak of the whole step.
 //!
-//! Memory is plotted for the whole process: what was live before the first step (weights,
-//! inputs, optimizer state in train mode) plus the recorder's readings above it.
+//! Memory is shown above what was live before the run (the command itself): the weights,
+//! optimizer state and EMA the run makes are part of the step, as the plan counts them.
 
 use crate::cmd::plan::{make_plan, PlanOutcome, PlanRequest, RequestWorkload};
 use crate::cmd::video_out::png_bytes;
@@ -13,15 +15,17 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use clap::Args as ClapArgs;
 use latte::costs::Mode;
+use latte::data::ClipShape;
+use latte::guide::Smooth;
 use latte::io::write_atomically;
-use latte::optim::{sorted_params, AdamW, AdamWConfig};
-use latte::plan::measured::random_inputs;
-use latte::plan::Candidate;
-use latte::weights::{fresh_trainable, frozen};
+use latte::plan::measured::random_model;
+use latte::plan::{Candidate, Task, Workload};
+use latte::random::{randn, rng_for};
+use latte::sampling::{initial_noise, sample, Guidance, SampleOptions};
+use latte::train::{DataSource, MemoryPlan, ModelSource, TrainConfig, Trainer};
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use remat::grads;
-use remat::meter::{format_bytes, MemoryReport, PhaseSinkExt, Recorder};
+use remat::meter::{format_bytes, MemoryReport, Recorder};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -51,16 +55,13 @@ struct Summary<'a> {
     plan: &'a PlanOutcome,
     chosen: &'a Candidate,
     steps: usize,
-    /// Live bytes when recording started: weights, inputs, optimizer state.
-    baseline_bytes: u64,
-    /// The measured peak of the whole process (baseline included).
+    /// Bytes live before the run (the command itself), not part of the step.
+    origin_bytes: u64,
+    /// The measured peak of the whole step (weights, optimizer state, EMA, batch, chain,
+    /// update), above `origin_bytes`.
     measured_peak_bytes: u64,
     /// The plan's predicted peak of the whole step.
     predicted_peak_bytes: u64,
-    /// The measured peak above the baseline (activations, gradients, transients).
-    measured_activation_peak_bytes: u64,
-    /// The plan's predicted peak above weights, inputs and optimizer state.
-    predicted_activation_peak_bytes: u64,
 }
 
 /// Runs `latte profile`.
@@ -79,7 +80,6 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     };
     let device = global.device()?;
     let meter = remat::meter::meter_for(&device)?;
-    let dtype = chosen.precision.dtype();
     let workload = &request_workload.workload;
     println!(
         "{}\n{}\nrunning {} step(s) of policy {} in {} at batch {} ({} costs predicted a peak of {})",
@@ -93,64 +93,30 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         format_bytes(chosen.total_peak_bytes)
     );
 
-    // Weights, inputs and (train) optimizer state exist before the recording starts.
-    let (model, varmap) = fresh_trainable(&workload.config, global.seed, dtype, &device)?;
-    let (model, optimizer) = match workload.task.mode() {
-        Mode::Train => {
-            let params = sorted_params(&varmap)?;
-            let master: Option<Vec<_>> = if dtype == DType::F32 {
-                None
-            } else {
-                Some(
-                    params
-                        .iter()
-                        .map(|(name, var)| {
-                            Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?))
-                        })
-                        .collect::<candle_core::Result<_>>()?,
-                )
-            };
-            let optimizer = AdamW::new(&params, AdamWConfig::default(), master.as_deref())?;
-            (model, Some(optimizer))
-        }
-        Mode::Guide => (frozen(&workload.config, &varmap)?, None),
-    };
-    let geometry = workload.at_batch(chosen.batch);
-    let (inputs, grad) = random_inputs(&workload.config, &geometry, dtype, &device, global.seed)?;
-    let chain = model.chain(workload.temporal);
-    let wants = workload.task.mode().wants_input_grad();
-
-    let mut recorder = Recorder::start(meter);
-    for step in 1..=args.steps {
-        let mut sink = recorder.prefixed(format!("step {step}"));
-        let tape = grads::forward(
-            &chain,
-            &inputs.to_vec(),
-            &wants,
-            &chosen.schedule,
-            &mut sink,
-        )?;
-        let gradients = tape.backward(&grad, &mut sink)?;
-        drop(gradients);
-    }
-    let report = recorder.finish();
-    drop(optimizer);
-
+    // Everything live before the run is not part of the step: the recording is shown and
+    // compared above it.
+    let before = meter.live_bytes();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let report = match workload.task {
+        Task::Train { grad_accum, .. } => {
+            record_training(workload, chosen, grad_accum, args.steps, global, &args.out)?
+        }
+        Task::Guide { cfg } => record_guidance(workload, chosen, cfg, args.steps, global)?,
+    };
+    let report = report.context("no step was recorded")?;
+    let origin_bytes = before.min(report.baseline_bytes);
+
     let timeline = args.out.join("timeline.json");
     report.write_json(&timeline)?;
-    let measured_peak_bytes = report.baseline_bytes + report.peak_bytes;
-    let predicted_activation = chosen.chain_peak_bytes;
+    let measured_peak_bytes = report.baseline_bytes - origin_bytes + report.peak_bytes;
     let summary = Summary {
         plan: &outcome,
         chosen,
         steps: args.steps,
-        baseline_bytes: report.baseline_bytes,
+        origin_bytes,
         measured_peak_bytes,
         predicted_peak_bytes: chosen.total_peak_bytes,
-        measured_activation_peak_bytes: report.peak_bytes,
-        predicted_activation_peak_bytes: predicted_activation,
     };
     let summary_path = args.out.join("profile.json");
     write_atomically(
@@ -159,19 +125,19 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     )
     .with_context(|| format!("cannot write {}", summary_path.display()))?;
 
-    let plot = PlotData::new(request_workload, &outcome, chosen, &report);
+    let plot = PlotData::new(request_workload, &outcome, chosen, &report, origin_bytes);
     let svg = args.out.join("profile.svg");
     let png = args.out.join("profile.png");
     write_svg(&plot, &svg)?;
     write_png(&plot, &png)?;
-    let error = 100.0 * (predicted_activation as f64 - report.peak_bytes as f64)
-        / report.peak_bytes.max(1) as f64;
+    let error = 100.0 * (measured_peak_bytes as f64 - chosen.total_peak_bytes as f64)
+        / chosen.total_peak_bytes.max(1) as f64;
     println!(
-        "measured peak {} (chain, above weights/inputs/optimizer: {}), predicted {} (chain {}; {error:+.1} %)",
+        "measured peak of the whole step {} (above the {} live before the run), predicted {} \
+         ({error:+.1} %)",
         format_bytes(measured_peak_bytes),
-        format_bytes(report.peak_bytes),
+        format_bytes(origin_bytes),
         format_bytes(chosen.total_peak_bytes),
-        format_bytes(predicted_activation),
     );
     println!(
         "wrote {}, {}, {} and {}",
@@ -183,6 +149,121 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     Ok(())
 }
 
+/// Runs `steps` optimizer steps of `latte train` on the built-in videos with the chosen
+/// precision, batch and policy, and returns their timeline.
+fn record_training(
+    workload: &Workload,
+    chosen: &Candidate,
+    grad_accum: usize,
+    steps: usize,
+    global: &GlobalOptions,
+    out: &Path,
+) -> Result<Option<MemoryReport>> {
+    let config = &workload.config;
+    let g = workload.geometry;
+    let data = DataSource::Synthetic(ClipShape {
+        channels: config.in_channels,
+        frames: g.frames,
+        height: g.height,
+        width: g.width,
+        caption_tokens: g.caption_tokens,
+        caption_channels: config.caption_channels,
+    });
+    let settings = TrainConfig {
+        steps: steps as u64,
+        batch_size: chosen.batch,
+        grad_accum,
+        precision: chosen.precision,
+        memory: MemoryPlan::Checkpoint(chosen.policy.parse()?),
+        save_every: 0,
+        seed: global.seed,
+        temporal: workload.temporal,
+        ..TrainConfig::default()
+    };
+    let run_dir = out.join("train-run");
+    let mut trainer = Trainer::new(
+        ModelSource::Fresh {
+            config: config.clone(),
+            seed: global.seed,
+        },
+        data,
+        settings,
+        &run_dir,
+        &global.device()?,
+    )?;
+    if trainer.plan().schedule != chosen.schedule {
+        bail!(
+            "the trainer planned another schedule than {}",
+            chosen.policy
+        );
+    }
+    let mut runs = Vec::with_capacity(steps);
+    for step in 1..=steps {
+        let (_, report) = trainer.train_step_recorded()?;
+        runs.push((format!("step {step}"), report));
+    }
+    drop(trainer);
+    std::fs::remove_dir_all(&run_dir)
+        .with_context(|| format!("cannot remove {}", run_dir.display()))?;
+    Ok(MemoryReport::concatenated(&runs))
+}
+
+/// Runs `steps` guided DDIM steps of `latte sample` (random weights, the smoothness
+/// objective) under the chosen schedule, and returns their timeline.
+fn record_guidance(
+    workload: &Workload,
+    chosen: &Candidate,
+    cfg: bool,
+    steps: usize,
+    global: &GlobalOptions,
+) -> Result<Option<MemoryReport>> {
+    if chosen.batch != 1 || chosen.precision != latte::train::Precision::F32 {
+        bail!(
+            "guided sampling runs one video at a time in f32: profile it with --batch 1 \
+             --precision f32"
+        );
+    }
+    let device = global.device()?;
+    let config = &workload.config;
+    let g = workload.geometry;
+    let model = random_model(config, Mode::Guide, DType::F32, &device, global.seed)?;
+    let noise = initial_noise(
+        global.seed,
+        (1, config.in_channels, g.frames, g.height, g.width),
+        &device,
+    )?;
+    let positive = randn(
+        &mut rng_for(global.seed, "profile/captions"),
+        (1, g.caption_tokens, config.caption_channels),
+        &device,
+    )?;
+    let negative = positive.zeros_like()?;
+    let options = SampleOptions {
+        steps,
+        guidance_scale: if cfg { 7.5 } else { 1.0 },
+        temporal: workload.temporal,
+        ..SampleOptions::default()
+    };
+    let guidance = Guidance {
+        objective: &Smooth,
+        scale: 1.0,
+        steps: 0..steps,
+        schedule: &chosen.schedule,
+    };
+    let mut recorder = Recorder::start(remat::meter::meter_for(&device)?);
+    sample(
+        &model,
+        &noise,
+        &negative,
+        &positive,
+        &options,
+        Some(&guidance),
+        &mut recorder,
+        &mut |_| {},
+    )?;
+    Ok(Some(recorder.finish()))
+}
+
 /// What a phase of the executor is doing, for its colour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -190,10 +271,19 @@ enum Kind {
     Forward,
     Recompute,
     Backward,
+    /// Outside the chain: the loss, the guidance tensors, the optimizer update, the
+    /// sampler's step.
+    Other,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Head, Kind::Forward, Kind::Recompute, Kind::Backward];
+    const ALL: [Kind; 5] = [
+        Kind::Head,
+        Kind::Forward,
+        Kind::Recompute,
+        Kind::Backward,
+        Kind::Other,
+    ];
 
     /// The kind of a phase named `step N/<executor phase>`.
     fn of(name: &str) -> Option<Kind> {
@@ -206,8 +296,10 @@ impl Kind {
             Some(Kind::Recompute)
         } else if phase.starts_with("backward") {
             Some(Kind::Backward)
-        } else {
+        } else if phase.is_empty() || phase.starts_with('(') {
             None
+        } else {
+            Some(Kind::Other)
         }
     }
 
@@ -217,6 +309,7 @@ impl Kind {
             Kind::Forward => "forward",
             Kind::Recompute => "recompute",
             Kind::Backward => "backward",
+            Kind::Other => "loss, update, sampler",
         }
     }
 
@@ -226,6 +319,7 @@ impl Kind {
             Kind::Forward => RGBColor(120, 170, 230),
             Kind::Recompute => RGBColor(245, 175, 90),
             Kind::Backward => RGBColor(130, 200, 130),
+            Kind::Other => RGBColor(200, 150, 210),
         }
     }
 }
@@ -252,8 +346,10 @@ impl PlotData {
         outcome: &PlanOutcome,
         chosen: &Candidate,
         report: &MemoryReport,
+        origin_bytes: u64,
     ) -> Self {
-        let base = report.baseline_bytes;
+        // Memory above what was live before the run.
+        let base = report.baseline_bytes - origin_bytes;
         let mut bands = Vec::new();
         let mut phases = Vec::new();
         let mut steps: Vec<(f64, String)> = Vec::new();
@@ -536,6 +632,8 @@ mod tests {
             Some(Kind::Recompute)
         );
         assert_eq!(Kind::of("step 1/backward tail"), Some(Kind::Backward));
+        assert_eq!(Kind::of("step 1/update"), Some(Kind::Other));
+        assert_eq!(Kind::of("step 1/(start)"), None);
         assert_eq!(Kind::of("(start)"), None);
     }
 

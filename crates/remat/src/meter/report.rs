@@ -76,6 +76,39 @@ pub struct PhaseTotals {
 }
 
 impl MemoryReport {
+    /// The recordings of consecutive runs as one timeline, each run's phases under its
+    /// label (`label/phase`), shifted to the end of the run before and to the first run's
+    /// baseline; `None` without a recording.
+    pub fn concatenated(runs: &[(String, MemoryReport)]) -> Option<MemoryReport> {
+        let (_, first) = runs.first()?;
+        let mut joined = MemoryReport {
+            timeline: Vec::new(),
+            peak_bytes: 0,
+            duration_s: 0.0,
+            bookkeeping_bytes: 0,
+            ..first.clone()
+        };
+        for (label, run) in runs {
+            let shift =
+                |bytes: u64| (bytes + run.baseline_bytes).saturating_sub(first.baseline_bytes);
+            let offset = joined.duration_s;
+            joined
+                .timeline
+                .extend(run.timeline.iter().map(|phase| Phase {
+                    name: format!("{label}/{}", phase.name),
+                    start_s: offset + phase.start_s,
+                    end_s: offset + phase.end_s,
+                    start_bytes: shift(phase.start_bytes),
+                    end_bytes: shift(phase.end_bytes),
+                    peak_bytes: shift(phase.peak_bytes),
+                }));
+            joined.peak_bytes = joined.peak_bytes.max(shift(run.peak_bytes));
+            joined.duration_s = offset + run.duration_s;
+            joined.bookkeeping_bytes = joined.bookkeeping_bytes.max(run.bookkeeping_bytes);
+        }
+        Some(joined)
+    }
+
     /// One line for logs, e.g.
     /// `peak 123.4 MiB above baseline over 12 phases, 0.84 s (cpu-heap)`.
     #[must_use]
@@ -288,6 +321,40 @@ pub fn format_bytes(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn concatenated_runs_follow_each_other_on_the_first_baseline() {
+        let run = |baseline: u64, peak: u64| MemoryReport {
+            meter: "test".into(),
+            baseline_bytes: baseline,
+            peak_bytes: peak,
+            device_total_bytes: None,
+            duration_s: 2.0,
+            bookkeeping_bytes: 0,
+            timeline: vec![Phase {
+                name: "forward".into(),
+                start_s: 0.5,
+                end_s: 2.0,
+                start_bytes: 0,
+                end_bytes: 10,
+                peak_bytes: peak,
+            }],
+        };
+        let joined = MemoryReport::concatenated(&[
+            ("step 1".into(), run(100, 50)),
+            ("step 2".into(), run(110, 30)),
+        ])
+        .unwrap();
+        assert_eq!(joined.baseline_bytes, 100);
+        assert_eq!(joined.peak_bytes, 50);
+        assert_eq!(joined.duration_s, 4.0);
+        let second = &joined.timeline[1];
+        assert_eq!(second.name, "step 2/forward");
+        assert_eq!((second.start_s, second.end_s), (2.5, 4.0));
+        assert_eq!((second.start_bytes, second.peak_bytes), (10, 40));
+        assert!(MemoryReport::concatenated(&[]).is_none());
+    }
+
     use super::*;
 
     const MIB: u64 = 1 << 20;
