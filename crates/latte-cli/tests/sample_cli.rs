@@ -28,7 +28,7 @@ fn guided_sampling_under_a_budget_writes_latents() {
         "--guide-steps",
         "1..3",
         "--budget",
-        "3MiB",
+        "300KiB",
         "--out",
         out.to_str().unwrap(),
         "--memory-report",
@@ -40,6 +40,20 @@ fn guided_sampling_under_a_budget_writes_latents() {
         "{text}"
     );
     assert!(out.is_file() && report.is_file());
+    // The whole guided step — weights, latents, captions, guidance tensors and the
+    // backward's activations — stays within the budget and near the plan's prediction.
+    let memory: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let measured = memory["measured_peak_bytes"].as_u64().unwrap();
+    let predicted = memory["predicted_peak_bytes"].as_u64().unwrap();
+    assert_eq!(memory["budget_bytes"].as_u64(), Some(300 << 10));
+    assert!(measured <= 300 << 10, "measured {measured} over 300 KiB");
+    assert!(
+        measured.abs_diff(predicted) <= predicted / 10,
+        "measured {measured}, predicted {predicted}"
+    );
+    // Storing everything needs more than the budget: the plan checkpoints.
+    assert_ne!(memory["policy"], "none", "{memory}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -116,9 +116,26 @@ pub struct Args {
     /// Skip the temporal blocks.
     #[arg(long)]
     no_temporal: bool,
-    /// Write the memory report (peak above weights and inputs, timeline) as JSON.
+    /// Write the memory report as JSON: the policy, the budget, the predicted and the
+    /// measured peak (weights included), and the timeline of the sampling loop.
     #[arg(long, value_name = "FILE")]
     memory_report: Option<PathBuf>,
+}
+
+/// What `--memory-report` writes.
+#[derive(Debug, serde::Serialize)]
+struct SamplingMemory<'a> {
+    /// The guidance backward's policy, when guiding.
+    policy: Option<String>,
+    /// The whole-step budget, when given.
+    budget_bytes: Option<u64>,
+    /// The plan's predicted peak of a guided step, when guiding.
+    predicted_peak_bytes: Option<u64>,
+    /// The measured peak of the sampling loop, above what was live before the weights
+    /// were loaded.
+    measured_peak_bytes: u64,
+    /// The sampling loop's phases (bytes above its start).
+    timeline: &'a remat::meter::MemoryReport,
 }
 
 /// Finds the transformer directory of `dir`.
@@ -317,6 +334,8 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     }
     let opened = ModelDir::open(&dir)
         .with_context(|| format!("cannot load model directory {}", dir.display()))?;
+    // The plan counts the weights: memory is measured from before they are loaded.
+    let live_before_model = meter_for(&device)?.live_bytes();
     let model = opened.load_frozen(DType::F32, &device)?;
     let cfg = model.config().clone();
     let pipeline = if PipelineDir::is_pipeline(&args.model) {
@@ -467,18 +486,35 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     )?;
     let report = recorder.finish();
     bar.finish();
+    let measured_peak_bytes =
+        report.baseline_bytes.saturating_sub(live_before_model) + report.peak_bytes;
     println!(
-        "{} steps in {:.1} s; peak {} above weights and inputs",
+        "{} steps in {:.1} s; peak {} (weights, latents, captions, guidance and chain){}",
         args.steps,
         started.elapsed().as_secs_f64(),
-        format_bytes(report.peak_bytes)
+        format_bytes(measured_peak_bytes),
+        plan.as_ref()
+            .map(|p| format!(", predicted {}", format_bytes(p.total_peak_bytes)))
+            .unwrap_or_default()
     );
     if let Some(o) = &objective {
         let value = o.loss(&latents)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         println!("objective {} on the final video: {value:.4}", o.name());
     }
     if let Some(path) = &args.memory_report {
-        report.write_json(path)?;
+        let summary = SamplingMemory {
+            policy: plan.as_ref().map(|p| p.policy.clone()),
+            budget_bytes: match memory {
+                RunMemory::Budget(bytes) => Some(bytes),
+                RunMemory::Policy(_) => None,
+            },
+            predicted_peak_bytes: plan.as_ref().map(|p| p.total_peak_bytes),
+            measured_peak_bytes,
+            timeline: &report,
+        };
+        let text = serde_json::to_string_pretty(&summary)?;
+        latte::io::write_atomically(path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let mut out = HashMap::new();
     out.insert("latents".to_string(), latents.clone());
