@@ -430,6 +430,53 @@ mod tests {
         );
     }
 
+    /// The loss mask of docs/DATA.md, by hand: an ε-only output of 2 channels × 2
+    /// positions against ε = 0, positions weighted 1 and ½. Weighted MSE
+    /// Σ w·d² / (c·Σ w) = (1·1 + ½·9 + 1·4 + ½·25) / (2 · 1.5) = 22/3 and its gradient
+    /// w·2d / (c·Σ w); without the mask (39/4) every position counts.
+    #[test]
+    fn masked_loss_is_the_weighted_mean() {
+        let dev = Device::Cpu;
+        let schedule = NoiseSchedule::latte();
+        let zeros = Tensor::zeros((1, 2, 1, 1, 2), DType::F32, &dev).unwrap();
+        let output = Tensor::new(&[1f32, 3., 2., 5.], &dev)
+            .unwrap()
+            .reshape((1, 2, 1, 1, 2))
+            .unwrap();
+        let mask = Tensor::new(&[1f32, 0.5], &dev)
+            .unwrap()
+            .reshape((1, 1, 1, 1, 2))
+            .unwrap();
+        let target = |mask| LossTarget {
+            x0: &zeros,
+            x_t: &zeros,
+            noise: &zeros,
+            timesteps: &[10],
+            mask,
+        };
+        let masked = schedule
+            .training_loss(&output, &target(Some(&mask)), 1.0)
+            .unwrap();
+        assert!((masked.loss - 22.0 / 3.0).abs() < 1e-12, "{}", masked.loss);
+        let grad = masked
+            .grad_output
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let expected = [2.0 / 3.0, 1.0, 4.0 / 3.0, 5.0 / 3.0];
+        for (g, e) in grad.iter().zip(expected) {
+            // f32 rounding of values near 1.
+            assert!((f64::from(*g) - e).abs() < 1e-6, "{grad:?}");
+        }
+        let unmasked = schedule.training_loss(&output, &target(None), 1.0).unwrap();
+        assert!(
+            (unmasked.loss - 39.0 / 4.0).abs() < 1e-12,
+            "{}",
+            unmasked.loss
+        );
+    }
+
     /// Central differences of the loss w.r.t. every output element.
     #[test]
     fn gradient_matches_finite_differences() {

@@ -201,6 +201,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Run the temporal blocks (false: diffusers' `enable_temporal_attentions=False`).
     pub temporal: bool,
+    /// Initial loss scale of f16 training (a power of two; [`LossScaler::dynamic`]'s
+    /// 2¹⁶ when absent).
+    #[serde(default)]
+    pub initial_loss_scale: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -223,6 +227,7 @@ impl Default for TrainConfig {
             save_every: 100,
             seed: 0,
             temporal: true,
+            initial_loss_scale: None,
         }
     }
 }
@@ -257,6 +262,16 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.ema_decay) {
             return fail(format!("EMA decay {} must lie in [0, 1]", self.ema_decay));
+        }
+        if let Some(scale) = self.initial_loss_scale {
+            if self.precision != Precision::F16 {
+                return fail("a loss scale applies to f16 training only".into());
+            }
+            if !(scale.is_finite() && scale >= 1.0 && scale.log2().fract() == 0.0) {
+                return fail(format!(
+                    "loss scale {scale} must be a power of two, at least 1"
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return fail(format!(
@@ -679,7 +694,12 @@ impl Trainer {
         let mut ema = Ema::new(&weights, config.ema_decay)?;
         drop(weights);
         let mut scaler = if config.precision == Precision::F16 {
-            LossScaler::dynamic()
+            LossScaler {
+                scale: config
+                    .initial_loss_scale
+                    .unwrap_or(LossScaler::dynamic().scale),
+                ..LossScaler::dynamic()
+            }
         } else {
             LossScaler::disabled()
         };

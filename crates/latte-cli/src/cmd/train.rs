@@ -91,6 +91,10 @@ pub struct Args {
     /// Skip the temporal blocks (diffusers' `enable_temporal_attentions=False`).
     #[arg(long)]
     no_temporal: bool,
+    /// Initial loss scale of f16 training, a power of two [default: 65536]: halved and the
+    /// step skipped when gradients overflow, doubled after 2000 good steps.
+    #[arg(long, value_name = "SCALE")]
+    loss_scale: Option<f64>,
 }
 
 impl Args {
@@ -154,6 +158,10 @@ impl Args {
         }
         if let Some(bytes) = budget {
             config.memory = MemoryPlan::Budget(bytes);
+        }
+        if let Some(v) = self.loss_scale {
+            set("--loss-scale", config.initial_loss_scale != Some(v));
+            config.initial_loss_scale = Some(v);
         }
         if self.no_temporal {
             set("--no-temporal", config.temporal);
