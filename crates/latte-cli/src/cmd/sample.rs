@@ -344,15 +344,12 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         None
     };
     let (negative, positive) = conditioning(&args, pipeline.as_ref(), &dir, &model, &device)?;
-    // Latent models of a pipeline decode through its VAE (required with --prompt).
-    let vae = match &pipeline {
-        Some(p)
-            if cfg.in_channels != 3 && (args.prompt.is_some() || p.root().join("vae").is_dir()) =>
-        {
-            Some(p.vae(DType::F32, &device)?)
-        }
-        _ => None,
-    };
+    // Latent models of a pipeline decode through its VAE (required with --prompt), loaded
+    // once sampling is done and the transformer is freed: the sampling steps hold only
+    // what the plan counts.
+    let decoder = pipeline.as_ref().filter(|p| {
+        cfg.in_channels != 3 && (args.prompt.is_some() || p.root().join("vae").is_dir())
+    });
     let dims = (
         1,
         cfg.in_channels,
@@ -516,10 +513,11 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         latte::io::write_atomically(path, text.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    drop(model);
     let mut out = HashMap::new();
     out.insert("latents".to_string(), latents.clone());
-    let video = match &vae {
-        Some(vae) => Some(vae.decode_video(&latents)?),
+    let video = match decoder {
+        Some(p) => Some(p.vae(DType::F32, &device)?.decode_video(&latents)?),
         None => None,
     };
     if let Some(video) = &video {
