@@ -18,13 +18,29 @@ use remat::schedule::Schedule;
 
 remat::install_counting_allocator!();
 
-/// How much more than predicted a whole-step peak may measure beyond the relative
-/// tolerance: memory whose lifetime depends on thread timing, which no schedule decides
-/// (thread-pool bookkeeping, such as the blocks of rayon's job queues, which are freed by
-/// epoch-based reclamation once every thread has moved on). On a 2-core machine the
-/// 248 KiB guide workload below measured 15 or 32 KiB more in 10 runs of 40, and never
-/// more with one thread.
-const THREAD_TIMING_SLACK: u64 = 48 << 10;
+/// How far a whole-step prediction may be from the measurement (the README's claim).
+const WHOLE_STEP_TOLERANCE: f64 = 0.03;
+
+/// How much a stage's backward transient may be over-predicted.
+const STAGE_OVER_PREDICTION: f64 = 0.05;
+
+/// What the replay does not model and may measure on top: gemm's packing buffers, which
+/// every worker thread running a product allocates for the call (the right operand packed
+/// `kc × nc`, at most a weight matrix, in f32). Products on several threads pack at once or
+/// one after the other as the threads happen to run, so a peak may hold one buffer or one
+/// per thread: up to one weight matrix in f32 per worker thread. (On 2 cores the 248 KiB
+/// guide workload measured 15 or 32 KiB more in 10 runs of 40, never more with one
+/// thread; its largest matrix, 32 × 128, is 16 KiB in f32.)
+fn kernel_scratch_bound(config: &LatteConfig) -> u64 {
+    let largest_matrix = latte::weights::parameter_specs(config)
+        .unwrap()
+        .iter()
+        .filter(|s| s.shape.len() == 2)
+        .map(|s| s.numel() as u64)
+        .max()
+        .unwrap();
+    rayon::current_num_threads() as u64 * 4 * largest_matrix
+}
 
 /// A small model: 2 heads of `head_dim`, `layers` spatial and temporal blocks.
 fn config(layers: usize, head_dim: usize, video_length: usize) -> LatteConfig {
@@ -161,17 +177,14 @@ fn check_against_profile(
             rel(p.graph_bytes, m.graph_bytes) < 0.03,
             "{label} stage {i} graph"
         );
-        // Within 5 %, or within 16 KiB for these small backward passes (20–190 KiB).
-        // The replay does not model gemm's own scratch: the packing buffers and
-        // bookkeeping that a product split across worker threads allocates per call,
-        // sized from the CPU's cache sizes. With one worker (RAYON_NUM_THREADS=1) every
-        // stage here is within 4 %; with two, the train tail's backward measures 4.4 KiB
-        // more on a 512 KiB-L2 AVX2 machine and the bf16 guide's middle stage 8.9 KiB
-        // more on a 1 MiB-L2 AVX-512 one. The whole-step peaks below are held to 10 %.
-        let backward_gap = p.bwd_tmp_bytes.abs_diff(m.bwd_tmp_bytes);
+        // At most 5 % over the measurement, and under it by no more than gemm's packing
+        // buffers, which the replay does not model (see `kernel_scratch_bound`): these
+        // backward passes are small (20–190 KiB), so one packed matrix is a large share.
+        let (predicted, measured) = (p.bwd_tmp_bytes, m.bwd_tmp_bytes);
         assert!(
-            rel(p.bwd_tmp_bytes, m.bwd_tmp_bytes) < 0.05 || backward_gap <= 16 << 10,
-            "{label} stage {i} backward"
+            predicted as f64 <= (1.0 + STAGE_OVER_PREDICTION) * measured as f64
+                && measured <= predicted + kernel_scratch_bound(config),
+            "{label} stage {i} backward: predicted {predicted}, measured {measured}"
         );
     }
 }
@@ -277,10 +290,10 @@ fn predicted_peaks_match_measured_peaks() {
             format_bytes(measured),
             100.0 * error
         );
-        let over_by_thread_timing =
-            measured > predicted && measured - predicted <= THREAD_TIMING_SLACK;
+        let over_by_kernel_scratch =
+            measured > predicted && measured - predicted <= kernel_scratch_bound(&cfg);
         assert!(
-            error.abs() <= 0.10 || over_by_thread_timing,
+            error.abs() <= WHOLE_STEP_TOLERANCE || over_by_kernel_scratch,
             "{label}: predicted {predicted} vs measured {measured}"
         );
     }
