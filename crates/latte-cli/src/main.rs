@@ -6,6 +6,7 @@ mod cmd;
 mod options;
 
 use clap::{Parser, Subcommand};
+use latte::costs::Kernels;
 use options::GlobalOptions;
 
 remat::install_counting_allocator!();
@@ -44,6 +45,14 @@ fn main() -> std::process::ExitCode {
     remat::host_heap::retain_freed_memory();
     let cli = Cli::parse();
     cli.global.init_tracing();
+    // The model's ops run the chosen kernels on this thread for the whole command.
+    let _kernels = match cli.global.kernels() {
+        Ok(kernels) => Kernels::choose(Some(kernels)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args, &cli.global),
         Command::Forward(args) => cmd::forward::run(args, &cli.global),

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+use latte::costs::{Kernels, Memory};
 
 /// Device, logging and randomness.
 #[derive(Debug, Args)]
@@ -16,6 +17,11 @@ pub struct GlobalOptions {
     /// More log output (-v info, -vv debug, -vvv trace); `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Kernels for attention, adaLN's norm, GELU and biased products: `fused` (latte-rs's
+    /// CPU kernels) or `generic` (tensor ops on any device) [default: fused on the CPU,
+    /// generic elsewhere].
+    #[arg(long, global = true, value_name = "fused|generic")]
+    pub kernels: Option<Kernels>,
 }
 
 impl GlobalOptions {
@@ -33,6 +39,21 @@ impl GlobalOptions {
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .init();
+    }
+
+    /// The kernel set for `--device`: `--kernels`, else the device's default. Fused kernels
+    /// exist on the CPU only.
+    pub fn kernels(&self) -> Result<Kernels> {
+        let memory = Memory::of_device_name(&self.device);
+        match self.kernels {
+            Some(Kernels::Fused) if memory == Memory::Device => bail!(
+                "--kernels fused: the fused kernels run on the CPU; use --kernels generic with \
+                 --device {}",
+                self.device
+            ),
+            Some(kernels) => Ok(kernels),
+            None => Ok(Kernels::for_device_name(&self.device)),
+        }
     }
 
     /// The selected device. (Randomness comes from `latte::random`, seeded by `--seed`.)

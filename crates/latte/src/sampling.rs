@@ -40,7 +40,7 @@
 //! timestep.
 
 use crate::config::{InputGeometry, LatteConfig};
-use crate::costs::Kernels;
+use crate::costs::{Kernels, Memory};
 use crate::guide::{value_and_grad, Objective};
 use crate::model::{Latte, LatteInputs};
 use crate::plan::{Task, Workload};
@@ -163,7 +163,8 @@ pub fn guide_workload(
         task: Task::Guide {
             cfg: guidance_scale > 1.0,
         },
-        kernels: Kernels::for_device(device),
+        kernels: Kernels::active(device),
+        memory: Memory::of(device),
         temporal,
     }
 }

@@ -33,7 +33,7 @@
 //! `<out>/metrics.jsonl`.
 
 use crate::config::{InputGeometry, LatteConfig, LatteConfigFile};
-use crate::costs::Kernels;
+use crate::costs::{Kernels, Memory};
 use crate::data::shards::ShardDirectory;
 use crate::data::synthetic::SyntheticVideos;
 use crate::data::{Batch, ClipShape, DataError, Dataset, Loader};
@@ -408,7 +408,7 @@ pub enum RunOutcome {
 }
 
 /// The workload of a training run for [`crate::plan`]: the model, one clip's geometry,
-/// the micro-batches per step, the loader's prefetch and the device's kernels.
+/// the micro-batches per step, the loader's prefetch, and the kernels this thread runs on `device`.
 pub fn train_workload(
     model_config: &LatteConfig,
     config: &TrainConfig,
@@ -429,7 +429,8 @@ pub fn train_workload(
             grad_accum: config.grad_accum,
             prefetch_batches: data.prefetch(),
         },
-        kernels: Kernels::for_device(device),
+        kernels: Kernels::active(device),
+        memory: Memory::of(device),
         temporal: config.temporal,
     }
 }

@@ -1,5 +1,6 @@
 //! Gradients through the remat executor are exact whatever the checkpoint policy: the
-//! output and every gradient are bitwise identical on CPU f32 to the store-everything run.
+//! output and every gradient are bitwise identical on CPU f32 to the store-everything run,
+//! with the fused CPU kernels and with the device-generic ones.
 
 use candle_core::{DType, Device, Tensor};
 use latte::vjp::{vjp, Vjp};
@@ -72,83 +73,20 @@ fn planned(costs: &ChainCosts, n: usize, intervals: u64) -> Vec<(String, Schedul
 
 #[test]
 fn every_policy_gives_bitwise_identical_gradients_on_a_16_stage_chain() {
-    let common::Workload {
-        config,
-        inputs,
-        grad_sample: grad,
-    } = common::eight_layer_video(8, 12, 7);
-    let (model, varmap) = fresh_trainable(&config, 11, DType::F32, &Device::Cpu).unwrap();
-    let n = scheduled_stages(&model.chain(true));
-    let run = |schedule: &Schedule| {
-        vjp(
-            &model,
-            &varmap,
-            &inputs,
-            &grad,
-            true,
-            schedule,
-            &mut NoPhases,
-        )
-        .unwrap()
-    };
-    let reference = run(&Schedule::store_all(n));
-    for (label, schedule) in policies(n) {
-        assert_identical(&reference, &run(&schedule), &label);
-    }
-    // Planned schedules at budgets from the smallest feasible to the store-all peak.
-    let costs = profile(
-        &model.chain(true),
-        &inputs.to_vec(),
-        &[true, false, true],
-        &CpuMeter,
-    )
-    .unwrap();
-    for (label, schedule) in planned(&costs, n, 4) {
-        assert_identical(&reference, &run(&schedule), &label);
-    }
-}
-
-/// Guidance: frozen weights, gradients of the latents only (the gated ops' backward reads
-/// less), and the latents' gradient stays bitwise that of storing everything.
-#[test]
-fn every_policy_gives_bitwise_identical_latent_gradients_with_frozen_weights() {
-    let common::Workload {
-        config,
-        inputs,
-        grad_sample,
-    } = common::eight_layer_video(8, 12, 7);
-    let (_, varmap) = fresh_trainable(&config, 11, DType::F32, &Device::Cpu).unwrap();
-    let model = frozen(&config, &varmap).unwrap();
-    let chain = model.chain(true);
-    let wanted = [true, false, false];
-    let run = |schedule: &Schedule| -> Vec<u32> {
-        let tape =
-            grads::forward(&chain, &inputs.to_vec(), &wanted, schedule, &mut NoPhases).unwrap();
-        let grads = tape.backward(&grad_sample, &mut NoPhases).unwrap();
-        bits(grads.inputs[0].as_ref().unwrap())
-    };
-    let n = scheduled_stages(&chain);
-    let reference = run(&Schedule::store_all(n));
-    let costs = profile(&chain, &inputs.to_vec(), &wanted, &CpuMeter).unwrap();
-    for (label, schedule) in policies(n).into_iter().chain(planned(&costs, n, 2)) {
-        assert!(reference == run(&schedule), "{label}: grad.hidden_states");
-    }
-}
-
-#[test]
-fn every_policy_gives_bitwise_identical_gradients_on_the_fixtures() {
-    for case in ["video", "batch"] {
-        let dir = ModelDir::open(&common::fixture(case).join("model")).unwrap();
-        let ins = common::load(common::fixture(case).join("inputs.safetensors"));
-        let inputs = common::fixture_inputs(&ins, DType::F32);
-        let (model, varmap) = dir.load_trainable(DType::F32, &Device::Cpu).unwrap();
+    common::with_each_kernel_set(|_kernels| {
+        let common::Workload {
+            config,
+            inputs,
+            grad_sample: grad,
+        } = common::eight_layer_video(8, 12, 7);
+        let (model, varmap) = fresh_trainable(&config, 11, DType::F32, &Device::Cpu).unwrap();
         let n = scheduled_stages(&model.chain(true));
         let run = |schedule: &Schedule| {
             vjp(
                 &model,
                 &varmap,
                 &inputs,
-                &ins["grad_sample"],
+                &grad,
                 true,
                 schedule,
                 &mut NoPhases,
@@ -157,7 +95,76 @@ fn every_policy_gives_bitwise_identical_gradients_on_the_fixtures() {
         };
         let reference = run(&Schedule::store_all(n));
         for (label, schedule) in policies(n) {
-            assert_identical(&reference, &run(&schedule), &format!("{case} {label}"));
+            assert_identical(&reference, &run(&schedule), &label);
         }
-    }
+        // Planned schedules at budgets from the smallest feasible to the store-all peak.
+        let costs = profile(
+            &model.chain(true),
+            &inputs.to_vec(),
+            &[true, false, true],
+            &CpuMeter,
+        )
+        .unwrap();
+        for (label, schedule) in planned(&costs, n, 4) {
+            assert_identical(&reference, &run(&schedule), &label);
+        }
+    });
+}
+
+/// Guidance: frozen weights, gradients of the latents only (the gated ops' backward reads
+/// less), and the latents' gradient stays bitwise that of storing everything.
+#[test]
+fn every_policy_gives_bitwise_identical_latent_gradients_with_frozen_weights() {
+    common::with_each_kernel_set(|_kernels| {
+        let common::Workload {
+            config,
+            inputs,
+            grad_sample,
+        } = common::eight_layer_video(8, 12, 7);
+        let (_, varmap) = fresh_trainable(&config, 11, DType::F32, &Device::Cpu).unwrap();
+        let model = frozen(&config, &varmap).unwrap();
+        let chain = model.chain(true);
+        let wanted = [true, false, false];
+        let run = |schedule: &Schedule| -> Vec<u32> {
+            let tape =
+                grads::forward(&chain, &inputs.to_vec(), &wanted, schedule, &mut NoPhases).unwrap();
+            let grads = tape.backward(&grad_sample, &mut NoPhases).unwrap();
+            bits(grads.inputs[0].as_ref().unwrap())
+        };
+        let n = scheduled_stages(&chain);
+        let reference = run(&Schedule::store_all(n));
+        let costs = profile(&chain, &inputs.to_vec(), &wanted, &CpuMeter).unwrap();
+        for (label, schedule) in policies(n).into_iter().chain(planned(&costs, n, 2)) {
+            assert!(reference == run(&schedule), "{label}: grad.hidden_states");
+        }
+    });
+}
+
+#[test]
+fn every_policy_gives_bitwise_identical_gradients_on_the_fixtures() {
+    common::with_each_kernel_set(|_kernels| {
+        for case in ["video", "batch"] {
+            let dir = ModelDir::open(&common::fixture(case).join("model")).unwrap();
+            let ins = common::load(common::fixture(case).join("inputs.safetensors"));
+            let inputs = common::fixture_inputs(&ins, DType::F32);
+            let (model, varmap) = dir.load_trainable(DType::F32, &Device::Cpu).unwrap();
+            let n = scheduled_stages(&model.chain(true));
+            let run = |schedule: &Schedule| {
+                vjp(
+                    &model,
+                    &varmap,
+                    &inputs,
+                    &ins["grad_sample"],
+                    true,
+                    schedule,
+                    &mut NoPhases,
+                )
+                .unwrap()
+            };
+            let reference = run(&Schedule::store_all(n));
+            for (label, schedule) in policies(n) {
+                assert_identical(&reference, &run(&schedule), &format!("{case} {label}"));
+            }
+        }
+    });
 }

@@ -272,6 +272,25 @@ impl Tensor {
     ) -> Result<Self> {
         self.apply_op3_arc(t2, t3, Arc::new(Box::new(c)))
     }
+
+    /// Gives `value`, which the caller computed from `self`, `t2` and `t3` with tensor ops
+    /// on detached operands (on any device), the backward of the ternary custom op `c`:
+    /// the result shares `value`'s storage and layout, and the backward pass calls
+    /// `c.bwd(self, t2, t3, result, grad)`. `c`'s `cpu_fwd`/`cuda_fwd` are never called.
+    ///
+    /// latte-rs patch 8.
+    pub fn attach_op3_arc(
+        &self,
+        t2: &Self,
+        t3: &Self,
+        value: &Self,
+        c: Arc<Box<dyn CustomOp3 + Send + Sync>>,
+    ) -> Result<Self> {
+        let op = BackpropOp::new3(self, t2, t3, |t1, t2, t3| {
+            Op::CustomOp3(t1, t2, t3, c.clone())
+        });
+        Ok(value.with_op(op))
+    }
 }
 
 // In place ops.

@@ -2392,6 +2392,20 @@ impl Tensor {
         }
     }
 
+    /// This tensor's storage and layout as the result of `op` (latte-rs patch 8).
+    pub(crate) fn with_op(&self, op: BackpropOp) -> Tensor {
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op,
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Tensor(Arc::new(tensor_))
+    }
+
     /// A leaf variable sharing this tensor's storage (latte-rs patch 4): the same values
     /// made a leaf for gradients without the copy that `Var::from_tensor` makes of a
     /// non-variable. The values must not be written through it (`Var::set`): they are

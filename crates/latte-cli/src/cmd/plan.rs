@@ -13,7 +13,7 @@ use crate::options::{GlobalOptions, Precision};
 use anyhow::{bail, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use latte::config::{InputGeometry, LatteConfig};
-use latte::costs::{check_geometry, Kernels};
+use latte::costs::{check_geometry, Kernels, Memory};
 use latte::plan::measured::MeasuredCosts;
 use latte::plan::{
     describe_parts, search, AnalyticCosts, BatchChoice, Candidate, CostModel, Plan, Search, Task,
@@ -168,8 +168,8 @@ impl RequestWorkload {
             g.caption_tokens,
             self.device_name,
             match self.workload.kernels {
-                Kernels::Fused => "fused CPU",
-                Kernels::Composed => "composed",
+                Kernels::Fused => "fused",
+                Kernels::Generic => "generic",
             }
         )
     }
@@ -260,7 +260,8 @@ impl PlanRequest {
                 config,
                 geometry,
                 task,
-                kernels: Kernels::for_device_name(&global.device),
+                kernels: global.kernels()?,
+                memory: Memory::of_device_name(&global.device),
                 temporal: !self.no_temporal,
             },
             model: resolved.description,

@@ -1,15 +1,17 @@
 //! Multi-head scaled dot-product attention (diffusers `Attention` with `AttnProcessor2_0`):
 //! `softmax(q·kᵀ/√d)·v` per head, q/k/v and output projections with bias.
 //!
-//! On the CPU the attention proper is latte-rs's fused kernel with its own backward
-//! ([`super::fused_attention`]: no score-sized tensor is stored). Other devices use a
-//! composition of differentiable candle ops: candle's fused `sdpa` and `softmax_last_dim`
-//! record no backward.
+//! The attention proper stores no score-sized tensor for the backward pass: with the
+//! fused kernels (the CPU's default) it is latte-rs's fused kernel with its own backward
+//! ([`super::fused_attention`]), with the generic ones (every other device) the chunked
+//! memory-efficient attention built from tensor ops ([`super::chunked_attention`]); see
+//! [`super::kernels`]. (candle's fused `sdpa` and `softmax_last_dim` record no backward.)
 
-use super::fused_attention;
 use super::gated_linear::{gated_linear, Activation};
+use super::kernels::Kernels;
 use super::linear::{Linear, Output};
-use candle_core::{DType, Result, Tensor, D};
+use super::{chunked_attention, fused_attention};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Keys `to_q`, `to_k`, `to_v`, `to_out.0`.
@@ -74,8 +76,8 @@ impl Attention {
     /// The heads' outputs before the output projection, `(b, s, h·d)`.
     fn attend(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let cpu = x.device().is_cpu();
-        if cpu && context.is_none() {
+        let fused = Kernels::fused_on(x.device());
+        if fused && context.is_none() {
             // One product for q, k and v: `[q | k | v]` rows, which the kernel reads in
             // place and whose gradient it returns packed the same way.
             let qkv = Linear::stacked(&[&self.to_q, &self.to_k, &self.to_v])?.forward(x)?;
@@ -86,7 +88,7 @@ impl Attention {
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         // (b, s, h·d): the fused kernel reads each head in place.
-        if cpu {
+        if fused {
             return fused_attention::attention(&q, &k, &v, self.num_heads, scale);
         }
         let (q, k, v) = (
@@ -94,7 +96,7 @@ impl Attention {
             self.split_heads(&k)?,
             self.split_heads(&v)?,
         );
-        merge_heads(&composed_attention(&q, &k, &v, scale)?)
+        merge_heads(&chunked_attention::attention(&q, &k, &v, scale)?)
     }
 
     /// `(b, s, h·d) → (b, h, s, d)`.
@@ -110,19 +112,4 @@ impl Attention {
 fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, s, h * d))
-}
-
-/// `softmax(scale·q·kᵀ)·v` from differentiable candle ops, the softmax in f32:
-/// `q` `(b, h, s, d)`, `k` and `v` `(b, h, l, d)`.
-fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    // (b, h, s, d)·(b, h, d, l) → (b, h, s, l)
-    let scores = (q * scale)?.matmul(&k.t()?)?;
-    let dtype = scores.dtype();
-    let scores = scores.to_dtype(DType::F32)?;
-    let max = scores.max_keepdim(D::Minus1)?.detach();
-    let exp = scores.broadcast_sub(&max)?.exp()?;
-    let sum = exp.sum_keepdim(D::Minus1)?;
-    let weights = exp.broadcast_div(&sum)?.to_dtype(dtype)?;
-    // (b, h, s, l)·(b, h, l, d) → (b, h, s, d)
-    weights.matmul(v)
 }

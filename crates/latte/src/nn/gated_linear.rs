@@ -114,7 +114,9 @@ pub fn gated_linear(
     activation: Activation,
     output: Output,
 ) -> Result<Tensor> {
-    let fused = h.device().is_cpu() && h.dtype() == DType::F32 && gate.dtype() == DType::F32;
+    let fused = super::kernels::Kernels::fused_on(h.device())
+        && h.dtype() == DType::F32
+        && gate.dtype() == DType::F32;
     match linear.bias() {
         Some(bias) if fused => {
             let (n, s, inner) = h.dims3()?;

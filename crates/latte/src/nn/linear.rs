@@ -96,7 +96,7 @@ impl Linear {
         let rows = x.elem_count() / in_dim.max(1);
         let (out_dim, _) = self.weight.dims2()?;
         let x = x.reshape((rows, in_dim))?;
-        let fused = x.device().is_cpu() && x.dtype() == DType::F32;
+        let fused = super::kernels::Kernels::fused_on(x.device()) && x.dtype() == DType::F32;
         // (…, in) → (rows, in) · (in, out) → (…, out)
         let y = match &self.bias {
             Some(bias) if fused => {

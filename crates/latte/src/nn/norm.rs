@@ -1,9 +1,10 @@
 //! Layer normalisation without affine parameters, and the adaLN modulation that replaces
-//! them in Latte: one fused op with its own backward on the CPU
-//! ([`super::fused_norm`]), differentiable primitives elsewhere (candle's fused
-//! `layer_norm` records no backward).
+//! them in Latte: one fused op with its own backward with the fused kernels
+//! ([`super::fused_norm`]), differentiable primitives with the generic ones (candle's
+//! fused `layer_norm` records no backward).
 
 use super::fused_norm;
+use super::kernels::Kernels;
 use candle_core::{DType, Result, Tensor, D};
 
 /// adaLN: `layer_norm(x)·(1 + scale) + shift` for `x`: `(n, s, d)` and `shift`, `scale`:
@@ -14,7 +15,7 @@ pub fn modulated_layer_norm(
     scale: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if Kernels::fused_on(x.device()) {
         fused_norm::modulated_layer_norm(x, shift, scale, eps)
     } else {
         modulate(&layer_norm(x, eps)?, shift, scale)

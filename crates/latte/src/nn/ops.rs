@@ -29,7 +29,7 @@ const CHUNK: usize = 4096;
 
 /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, PyTorch's `gelu(approximate="tanh")`.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if super::kernels::Kernels::fused_on(x.device()) {
         x.contiguous()?.apply_op1(GeluTanh)
     } else {
         x.gelu()

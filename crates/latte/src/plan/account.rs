@@ -13,6 +13,7 @@
 //! allocates; `tests/memory_account.rs` measures whole steps against it.
 
 use super::workload::{Setting, Task, Workload};
+use crate::costs::Memory;
 use crate::train::Precision;
 use crate::weights::parameter_specs;
 use serde::Serialize;
@@ -79,10 +80,11 @@ pub struct MemoryAccount {
     /// Temporaries of accumulating, clipping and AdamW's update (the largest parameter's
     /// f32 copies).
     pub update_transient_bytes: u64,
-    /// The matrix kernel's packed copy of a product's right operand, at most the largest
-    /// weight in f32: gemm packs `kc × nc` of it for products of few rows, a transient the
-    /// chain's analytic costs do not see (measured: 0.3–0.6 MiB per stage of the small
-    /// preset at 64 tokens).
+    /// The CPU matrix kernel's packing buffers: gemm packs up to a weight matrix (`kc × nc`
+    /// of the right operand, in f32) per worker thread running a product, and products on
+    /// several threads may hold theirs at once — a transient the chain's analytic costs do
+    /// not see (measured: 0.3–0.6 MiB per stage of the small preset at 64 tokens, and up to
+    /// one matrix per thread more as the threads happen to run). None on a GPU.
     pub kernel_workspace_bytes: u64,
 }
 
@@ -102,7 +104,10 @@ impl MemoryAccount {
             .map(|s| s.numel() as u64)
             .sum();
         let elem = setting.precision.dtype().size_in_bytes() as u64;
-        let kernel_workspace_bytes = 4 * largest_matrix(&specs);
+        let kernel_workspace_bytes = match workload.memory {
+            Memory::Host => rayon::current_num_threads() as u64 * 4 * largest_matrix(&specs),
+            Memory::Device => 0,
+        };
         let sizes = Sizes::new(workload, setting.batch);
         let weights_bytes = count * elem;
         Ok(match workload.task {
@@ -332,5 +337,57 @@ impl Sizes {
     /// A batch of clips on the host (`data::Batch`: videos, captions, mask in f32).
     fn host_batch_bytes(&self) -> u64 {
         4 * (self.latents + self.captions + self.positions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{latte_1, InputGeometry};
+    use crate::costs::Kernels;
+
+    fn latte_1_workload(task: Task) -> Workload {
+        Workload {
+            config: latte_1().config,
+            geometry: InputGeometry {
+                batch: 1,
+                frames: 16,
+                height: 64,
+                width: 64,
+                caption_tokens: 120,
+            },
+            task,
+            kernels: Kernels::Generic,
+            memory: Memory::Device,
+            temporal: true,
+        }
+    }
+
+    #[test]
+    fn latte_1_state_is_counted_per_parameter() {
+        let params = 1_057_246_880u64;
+        let bf16 = |batch| Setting {
+            precision: Precision::Bf16,
+            batch,
+        };
+        let guide =
+            MemoryAccount::of(&latte_1_workload(Task::Guide { cfg: true }), bf16(1)).unwrap();
+        assert_eq!(guide.parameter_count, params);
+        assert_eq!(guide.weights_bytes, 2 * params);
+        assert_eq!(guide.optimizer_moments_bytes + guide.ema_bytes, 0);
+        assert_eq!(guide.after_chain_bytes(), 0);
+        let train = Task::Train {
+            grad_accum: 1,
+            prefetch_batches: 0,
+        };
+        let train = MemoryAccount::of(&latte_1_workload(train), bf16(1)).unwrap();
+        // Two f32 moments, an f32 master copy, an f32 EMA and f32 gradient sums.
+        assert_eq!(train.optimizer_moments_bytes, 8 * params);
+        assert_eq!(train.master_weights_bytes, 4 * params);
+        assert_eq!(train.ema_bytes, 4 * params);
+        assert_eq!(train.grad_buffer_bytes, 4 * params);
+        assert_eq!(train.param_grad_bytes, 2 * params);
+        assert!(train.head_param_grad_bytes > 0 && train.head_param_grad_bytes < 2 * params);
+        assert!(train.after_chain_bytes() > train.resident_bytes() + 4 * params);
     }
 }

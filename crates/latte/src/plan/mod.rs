@@ -41,7 +41,7 @@ pub struct AnalyticCosts;
 impl CostModel for AnalyticCosts {
     fn costs(&self, workload: &Workload, setting: Setting) -> Result<ChainCosts, PlanningError> {
         let dtype = setting.precision.dtype();
-        let throughput = Throughput::default_for(workload.kernels, dtype);
+        let throughput = Throughput::default_for(workload.memory, dtype);
         Ok(analytic_chain_costs(
             &workload.config,
             &workload.at_batch(setting.batch),
@@ -50,6 +50,7 @@ impl CostModel for AnalyticCosts {
             workload.kernels,
             &throughput,
             workload.temporal,
+            workload.memory,
         )?
         .chain)
     }

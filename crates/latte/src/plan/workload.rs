@@ -3,7 +3,7 @@
 //! its memory.
 
 use crate::config::{InputGeometry, LatteConfig};
-use crate::costs::{Kernels, Mode};
+use crate::costs::{Kernels, Memory, Mode};
 use crate::train::Precision;
 use std::fmt;
 
@@ -56,8 +56,10 @@ pub struct Workload {
     pub geometry: InputGeometry,
     /// Training or guided sampling.
     pub task: Task,
-    /// The device's kernel set.
+    /// The kernel set the model runs.
     pub kernels: Kernels,
+    /// Where the memory lives (the host heap, or a GPU's memory).
+    pub memory: Memory,
     /// Temporal attention on (off: diffusers' `enable_temporal_attentions=False`).
     pub temporal: bool,
 }

@@ -56,3 +56,13 @@ pub fn eight_layer_video(head_dim: usize, caption_channels: usize, seed: u64) ->
         grad_sample,
     }
 }
+
+/// Runs `check` once with each kernel set chosen on this thread: the fused CPU kernels and
+/// the device-generic ones (what CUDA runs), so that both match the same references.
+pub fn with_each_kernel_set(mut check: impl FnMut(latte::costs::Kernels)) {
+    use latte::costs::Kernels;
+    for kernels in [Kernels::Fused, Kernels::Generic] {
+        let _choice = Kernels::choose(Some(kernels));
+        check(kernels);
+    }
+}
