@@ -554,6 +554,10 @@ mod vt {
         GatedLinear(V, V, V, Activation),
         /// `nn/fused_norm.rs`: `(x, shift, scale)`.
         ModulatedNorm(V, V, V),
+        /// `nn/norm.rs`'s generic modulated norm: `(x, shift, scale)`.
+        GenericNorm(V, V, V),
+        /// `nn/generic_gated_linear.rs`: `(h, W, [b; gates], activation)`.
+        GenericGatedLinear(V, V, V, Activation),
     }
 
     /// Element-wise functions with a backward rule.
@@ -1351,17 +1355,27 @@ mod vt {
                     .broadcast_sub(&lse.narrow(2, start, len))
                     .unary(Unary::Exp);
                 grad_v = Some(add(grad_v, probs.to_dtype(dtype).t().matmul(&grad_c)));
+                // Owned operands of candle's arithmetic operators are freed as soon as the
+                // op has run, borrowed temporaries at the end of the statement.
                 let last = grad_c.dims().len() - 1;
-                let row_dot = grad_c
-                    .to_dtype(f32)
-                    .mul(&chunk(output).to_dtype(f32))
-                    .sum_keepdim(&[last]);
+                let output_c = chunk(output);
+                let (a, b) = (grad_c.to_dtype(f32), output_c.to_dtype(f32));
+                let product = a.mul(&b);
+                drop((a, b));
+                let row_dot = product.sum_keepdim(&[last]);
+                drop((product, output_c));
                 let grad_probs = grad_c.matmul(&values_t).to_dtype(f32);
-                let grad_scores = probs
-                    .mul(&grad_probs.broadcast_sub(&row_dot))
-                    .to_dtype(dtype);
-                drop(grad_scores.matmul(k).affine(1.0));
-                grad_k = Some(add(grad_k, grad_scores.t().matmul(&q_c).affine(1.0)));
+                let difference = grad_probs.broadcast_sub(&row_dot);
+                let product = probs.mul(&difference);
+                drop((probs, difference));
+                let grad_scores = product.to_dtype(dtype);
+                drop(product);
+                let dq = grad_scores.matmul(k);
+                drop((dq.affine(1.0), dq));
+                let dk = grad_scores.t().matmul(&q_c);
+                let term = dk.affine(1.0);
+                drop(dk);
+                grad_k = Some(add(grad_k, term));
             }
             let narrowed = |g: Option<V>| match g {
                 Some(g) => g.to_dtype(dtype),
@@ -1410,6 +1424,216 @@ mod vt {
             let dx = gradient(x);
             let d_shift = shift.tracked().then(|| gradient(shift));
             let d_scale = scale.tracked().then(|| gradient(scale));
+            (dx, d_shift, d_scale)
+        }
+
+        /// `nn/generic_gated_linear.rs` forward: with values, `gate ⊙ (b + act(h)·Wᵀ)` on
+        /// detached operands; without, zeros; then the op.
+        pub(super) fn generic_gated_linear(
+            h: &V,
+            w: &V,
+            bias_and_gates: &V,
+            activation: Activation,
+            values: bool,
+        ) -> V {
+            let (n, s) = (h.dims()[0], h.dims()[1]);
+            let out = w.dims()[0];
+            let value = if values {
+                let (bias, gates) = Self::bias_and_gates_parts(&bias_and_gates.detach(), n);
+                Self::gated_product(&h.detach(), &w.detach(), &bias, activation)
+                    .broadcast_mul(&gates)
+            } else {
+                V::zeros(h.meter(), &[n, s, out], h.dtype())
+            };
+            let op = (h.tracked() || w.tracked() || bias_and_gates.tracked()).then(|| {
+                Op::GenericGatedLinear(h.clone(), w.clone(), bias_and_gates.clone(), activation)
+            });
+            V::node(
+                h.meter(),
+                value.dims().to_vec(),
+                None,
+                value.dtype(),
+                value.0.storage.clone(),
+                op,
+                false,
+            )
+        }
+
+        fn bias_and_gates_parts(bias_and_gates: &V, n: usize) -> (V, V) {
+            (
+                bias_and_gates.narrow(0, 0, 1).unsqueeze(0),
+                bias_and_gates.narrow(0, 1, n).unsqueeze(1),
+            )
+        }
+
+        /// `b + act(h)·Wᵀ`.
+        fn gated_product(h: &V, w: &V, bias: &V, activation: Activation) -> V {
+            let (n, s, inner) = (h.dims()[0], h.dims()[1], h.dims()[2]);
+            let activated = Self::activate(h, activation).reshape(&[n * s, inner]);
+            let out = w.dims()[0];
+            activated
+                .matmul(&w.t())
+                .reshape(&[n, s, out])
+                .broadcast_add(bias)
+        }
+
+        fn activate(h: &V, activation: Activation) -> V {
+            match activation {
+                Activation::Identity => h.clone(),
+                Activation::GeluTanh => h.unary(Unary::Gelu),
+            }
+        }
+
+        /// `generic_gated_linear::gelu_derivative`, op by op (owned operands of candle's
+        /// arithmetic operators freed as soon as the op has run).
+        fn gelu_derivative(x: &V) -> V {
+            let x = x.to_dtype(DType::F32);
+            let x2 = x.unary(Unary::Sqr);
+            let scaled = x2.affine(1.0);
+            let shifted = scaled.affine(1.0);
+            drop(scaled);
+            let cubic = x.mul(&shifted);
+            drop(shifted);
+            let inner = cubic.affine(1.0);
+            let t = inner.unary(Unary::Tanh);
+            drop((inner, cubic));
+            let scaled = x2.affine(1.0);
+            let shifted = scaled.affine(1.0);
+            drop(scaled);
+            let slope = shifted.affine(1.0);
+            drop((shifted, x2));
+            let one_minus_t2 = t.unary(Unary::Sqr).affine(1.0);
+            let half_x = x.affine(1.0);
+            let product = half_x.mul(&one_minus_t2);
+            drop((half_x, one_minus_t2));
+            let tail = product.mul(&slope);
+            drop((product, slope));
+            let half = t.affine(1.0);
+            let derivative = half.add(&tail);
+            drop((half, tail));
+            derivative
+        }
+
+        /// The generic gated linear layer's `bwd`, op by op, over chunks of rows
+        /// (`generic_gated_linear::chunk_rows`); owned operands of candle's arithmetic
+        /// operators are freed as soon as the op has run.
+        fn generic_gated_linear_backward(
+            h: &V,
+            w: &V,
+            bias_and_gates: &V,
+            activation: Activation,
+            grad: &V,
+        ) -> (V, Option<V>, Option<V>) {
+            let wants_weights = w.tracked() || bias_and_gates.tracked();
+            let (h, w) = (&h.detach(), &w.detach());
+            let (n, s, inner) = (h.dims()[0], h.dims()[1], h.dims()[2]);
+            let out = w.dims()[0];
+            let chunk = crate::nn::generic_gated_linear::chunk_rows(inner);
+            let (bias, gates) = Self::bias_and_gates_parts(&bias_and_gates.detach(), n);
+            let grad = grad.detach();
+            let rows = n * s;
+            let h_rows = h.reshape(&[rows, inner]);
+            let grad_f = grad.broadcast_mul(&gates).reshape(&[rows, out]);
+            let grad_weights = wants_weights.then(|| {
+                let bias_row = bias.reshape(&[1, out]);
+                let grad_rows = grad.reshape(&[rows, out]);
+                let grad_f_times_f = V::zeros(grad.meter(), &[rows, out], grad.dtype());
+                let mut grad_w: Option<V> = None;
+                for start in (0..rows).step_by(chunk) {
+                    let len = chunk.min(rows - start);
+                    let activated = Self::activate(&h_rows.narrow(0, start, len), activation);
+                    let f = activated.matmul(&w.t()).broadcast_add(&bias_row);
+                    let product = grad_rows.narrow(0, start, len).mul(&f);
+                    drop(f);
+                    drop(product);
+                    let term = grad_f.narrow(0, start, len).t().matmul(&activated);
+                    let term_f32 = term.to_dtype(DType::F32);
+                    grad_w = Some(match grad_w {
+                        Some(sum) => {
+                            let total = sum.add(&term_f32);
+                            drop((sum, term_f32));
+                            total
+                        }
+                        None => term_f32,
+                    });
+                    drop((term, activated));
+                }
+                let grad_gates = grad_f_times_f.reshape(&[n, s, out]).sum_keepdim(&[1]);
+                drop(grad_f_times_f);
+                let grad_bias = grad_f.sum_keepdim(&[0]);
+                let grad_bias_and_gates = V::cat(&[&grad_bias, &grad_gates.reshape(&[n, out])], 0);
+                drop((grad_bias, grad_gates));
+                let grad_w = match grad_w {
+                    Some(g) => g.to_dtype(w.dtype()),
+                    None => V::zeros(w.meter(), w.dims(), w.dtype()),
+                };
+                (grad_w, grad_bias_and_gates)
+            });
+            drop(grad);
+            let grad_activated = grad_f.matmul(w);
+            drop(grad_f);
+            let grad_h = match activation {
+                Activation::Identity => grad_activated.reshape(&[n, s, inner]),
+                Activation::GeluTanh => {
+                    let grad_h = V::zeros(h.meter(), &[rows, inner], h.dtype());
+                    for start in (0..rows).step_by(chunk) {
+                        let len = chunk.min(rows - start);
+                        let derivative = Self::gelu_derivative(&h_rows.narrow(0, start, len));
+                        let piece = grad_activated.narrow(0, start, len).to_dtype(DType::F32);
+                        let product = piece.mul(&derivative);
+                        drop((piece, derivative));
+                        drop(product.to_dtype(h.dtype()));
+                    }
+                    grad_h.reshape(&[n, s, inner])
+                }
+            };
+            let (grad_w, grad_bias_and_gates) = grad_weights.unzip();
+            (grad_h, grad_w, grad_bias_and_gates)
+        }
+
+        /// `nn/norm.rs`'s generic modulated norm: the composed norm and modulation on
+        /// detached operands, then the op.
+        pub(super) fn generic_norm(x: &V, shift: &V, scale: &V, normed: V) -> V {
+            let op = (x.tracked() || shift.tracked() || scale.tracked())
+                .then(|| Op::GenericNorm(x.clone(), shift.clone(), scale.clone()));
+            V::node(
+                x.meter(),
+                normed.dims().to_vec(),
+                None,
+                normed.dtype(),
+                normed.0.storage.clone(),
+                op,
+                false,
+            )
+        }
+
+        /// The generic modulated norm's `bwd`, op by op (`nn/norm.rs`).
+        fn generic_norm_backward(x: &V, shift: &V, scale: &V, grad: &V) -> (V, V, V) {
+            let f32 = DType::F32;
+            let x32 = x.detach().to_dtype(f32);
+            let mean = x32.mean_keepdim_last();
+            let centred = x32.broadcast_sub(&mean);
+            drop((x32, mean));
+            let inv_std = centred
+                .unary(Unary::Sqr)
+                .mean_keepdim_last()
+                .affine(1.0)
+                .unary(Unary::Sqrt)
+                .unary(Unary::Recip);
+            let normed = centred.broadcast_mul(&inv_std);
+            drop(centred);
+            let g = grad.detach().to_dtype(f32);
+            let d_shift = g.sum_keepdim(&[1]).to_dtype(shift.dtype());
+            let d_scale = g.mul(&normed).sum_keepdim(&[1]).to_dtype(scale.dtype());
+            let d_normed = g.broadcast_mul(&scale.detach().to_dtype(f32).affine(1.0));
+            drop(g);
+            let mean_d = d_normed.mean_keepdim_last();
+            let mean_d_normed = d_normed.mul(&normed).mean_keepdim_last();
+            let dx = d_normed
+                .broadcast_sub(&mean_d)
+                .broadcast_sub(&normed.broadcast_mul(&mean_d_normed))
+                .broadcast_mul(&inv_std)
+                .to_dtype(x.dtype());
             (dx, d_shift, d_scale)
         }
 
@@ -1696,8 +1920,10 @@ mod vt {
             Op::Attention(q, k, v, _)
             | Op::ChunkedAttention(q, k, v, _, _)
             | Op::ModulatedNorm(q, k, v)
+            | Op::GenericNorm(q, k, v)
             | Op::BiasedProduct(q, k, v)
-            | Op::GatedLinear(q, k, v, _) => {
+            | Op::GatedLinear(q, k, v, _)
+            | Op::GenericGatedLinear(q, k, v, _) => {
                 vec![q, k, v]
             }
         }
@@ -1731,7 +1957,8 @@ mod vt {
             Op::SelfAttention(..) => (vec![true], false),
             Op::Attention(..) => (vec![true, true, true], false),
             Op::ChunkedAttention(..) => (vec![true, true, true], true),
-            Op::ModulatedNorm(..) => (vec![true, false, true], false),
+            Op::ModulatedNorm(..) | Op::GenericNorm(..) => (vec![true, false, true], false),
+            Op::GenericGatedLinear(..) => (vec![true, true, true], false),
             Op::GatedLinear(h, w, bg, activation) => {
                 let tracked = [h.tracked(), w.tracked(), bg.tracked()];
                 (
@@ -1978,6 +2205,21 @@ mod vt {
                         grads.accumulate(t, &g);
                     }
                 }
+            }
+            Op::GenericGatedLinear(h, w, bg, activation) => {
+                let (dh, dw, dbg) = V::generic_gated_linear_backward(h, w, bg, *activation, grad);
+                grads.accumulate(h, &dh);
+                for (t, g) in [(w, dw), (bg, dbg)] {
+                    if let Some(g) = g {
+                        grads.accumulate(t, &g);
+                    }
+                }
+            }
+            Op::GenericNorm(x, shift, scale) => {
+                let (dx, d_shift, d_scale) = V::generic_norm_backward(x, shift, scale, grad);
+                grads.accumulate(x, &dx);
+                grads.accumulate(shift, &d_shift);
+                grads.accumulate(scale, &d_scale);
             }
             Op::ModulatedNorm(x, shift, scale) => {
                 let (dx, d_shift, d_scale) =
@@ -2383,7 +2625,11 @@ mod replay {
         fn modulated_layer_norm(&self, x: &V, shift: &V, scale: &V) -> V {
             match self.kernels {
                 Kernels::Fused => V::modulated_norm(x, shift, scale),
-                Kernels::Generic => self.modulate(&self.layer_norm(x), shift, scale),
+                Kernels::Generic => {
+                    let (xd, shift_d, scale_d) = (x.detach(), shift.detach(), scale.detach());
+                    let value = self.modulate(&self.layer_norm(&xd), &shift_d, &scale_d);
+                    V::generic_norm(x, shift, scale, value)
+                }
             }
         }
 
@@ -2419,6 +2665,11 @@ mod replay {
                         values,
                     )
                     .reshape(&[n, s, out])
+                }
+                Some(bias) if self.kernels == Kernels::Generic => {
+                    let (n, out) = (h.dims()[0], linear.weight.dims()[0]);
+                    let bias_and_gates = V::cat(&[&bias.unsqueeze(0), &gate.reshape(&[n, out])], 0);
+                    V::generic_gated_linear(h, &linear.weight, &bias_and_gates, activation, values)
                 }
                 _ => {
                     let activated = match activation {

@@ -27,8 +27,9 @@
 //!
 //! Blocks are processed in a fixed order, so results are deterministic; they differ from
 //! the composed ops in rounding only (sums over rows split by block, `∂h` through the
-//! scaled weight). f32 on the CPU; elsewhere [`gated_linear`] composes the activation,
-//! [`Linear`] and the product with the gate.
+//! scaled weight). f32 with the fused kernels; with the generic ones the same graph from
+//! tensor ops ([`super::generic_gated_linear`]); otherwise (the fused kernels in half
+//! precision) [`gated_linear`] composes the activation, [`Linear`] and the gate.
 
 use super::linear::{Linear, Output};
 use super::matrix::{column_sums, matmul_parallel, repeat_rows, Mat};
@@ -114,10 +115,21 @@ pub fn gated_linear(
     activation: Activation,
     output: Output,
 ) -> Result<Tensor> {
-    let fused = super::kernels::Kernels::fused_on(h.device())
-        && h.dtype() == DType::F32
-        && gate.dtype() == DType::F32;
+    let fused_kernels = super::kernels::Kernels::fused_on(h.device());
+    let fused = fused_kernels && h.dtype() == DType::F32 && gate.dtype() == DType::F32;
     match linear.bias() {
+        Some(bias) if !fused_kernels => {
+            let (n, _, _) = h.dims3()?;
+            let out = linear.weight().dim(0)?;
+            let bias_and_gates = Tensor::cat(&[bias.unsqueeze(0)?, gate.reshape((n, out))?], 0)?;
+            super::generic_gated_linear::gated_linear(
+                h,
+                linear.weight(),
+                &bias_and_gates,
+                activation,
+                output,
+            )
+        }
         Some(bias) if fused => {
             let (n, s, inner) = h.dims3()?;
             let out = linear.weight().dim(0)?;

@@ -10,6 +10,7 @@ pub mod feed_forward;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod gated_linear;
+pub mod generic_gated_linear;
 pub mod kernels;
 pub mod linear;
 pub mod matrix;
