@@ -1289,7 +1289,7 @@ mod vt {
             let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
             let meter = q.meter().clone();
             let (b, h, s, d) = (q.dims()[0], q.dims()[1], q.dims()[2], q.dims()[3]);
-            let output = V::zeros(&meter, &[b, h, s, d], q.dtype());
+            let output = V::zeros(&meter, &[b, s, h, d], q.dtype());
             let lse = V::zeros(&meter, &[b, h, s, 1], DType::F32);
             let keys_t = kd.t();
             for start in (0..s).step_by(rows) {
@@ -1302,7 +1302,8 @@ mod vt {
                 let sum = exp.sum_keepdim(&[last]);
                 let weights = exp.broadcast_div(&sum).to_dtype(q.dtype());
                 drop(exp);
-                drop(weights.matmul(&vd));
+                let heads = weights.matmul(&vd);
+                drop(heads.transpose(1, 2).contiguous());
                 drop(max.add(&sum.unary(Unary::NoBackward)));
             }
             let op = (q.tracked() || k.tracked() || v.tracked())
@@ -1316,6 +1317,7 @@ mod vt {
                 op,
                 false,
             )
+            .reshape(&[b, s, h * d])
         }
 
         /// The chunked attention's `bwd`, op by op (`nn/chunked_attention.rs`).
@@ -1323,12 +1325,11 @@ mod vt {
             q: &V,
             k: &V,
             v: &V,
-            output: &V,
             lse: &V,
             rows: usize,
             grad: &V,
         ) -> (V, V, V) {
-            let (q, k, v, output) = (&q.detach(), &k.detach(), &v.detach(), &output.detach());
+            let (q, k, v) = (&q.detach(), &k.detach(), &v.detach());
             let s = q.dims()[2];
             let dtype = q.dtype();
             let f32 = DType::F32;
@@ -1347,7 +1348,8 @@ mod vt {
             for start in (0..s).step_by(rows) {
                 let len = rows.min(s - start);
                 let chunk = |t: &V| t.narrow(2, start, len).contiguous();
-                let (q_c, grad_c) = (chunk(q), chunk(&grad));
+                let chunk_merged = |t: &V| t.narrow(1, start, len).transpose(1, 2).contiguous();
+                let (q_c, grad_c) = (chunk(q), chunk_merged(&grad));
                 let probs = q_c
                     .affine(1.0)
                     .matmul(&keys_t)
@@ -1358,13 +1360,8 @@ mod vt {
                 // Owned operands of candle's arithmetic operators are freed as soon as the
                 // op has run, borrowed temporaries at the end of the statement.
                 let last = grad_c.dims().len() - 1;
-                let output_c = chunk(output);
-                let (a, b) = (grad_c.to_dtype(f32), output_c.to_dtype(f32));
-                let product = a.mul(&b);
-                drop((a, b));
-                let row_dot = product.sum_keepdim(&[last]);
-                drop((product, output_c));
                 let grad_probs = grad_c.matmul(&values_t).to_dtype(f32);
+                let row_dot = probs.mul(&grad_probs).sum_keepdim(&[last]);
                 let difference = grad_probs.broadcast_sub(&row_dot);
                 let product = probs.mul(&difference);
                 drop((probs, difference));
@@ -1956,7 +1953,7 @@ mod vt {
             Op::Fused(_, Fused::Gelu) => (vec![true], false),
             Op::SelfAttention(..) => (vec![true], false),
             Op::Attention(..) => (vec![true, true, true], false),
-            Op::ChunkedAttention(..) => (vec![true, true, true], true),
+            Op::ChunkedAttention(..) => (vec![true, true, true], false),
             Op::ModulatedNorm(..) | Op::GenericNorm(..) => (vec![true, false, true], false),
             Op::GenericGatedLinear(..) => (vec![true, true, true], false),
             Op::GatedLinear(h, w, bg, activation) => {
@@ -2181,7 +2178,7 @@ mod vt {
                 grads.accumulate(v, &dv);
             }
             Op::ChunkedAttention(q, k, v, lse, rows) => {
-                let (dq, dk, dv) = V::chunked_attention_backward(q, k, v, node, lse, *rows, grad);
+                let (dq, dk, dv) = V::chunked_attention_backward(q, k, v, lse, *rows, grad);
                 grads.accumulate(q, &dq);
                 grads.accumulate(k, &dk);
                 grads.accumulate(v, &dv);
@@ -2712,7 +2709,7 @@ mod replay {
                     let (q, k, v) = (split_heads(a, &q), split_heads(a, &k), split_heads(a, &v));
                     let (b, h, l) = (q.dims()[0], q.dims()[1], k.dims()[2]);
                     let rows = crate::nn::chunked_attention::chunk_rows(b * h, l);
-                    merge_heads(&V::chunked_attention(&q, &k, &v, rows))
+                    V::chunked_attention(&q, &k, &v, rows)
                 }
             }
         }
@@ -2925,12 +2922,6 @@ mod replay {
         x.reshape(&[b, s, a.heads, a.head_dim])
             .transpose(1, 2)
             .contiguous()
-    }
-
-    /// `Attention::merge_heads`: `(b, h, s, d) → (b, s, h·d)`.
-    fn merge_heads(x: &V) -> V {
-        let (b, h, s, d) = (x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]);
-        x.transpose(1, 2).reshape(&[b, s, h * d])
     }
 
     /// `model::repeat_rows`.

@@ -96,7 +96,7 @@ impl Attention {
             self.split_heads(&k)?,
             self.split_heads(&v)?,
         );
-        merge_heads(&chunked_attention::attention(&q, &k, &v, scale)?)
+        chunked_attention::attention(&q, &k, &v, scale)
     }
 
     /// `(b, s, h·d) → (b, h, s, d)`.
@@ -106,10 +106,4 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()
     }
-}
-
-/// `(b, h, s, d) → (b, s, h·d)`.
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, s, d) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, s, h * d))
 }

@@ -1,6 +1,6 @@
 //! Memory-efficient attention from tensor ops, on every device: `softmax(scale·q·kᵀ)·v`
-//! over chunks of query rows, keeping for the backward pass only `q`, `k`, `v`, the output
-//! and the f32 row log-sum-exp, and recomputing each chunk's probabilities in the
+//! over chunks of query rows, keeping for the backward pass only `q`, `k`, `v` and the
+//! f32 row log-sum-exp, and recomputing each chunk's probabilities in the
 //! backward — FlashAttention's backward (Dao et al. 2022) in candle ops, which run as
 //! cuBLAS products and candle's kernels on CUDA.
 //!
@@ -8,7 +8,8 @@
 //! `P = exp(S − m)`, `ℓ = rowsum P`, `O = (P / ℓ)·v`, `lse = m + ln ℓ`.
 //!
 //! Backward, per chunk: `P = exp(S − lse)`, `dV += Pᵀ·dO`, `dP = dO·vᵀ`,
-//! `D = rowsum(dO ⊙ O)`, `dS = P ⊙ (dP − D)`, `dQ = scale·dS·k`, `dK += scale·dSᵀ·q`.
+//! `D = rowsum(P ⊙ dP)` (= rowsum(dO ⊙ O), without reading O), `dS = P ⊙ (dP − D)`,
+//! `dQ = scale·dS·k`, `dK += scale·dSᵀ·q`.
 //!
 //! A chunk holds at most [`CHUNK_SCORE_ELEMENTS`] scores, which bounds the transient of
 //! both passes; the products and the softmax round as the composed form does (products in
@@ -27,7 +28,8 @@ pub fn chunk_rows(batch_heads: usize, keys: usize) -> usize {
 }
 
 /// `softmax(scale·q·kᵀ)·v` for `q` `(b, h, s, d)`, `k` and `v` `(b, h, l, d)`, in chunks
-/// of [`chunk_rows`] query rows.
+/// of [`chunk_rows`] query rows; the result is in the merged layout `(b, s, h·d)` that the
+/// output projection reads, so that the graph keeps one copy of it.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, _, _) = q.dims4()?;
     let rows = chunk_rows(b * h, k.dim(2)?);
@@ -45,12 +47,14 @@ pub fn attention_in_chunks(
     if rows == 0 {
         candle_core::bail!("chunked attention: chunks of 0 rows");
     }
+    let (b, h, s, d) = q.dims4()?;
     let (output, lse) = forward(&q.detach(), &k.detach(), &v.detach(), scale, rows)?;
     let op = ChunkedAttention { scale, rows, lse };
-    q.attach_op3_arc(k, v, &output, Arc::new(Box::new(op)))
+    q.attach_op3_arc(k, v, &output, Arc::new(Box::new(op)))?
+        .reshape((b, s, h * d))
 }
 
-/// The output `(b, h, s, d)` and the row log-sum-exp `(b, h, s, 1)` in f32.
+/// The output `(b, s, h, d)` and the row log-sum-exp `(b, h, s, 1)` in f32.
 fn forward(
     q: &Tensor,
     k: &Tensor,
@@ -59,7 +63,7 @@ fn forward(
     rows: usize,
 ) -> Result<(Tensor, Tensor)> {
     let (b, h, s, d) = q.dims4()?;
-    let output = Tensor::zeros((b, h, s, d), q.dtype(), q.device())?;
+    let output = Tensor::zeros((b, s, h, d), q.dtype(), q.device())?;
     let lse = Tensor::zeros((b, h, s, 1), DType::F32, q.device())?;
     let keys_t = k.t()?;
     for start in (0..s).step_by(rows) {
@@ -71,7 +75,8 @@ fn forward(
         let sum = exp.sum_keepdim(D::Minus1)?;
         let weights = exp.broadcast_div(&sum)?.to_dtype(q.dtype())?;
         drop(exp);
-        output.slice_set(&weights.matmul(v)?, 2, start)?;
+        let heads = weights.matmul(v)?;
+        output.slice_set(&heads.transpose(1, 2)?.contiguous()?, 1, start)?;
         lse.slice_set(&(max + sum.log()?)?, 2, start)?;
     }
     Ok((output, lse))
@@ -107,12 +112,12 @@ impl CustomOp3 for ChunkedAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        output: &Tensor,
+        _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // On detached operands: the gradients hold no graph (the operands are the graph's
         // own tensors, and products of them would keep every chunk's intermediates alive).
-        let (q, k, v, output) = (&q.detach(), &k.detach(), &v.detach(), &output.detach());
+        let (q, k, v) = (&q.detach(), &k.detach(), &v.detach());
         let (_, _, s, _) = q.dims4()?;
         let dtype = q.dtype();
         let grad = grad.detach().contiguous()?;
@@ -129,18 +134,20 @@ impl CustomOp3 for ChunkedAttention {
         };
         for start in (0..s).step_by(self.rows) {
             let rows = self.rows.min(s - start);
+            // `q` in the heads' layout `(b, h, s, d)`; the output and its gradient in the
+            // merged one `(b, s, h, d)`.
             let chunk = |t: &Tensor| t.narrow(2, start, rows)?.contiguous();
-            let (q_c, grad_c) = (chunk(q)?, chunk(&grad)?);
+            let chunk_merged = |t: &Tensor| t.narrow(1, start, rows)?.transpose(1, 2)?.contiguous();
+            let (q_c, grad_c) = (chunk(q)?, chunk_merged(&grad)?);
             let probs = (&q_c * self.scale)?
                 .matmul(&keys_t)?
                 .to_dtype(DType::F32)?
                 .broadcast_sub(&self.lse.narrow(2, start, rows)?)?
                 .exp()?;
             grad_v = Some(add(grad_v, probs.to_dtype(dtype)?.t()?.matmul(&grad_c)?)?);
-            // D = rowsum(dO ⊙ O) in f32.
-            let row_dot = (grad_c.to_dtype(DType::F32)? * chunk(output)?.to_dtype(DType::F32)?)?
-                .sum_keepdim(D::Minus1)?;
             let grad_probs = grad_c.matmul(&values_t)?.to_dtype(DType::F32)?;
+            // D = rowsum(P ⊙ dP) in f32.
+            let row_dot = (&probs * &grad_probs)?.sum_keepdim(D::Minus1)?;
             let grad_scores = (probs * grad_probs.broadcast_sub(&row_dot)?)?.to_dtype(dtype)?;
             grad_q.slice_set(&(grad_scores.matmul(k)? * self.scale)?, 2, start)?;
             grad_k = Some(add(grad_k, (grad_scores.t()?.matmul(&q_c)? * self.scale)?)?);
@@ -150,7 +157,10 @@ impl CustomOp3 for ChunkedAttention {
     }
 
     fn bwd_reads(&self) -> BackwardReads {
-        BackwardReads::ALL
+        BackwardReads {
+            args: [true, true, true],
+            res: false,
+        }
     }
 }
 
@@ -209,13 +219,17 @@ mod tests {
                     Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
                 };
                 let (q, k, v) = (var(s), var(l), var(l));
-                let upstream = randn(&mut rng, (2, 3, s, 8), &dev)
+                let upstream = randn(&mut rng, (2, s, 24), &dev)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
                 let scale = 1.0 / 8f64.sqrt();
                 let ours = attention_in_chunks(&q, &k, &v, scale, rows).unwrap();
-                let reference = composed(&q, &k, &v, scale);
+                let reference = composed(&q, &k, &v, scale)
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((2, s, 24))
+                    .unwrap();
                 let label = format!("{dtype:?} s {s} l {l} rows {rows}");
                 assert!(relative(&ours, &reference) <= tolerance, "{label}: output");
                 let loss = |t: &Tensor| (t * &upstream).unwrap().sum_all().unwrap();
