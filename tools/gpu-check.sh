@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # tools/gpu-check.sh: the prepared GPU check of latte-rs, in one run of under 8 minutes.
 #
-#   1. parity on CUDA: `latte forward --device cuda` on every golden fixture
+#   1. parity on CUDA: `latte forward --device cuda` on every golden fixture, with the
+#      device-generic kernels (chunked attention, generic norm and gated linear: the
+#      default off the CPU; a CPU dry run passes `--kernels generic` to run them too)
 #      (tests/fixtures/<case>), f32 with --vjp and bf16 forward, compared with diffusers'
 #      float64 reference as the CPU tests do (max |a - e| / max(max |e|, 1)): sample
 #      1e-4, gradients 1e-3 (f32); sample 5e-2 (bf16). Also: `every:1` must give the same
@@ -62,6 +64,12 @@ if [[ -z $LATTE ]]; then
     LATTE=$WORK/latte
     gunzip -c target/gpu/latte.gz >"$LATTE" && chmod +x "$LATTE" ||
         { echo "error: no target/gpu/latte.gz (run tools/build-cuda.sh, carry target/gpu)"; exit 1; }
+fi
+if [[ $DEVICE == cpu ]]; then
+    # A dry run exercises the kernels a GPU runs.
+    generic=$WORK/latte-generic
+    printf '#!/usr/bin/env bash\nexec "%s" --kernels generic "$@"\n' "$LATTE" >"$generic"
+    chmod +x "$generic" && LATTE=$generic
 fi
 if ! "$PY" -c 'import diffusers' 2>/dev/null; then
     if compgen -G '.whl/*.whl' >/dev/null; then
