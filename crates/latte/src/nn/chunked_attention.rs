@@ -166,6 +166,7 @@ impl CustomOp3 for ChunkedAttention {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{grads_of_weighted_sum, max_relative_diff};
     use super::*;
     use crate::random::{randn, rng_for};
     use candle_core::{Device, Var};
@@ -181,25 +182,6 @@ mod tests {
         let sum = exp.sum_keepdim(D::Minus1).unwrap();
         let weights = exp.broadcast_div(&sum).unwrap().to_dtype(dtype).unwrap();
         weights.matmul(v).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    /// max |a − b| / max |b|.
-    fn relative(a: &Tensor, b: &Tensor) -> f64 {
-        max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
-            / max_abs(b)
     }
 
     /// Output and every gradient against the composed form, for chunks of one row, of a
@@ -231,14 +213,16 @@ mod tests {
                     .reshape((2, s, 24))
                     .unwrap();
                 let label = format!("{dtype:?} s {s} l {l} rows {rows}");
-                assert!(relative(&ours, &reference) <= tolerance, "{label}: output");
-                let loss = |t: &Tensor| (t * &upstream).unwrap().sum_all().unwrap();
-                let ours_grads = loss(&ours).backward().unwrap();
-                let reference_grads = loss(&reference).backward().unwrap();
+                assert!(
+                    max_relative_diff(&ours, &reference) <= tolerance,
+                    "{label}: output"
+                );
+                let ours_grads = grads_of_weighted_sum(&ours, &upstream);
+                let reference_grads = grads_of_weighted_sum(&reference, &upstream);
                 for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
                     let a = ours_grads.get(x).expect("a gradient");
                     let b = reference_grads.get(x).unwrap();
-                    let error = relative(a, b);
+                    let error = max_relative_diff(a, b);
                     assert!(error <= tolerance, "{label}: d{name} {error:e}");
                 }
             }

@@ -218,22 +218,10 @@ impl CustomOp3 for GenericGatedLinear {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{grads_of_weighted_sum, max_relative_diff};
     use super::*;
     use crate::random::{randn, rng_for};
     use candle_core::{Device, Var};
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// Value and gradients against candle's autograd through the composed form, with and
     /// without GELU, with values and graph-only. f32: 1e-5 of each tensor's scale (the same
@@ -263,14 +251,9 @@ mod tests {
                     .unwrap()
                     .broadcast_mul(&gates)
                     .unwrap();
-                let error = |a: &Tensor, b: &Tensor| {
-                    max_abs(
-                        &(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-                            .unwrap(),
-                    ) / max_abs(b)
-                };
-                let loss = |t: &Tensor| (t * &upstream).unwrap().sum_all().unwrap();
-                let expected = loss(&reference).backward().unwrap();
+                let error = |a: &Tensor, b: &Tensor| max_relative_diff(a, b);
+                let loss = |t: &Tensor| grads_of_weighted_sum(t, &upstream);
+                let expected = loss(&reference);
                 for (output, rows) in [
                     (Output::Values, 4),
                     (Output::GraphOnly, 15),
@@ -282,7 +265,7 @@ mod tests {
                     if output == Output::Values {
                         assert!(error(&ours, &reference) <= tolerance, "{label}: value");
                     }
-                    let grads = loss(&ours).backward().unwrap();
+                    let grads = loss(&ours);
                     for (name, t) in [("h", &h), ("w", &w), ("bias and gates", &bg)] {
                         let e = error(grads.get(t).unwrap(), expected.get(t).unwrap());
                         assert!(e <= tolerance, "{label}: d{name} {e:e}");
@@ -291,7 +274,7 @@ mod tests {
                     let (w_frozen, bg_frozen) = (w.as_tensor().detach(), bg.as_tensor().detach());
                     let frozen =
                         gated_linear_in_chunks(&h, &w_frozen, &bg_frozen, activation, output, rows);
-                    let grads = loss(&frozen.unwrap()).backward().unwrap();
+                    let grads = loss(&frozen.unwrap());
                     assert!(grads.get(&w_frozen).is_none() && grads.get(&bg_frozen).is_none());
                     let e = error(grads.get(&h).unwrap(), expected.get(&h).unwrap());
                     assert!(e <= tolerance, "{label} frozen: dh {e:e}");

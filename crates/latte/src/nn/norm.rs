@@ -122,22 +122,10 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{grads_of_weighted_sum, max_relative_diff};
     use super::*;
     use crate::random::{randn, rng_for};
     use candle_core::{Device, Var};
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// The generic kernel's value and gradients against candle's autograd through the
     /// composed form. f32: 1e-5 of each tensor's scale (the same formulas, summed in
@@ -163,19 +151,16 @@ mod tests {
                 .unwrap();
             let ours = modulated_layer_norm(&x, &shift, &scale, 1e-6).unwrap();
             let reference = modulate(&layer_norm(&x, 1e-6).unwrap(), &shift, &scale).unwrap();
-            let error = |a: &Tensor, b: &Tensor| {
-                max_abs(
-                    &(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap(),
-                ) / max_abs(b)
-            };
-            assert!(error(&ours, &reference) <= tolerance, "{dtype:?} value");
-            let loss = |t: &Tensor| (t * &upstream).unwrap().sum_all().unwrap();
+            assert!(
+                max_relative_diff(&ours, &reference) <= tolerance,
+                "{dtype:?} value"
+            );
             let (ours, reference) = (
-                loss(&ours).backward().unwrap(),
-                loss(&reference).backward().unwrap(),
+                grads_of_weighted_sum(&ours, &upstream),
+                grads_of_weighted_sum(&reference, &upstream),
             );
             for (name, t) in [("x", &x), ("shift", &shift), ("scale", &scale)] {
-                let e = error(ours.get(t).unwrap(), reference.get(t).unwrap());
+                let e = max_relative_diff(ours.get(t).unwrap(), reference.get(t).unwrap());
                 assert!(e <= tolerance, "{dtype:?} d{name}: {e:e}");
             }
         }
