@@ -272,13 +272,37 @@ fn measured_costs_are_cached() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// Runs `latte profile` into a fresh directory and checks the whole step: measured within
+/// `budget_bytes` and within 10 % of the plan's prediction. Returns the output directory.
+fn profile_keeps_its_prediction(args: &[&str], budget_bytes: u64, name: &str) -> PathBuf {
+    let out =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut all = vec!["profile"];
+    all.extend_from_slice(args);
+    all.extend(["--steps", "1", "--out", out.to_str().unwrap()]);
+    let output = latte(&all);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("profile.json")).unwrap()).unwrap();
+    let predicted = summary["predicted_peak_bytes"].as_f64().unwrap();
+    let measured = summary["measured_peak_bytes"].as_f64().unwrap();
+    assert!(
+        (predicted - measured).abs() <= 0.1 * predicted && measured <= budget_bytes as f64,
+        "{predicted} vs {measured}"
+    );
+    out
+}
+
 #[test]
 fn profile_writes_the_timeline_and_both_plots() {
-    let out =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("profile-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let output = latte(&[
-        "profile",
+    // The whole training step — weights, AdamW state, EMA, batch, chain and update — as
+    // `latte train` runs it, against the plan's account.
+    let args = [
         "--preset",
         "tiny",
         "--mode",
@@ -289,26 +313,8 @@ fn profile_writes_the_timeline_and_both_plots() {
         "2",
         "--budget",
         "40MiB",
-        "--steps",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("profile.json")).unwrap()).unwrap();
-    // The whole training step — weights, AdamW state, EMA, batch, chain and update — as
-    // `latte train` runs it, against the plan's account.
-    let predicted = summary["predicted_peak_bytes"].as_f64().unwrap();
-    let measured = summary["measured_peak_bytes"].as_f64().unwrap();
-    assert!(
-        (predicted - measured).abs() <= 0.1 * predicted && measured <= (40 << 20) as f64,
-        "{predicted} vs {measured}"
-    );
+    ];
+    let out = profile_keeps_its_prediction(&args, 40 << 20, "profile");
     let timeline: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("timeline.json")).unwrap()).unwrap();
     let names: Vec<&str> = timeline["timeline"]
@@ -337,11 +343,7 @@ fn profile_writes_the_timeline_and_both_plots() {
 
 #[test]
 fn profile_of_guided_sampling_keeps_the_prediction() {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("profile-guide-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let output = latte(&[
-        "profile",
+    let args = [
         "--preset",
         "tiny",
         "--mode",
@@ -351,23 +353,7 @@ fn profile_of_guided_sampling_keeps_the_prediction() {
         "f32",
         "--budget",
         "12MiB",
-        "--steps",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("profile.json")).unwrap()).unwrap();
-    let predicted = summary["predicted_peak_bytes"].as_f64().unwrap();
-    let measured = summary["measured_peak_bytes"].as_f64().unwrap();
-    assert!(
-        (predicted - measured).abs() <= 0.1 * predicted && measured <= (12 << 20) as f64,
-        "{predicted} vs {measured}"
-    );
+    ];
+    let out = profile_keeps_its_prediction(&args, 12 << 20, "profile-guide");
     let _ = std::fs::remove_dir_all(&out);
 }

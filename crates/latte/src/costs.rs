@@ -1281,6 +1281,19 @@ mod vt {
             (gradient(q), gradient(k), gradient(v))
         }
 
+        /// `Tensor::attach_op3_arc`: `value`'s storage and shape as the result of `op`.
+        fn attached(value: &V, op: Option<Op>) -> V {
+            V::node(
+                value.meter(),
+                value.dims().to_vec(),
+                None,
+                value.dtype(),
+                value.0.storage.clone(),
+                op,
+                false,
+            )
+        }
+
         /// `nn/chunked_attention.rs` forward on `q` `(b, h, s, d)`, `k` and `v`
         /// `(b, h, l, d)`: on detached operands, the zeroed output and row log-sum-exp, and
         /// per chunk of `rows` query rows the scaled scores, their softmax in f32 and the
@@ -1308,16 +1321,7 @@ mod vt {
             }
             let op = (q.tracked() || k.tracked() || v.tracked())
                 .then(|| Op::ChunkedAttention(q.clone(), k.clone(), v.clone(), lse, rows));
-            V::node(
-                &meter,
-                output.dims().to_vec(),
-                None,
-                output.dtype(),
-                output.0.storage.clone(),
-                op,
-                false,
-            )
-            .reshape(&[b, s, h * d])
+            V::attached(&output, op).reshape(&[b, s, h * d])
         }
 
         /// The chunked attention's `bwd`, op by op (`nn/chunked_attention.rs`).
@@ -1445,15 +1449,7 @@ mod vt {
             let op = (h.tracked() || w.tracked() || bias_and_gates.tracked()).then(|| {
                 Op::GenericGatedLinear(h.clone(), w.clone(), bias_and_gates.clone(), activation)
             });
-            V::node(
-                h.meter(),
-                value.dims().to_vec(),
-                None,
-                value.dtype(),
-                value.0.storage.clone(),
-                op,
-                false,
-            )
+            V::attached(&value, op)
         }
 
         fn bias_and_gates_parts(bias_and_gates: &V, n: usize) -> (V, V) {
@@ -1593,15 +1589,7 @@ mod vt {
         pub(super) fn generic_norm(x: &V, shift: &V, scale: &V, normed: V) -> V {
             let op = (x.tracked() || shift.tracked() || scale.tracked())
                 .then(|| Op::GenericNorm(x.clone(), shift.clone(), scale.clone()));
-            V::node(
-                x.meter(),
-                normed.dims().to_vec(),
-                None,
-                normed.dtype(),
-                normed.0.storage.clone(),
-                op,
-                false,
-            )
+            V::attached(&normed, op)
         }
 
         /// The generic modulated norm's `bwd`, op by op (`nn/norm.rs`).
