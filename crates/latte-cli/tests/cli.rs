@@ -53,10 +53,19 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn forward_vjp_file_contract_matches_diffusers() {
-    let dir = scratch("contract");
+    // Both kernel sets: the fused CPU kernels and the device-generic ones a GPU runs.
+    for kernels in ["fused", "generic"] {
+        forward_vjp_matches_diffusers_with(kernels);
+    }
+}
+
+fn forward_vjp_matches_diffusers_with(kernels: &str) {
+    let dir = scratch(&format!("contract-{kernels}"));
     let out = dir.join("out.safetensors");
     let case = fixtures().join("video");
     let output = latte(&[
+        "--kernels",
+        kernels,
         "forward",
         "--model",
         path(&case.join("model")),
@@ -93,7 +102,10 @@ fn forward_vjp_file_contract_matches_diffusers() {
             .unwrap();
         let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
         let tolerance = if name == "sample" { 1e-4 } else { 1e-3 };
-        assert!(max_abs_diff(got, reference) / scale <= tolerance, "{name}");
+        assert!(
+            max_abs_diff(got, reference) / scale <= tolerance,
+            "{kernels}: {name}"
+        );
     }
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("memory.json")).unwrap()).unwrap();
