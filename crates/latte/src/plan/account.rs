@@ -54,7 +54,7 @@ pub struct MemoryAccount {
     pub optimizer_moments_bytes: u64,
     /// The f32 moving average of the weights (training).
     pub ema_bytes: u64,
-    /// Handles and names of the tensors held across steps.
+    /// Handles and names of the tensors held across steps (host heap only).
     pub handles_bytes: u64,
     /// Batches the data loader holds ahead of the step (host memory, f32).
     pub prefetch_bytes: u64,
@@ -104,6 +104,8 @@ impl MemoryAccount {
             .map(|s| s.numel() as u64)
             .sum();
         let elem = setting.precision.dtype().size_in_bytes() as u64;
+        // Handles and names live on the host: they count where the host heap is measured.
+        let host = u64::from(workload.memory == Memory::Host);
         let kernel_workspace_bytes = match workload.memory {
             Memory::Host => rayon::current_num_threads() as u64 * 4 * largest_matrix(&specs),
             Memory::Device => 0,
@@ -142,7 +144,8 @@ impl MemoryAccount {
                     optimizer_moments_bytes: 8 * count,
                     ema_bytes: 4 * count,
                     // Weights, two moments, EMA (and master weights), and their names.
-                    handles_bytes: tensors
+                    handles_bytes: host
+                        * tensors
                         * (TENSOR_HANDLE_BYTES * if low_precision { 5 } else { 4 } + NAMES_BYTES),
                     prefetch_bytes: prefetch_batches as u64 * sizes.host_batch_bytes(),
                     step_inputs_bytes: sizes.host_batch_bytes() + prepared,
@@ -172,7 +175,7 @@ impl MemoryAccount {
                 MemoryAccount {
                     parameter_count: count,
                     weights_bytes,
-                    handles_bytes: tensors * TENSOR_HANDLE_BYTES,
+                    handles_bytes: host * tensors * TENSOR_HANDLE_BYTES,
                     step_inputs_bytes: inputs,
                     // ε̂ and ∂L/∂x̂₀, and the upstream gradient over the model's batch.
                     output_transient_bytes: 4
