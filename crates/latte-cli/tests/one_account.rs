@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::{latte, latte_text, scratch};
+use common::{chosen, latte_text, plan_json, scratch};
 use serde_json::Value;
 
 /// The chosen row of `latte plan --json` for a training workload of the tiny preset.
 fn planned(precision: &str, batch: &str, grad_accum: &str, budget: &str) -> Value {
-    let output = latte(&[
+    let report = plan_json(&[
         "plan",
         "--preset",
         "tiny",
@@ -23,16 +23,8 @@ fn planned(precision: &str, batch: &str, grad_accum: &str, budget: &str) -> Valu
         grad_accum,
         "--budget",
         budget,
-        "--json",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let index = report["chosen"].as_u64().expect("a chosen row") as usize;
-    report["candidates"][index].clone()
+    chosen(&report).clone()
 }
 
 /// The policy `latte train` prints for one step of the same workload.

@@ -3,28 +3,9 @@
 
 mod common;
 
-use common::{assert_fails, latte, latte_command};
+use common::{assert_fails, chosen, latte, latte_command, plan_json};
 use serde_json::Value;
 use std::path::PathBuf;
-
-/// Runs a plan with `--json` and returns its report.
-fn plan_json(args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let output = latte(&all);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{all:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
-}
-
-fn chosen(report: &Value) -> &Value {
-    let index = report["chosen"].as_u64().expect("a chosen candidate") as usize;
-    &report["candidates"][index]
-}
 
 fn row<'a>(report: &'a Value, policy: &str) -> &'a Value {
     report["candidates"]

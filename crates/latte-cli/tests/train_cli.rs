@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{latte_text, scratch};
+use common::{chosen, latte_text, plan_json, scratch};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -69,7 +69,7 @@ fn the_readme_command_trains_within_its_budget() {
     assert!(out.join("checkpoint-3").join("transformer").is_dir());
     // The policy it ran is the one `latte plan` chooses for the same flags (the preset's
     // batch of 4).
-    let (ok, plan) = latte_text(&[
+    let plan = plan_json(&[
         "plan",
         "--preset",
         "tiny",
@@ -81,12 +81,8 @@ fn the_readme_command_trains_within_its_budget() {
         "4",
         "--budget",
         "96MiB",
-        "--json",
     ]);
-    assert!(ok, "{plan}");
-    let plan: Value = serde_json::from_str(&plan).unwrap();
-    let chosen = &plan["candidates"][plan["chosen"].as_u64().unwrap() as usize];
-    let policy = chosen["policy"].as_str().unwrap();
+    let policy = chosen(&plan)["policy"].as_str().unwrap();
     assert!(
         text.contains(&format!("policy {policy} (")),
         "plan chose {policy}: {text}"

@@ -58,3 +58,23 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Runs a plan with `--json` and returns its report.
+pub fn plan_json(args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let output = latte(&all);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{all:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// The chosen candidate of a `latte plan --json` report.
+pub fn chosen(report: &serde_json::Value) -> &serde_json::Value {
+    let index = report["chosen"].as_u64().expect("a chosen candidate") as usize;
+    &report["candidates"][index]
+}
