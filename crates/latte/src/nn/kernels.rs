@@ -5,7 +5,8 @@
 //! The choice is made per thread, as PyTorch's `sdp_kernel` context manager does: the
 //! model's ops read [`Kernels::active`] on the thread that runs the model (where the
 //! forward, the backward and remat's recomputation run; worker threads only execute
-//! kernels). Without a choice, a device gets [`Kernels::for_device`].
+//! kernels). Without a choice, the CPU runs the fused kernels and every other device the
+//! generic ones ([`Kernels::active`]).
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -30,15 +31,6 @@ thread_local! {
 }
 
 impl Kernels {
-    /// The default for `device`: fused on the CPU, generic elsewhere.
-    pub fn for_device(device: &Device) -> Self {
-        if device.is_cpu() {
-            Kernels::Fused
-        } else {
-            Kernels::Generic
-        }
-    }
-
     /// The default for a device named on the command line (`cpu`, `cuda`, `cuda:1`).
     pub fn for_device_name(device: &str) -> Self {
         if device == "cpu" {

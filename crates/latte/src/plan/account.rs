@@ -346,19 +346,14 @@ impl Sizes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{latte_1, InputGeometry};
+    use crate::config::latte_1;
     use crate::costs::Kernels;
 
     fn latte_1_workload(task: Task) -> Workload {
+        let preset = latte_1();
         Workload {
-            config: latte_1().config,
-            geometry: InputGeometry {
-                batch: 1,
-                frames: 16,
-                height: 64,
-                width: 64,
-                caption_tokens: 120,
-            },
+            config: preset.config,
+            geometry: preset.geometry,
             task,
             kernels: Kernels::Generic,
             memory: Memory::Device,
