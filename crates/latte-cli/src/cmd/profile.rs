@@ -130,8 +130,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     let png = args.out.join("profile.png");
     write_svg(&plot, &svg)?;
     write_png(&plot, &png)?;
-    let error = 100.0 * (measured_peak_bytes as f64 - chosen.total_peak_bytes as f64)
-        / chosen.total_peak_bytes.max(1) as f64;
+    let error = error_pct(measured_peak_bytes, chosen.total_peak_bytes);
     println!(
         "measured peak of the whole step {} (above the {} live before the run), predicted {} \
          ({error:+.1} %)",
@@ -264,6 +263,11 @@ fn record_guidance(
     Ok(Some(recorder.finish()))
 }
 
+/// How far the measured peak is from the predicted one, in percent of the prediction.
+fn error_pct(measured: u64, predicted: u64) -> f64 {
+    100.0 * (measured as f64 - predicted as f64) / predicted.max(1) as f64
+}
+
 /// What a phase of the executor is doing, for its colour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -373,7 +377,7 @@ impl PlotData {
         }
         let measured = base + report.peak_bytes;
         let predicted = chosen.total_peak_bytes;
-        let error = 100.0 * (predicted as f64 - measured as f64) / measured.max(1) as f64;
+        let error = error_pct(measured, predicted);
         let model = outcome.model.split(" — ").next().unwrap_or(&outcome.model);
         Self {
             title: format!(
