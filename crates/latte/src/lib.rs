@@ -7,6 +7,7 @@
 //! - [`config`]: diffusers' `config.json` → validated [`config::LatteConfig`]; presets.
 //! - [`weights`]: model directories (single or sharded safetensors), checked loading, saving;
 //!   [`init`]: fresh weights (PyTorch's defaults, or PixArt-α's for training from scratch).
+//! - [`lora`]: low-rank adapters in PEFT's format, attached or merged.
 //! - [`nn`]: the building blocks; [`model`]: the transformer as a remat chain.
 //! - [`diffusion`]: the noise schedule and the training loss; [`optim`]: AdamW, clipping,
 //!   loss scaling, EMA; [`data`]: synthetic videos and pre-encoded clips; [`train`]: the
@@ -25,6 +26,7 @@ pub mod diffusion;
 pub mod guide;
 pub mod init;
 pub mod io;
+pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod optim;

@@ -106,6 +106,44 @@ impl Latte {
         })
     }
 
+    /// Every linear layer under its diffusers module name (`adaln_single.linear`,
+    /// `transformer_blocks.0.attn1.to_q`, …, `proj_out`): where low-rank updates attach.
+    /// The patch embedding, a convolution in diffusers, is not among them.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        fn named<'a>(
+            prefix: &str,
+            layers: Vec<(&'static str, &'a mut Linear)>,
+        ) -> Vec<(String, &'a mut Linear)> {
+            layers
+                .into_iter()
+                .map(|(name, l)| (format!("{prefix}.{name}"), l))
+                .collect()
+        }
+        let mut layers = named("adaln_single", self.adaln_single.linears_mut());
+        layers.extend(named(
+            "caption_projection",
+            self.caption_projection.linears_mut(),
+        ));
+        for (prefix, blocks) in [
+            ("transformer_blocks", &mut self.transformer_blocks),
+            (
+                "temporal_transformer_blocks",
+                &mut self.temporal_transformer_blocks,
+            ),
+        ] {
+            for (i, block) in blocks.iter_mut().enumerate() {
+                layers.extend(
+                    block
+                        .linears_mut()
+                        .into_iter()
+                        .map(|(name, l)| (format!("{prefix}.{i}.{name}"), l)),
+                );
+            }
+        }
+        layers.push(("proj_out".to_string(), &mut self.proj_out));
+        layers
+    }
+
     /// The configuration the model was built from.
     pub fn config(&self) -> &LatteConfig {
         &self.config

@@ -248,13 +248,26 @@ impl ModelDir {
     /// The model with frozen weights (plain tensors: no parameter gradients), converted to
     /// `dtype` on `device`.
     pub fn load_frozen(&self, dtype: DType, device: &Device) -> Result<Latte, WeightsError> {
+        Ok(frozen_from(
+            &self.config,
+            self.frozen_tensors(dtype, device)?,
+            dtype,
+            device,
+        )?)
+    }
+
+    /// Every parameter by diffusers name, converted to `dtype` on `device`.
+    pub fn frozen_tensors(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>, WeightsError> {
         let mut tensors = HashMap::new();
         for spec in parameter_specs(&self.config)? {
             let t = self.tensors.load(&spec.name, device)?.to_dtype(dtype)?;
             tensors.insert(spec.name, t);
         }
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        Ok(Latte::new(&self.config, vb)?)
+        Ok(tensors)
     }
 
     /// The model with trainable weights: every parameter a [`Var`] in the returned map.
@@ -324,6 +337,17 @@ pub fn trainable_from(
     }
     let model = Latte::new(config, VarBuilder::from_varmap(&varmap, dtype, device))?;
     Ok((model, varmap))
+}
+
+/// A model with frozen weights (plain tensors: no parameter gradients) from `tensors` by
+/// diffusers name, in `dtype` on `device`.
+pub fn frozen_from(
+    config: &LatteConfig,
+    tensors: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Latte> {
+    Latte::new(config, VarBuilder::from_tensors(tensors, dtype, device))
 }
 
 /// The same model with frozen weights: plain tensors sharing the variables' storage, so

@@ -9,7 +9,7 @@
 
 use super::gated_linear::{gated_linear, Activation};
 use super::kernels::Kernels;
-use super::linear::{Linear, Output};
+use super::linear::{Linear, Output, StackedLinear};
 use super::{chunked_attention, fused_attention};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -80,7 +80,7 @@ impl Attention {
         if fused && context.is_none() {
             // One product for q, k and v: `[q | k | v]` rows, which the kernel reads in
             // place and whose gradient it returns packed the same way.
-            let qkv = Linear::stacked(&[&self.to_q, &self.to_k, &self.to_v])?.forward(x)?;
+            let qkv = StackedLinear::new(&[&self.to_q, &self.to_k, &self.to_v])?.forward(x)?;
             return fused_attention::self_attention(&qkv, self.num_heads, scale);
         }
         let context = context.unwrap_or(x);
@@ -97,6 +97,16 @@ impl Attention {
             self.split_heads(&v)?,
         );
         chunked_attention::attention(&q, &k, &v, scale)
+    }
+
+    /// The projections under their diffusers names (`to_q`, `to_k`, `to_v`, `to_out.0`).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("to_q", &mut self.to_q),
+            ("to_k", &mut self.to_k),
+            ("to_v", &mut self.to_v),
+            ("to_out.0", &mut self.to_out),
+        ]
     }
 
     /// `(b, s, h·d) → (b, h, s, d)`.

@@ -14,7 +14,7 @@
 
 use super::attention::Attention;
 use super::feed_forward::FeedForward;
-use super::linear::Output;
+use super::linear::{Linear, Output};
 use super::norm::modulated_layer_norm;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -120,6 +120,29 @@ impl TransformerBlock {
         let [shift_mlp, scale_mlp, gate_mlp] = self.modulation(timestep, 3)?;
         let x = modulated_layer_norm(h, &shift_mlp, &scale_mlp, self.norm_eps)?;
         h + self.ff.forward_gated(&x, &gate_mlp, output)?
+    }
+
+    /// The linear layers under their names in the block (`attn1.to_q`, …, `ff.net.2`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut layers = Vec::new();
+        let attentions = [Some(&mut self.attn1), self.attn2.as_mut()];
+        for (name, attention) in ["attn1", "attn2"].into_iter().zip(attentions) {
+            if let Some(attention) = attention {
+                layers.extend(
+                    attention
+                        .linears_mut()
+                        .into_iter()
+                        .map(|(layer, l)| (format!("{name}.{layer}"), l)),
+                );
+            }
+        }
+        layers.extend(
+            self.ff
+                .linears_mut()
+                .into_iter()
+                .map(|(layer, l)| (format!("ff.{layer}"), l)),
+        );
+        layers
     }
 
     /// Rows `first..first + 3` of `scale_shift_table + t`: three `(v, 1, d)` vectors

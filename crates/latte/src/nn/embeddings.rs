@@ -186,6 +186,15 @@ impl AdaLayerNormSingle {
         })
     }
 
+    /// The linear layers under their diffusers names.
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("emb.timestep_embedder.linear_1", &mut self.linear_1),
+            ("emb.timestep_embedder.linear_2", &mut self.linear_2),
+            ("linear", &mut self.linear),
+        ]
+    }
+
     /// Timesteps `(b,)` → (modulation `(b, 6·dim)`, embedded timestep `(b, dim)`) in `dtype`.
     pub fn forward(&self, timesteps: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let features = timestep_features(timesteps, TIMESTEP_CHANNELS)?.to_dtype(dtype)?;
@@ -212,6 +221,14 @@ impl CaptionProjection {
             linear_1: Linear::new(caption_channels, dim, true, vb.pp("linear_1"))?,
             linear_2: Linear::new(dim, dim, true, vb.pp("linear_2"))?,
         })
+    }
+
+    /// The linear layers under their diffusers names.
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("linear_1", &mut self.linear_1),
+            ("linear_2", &mut self.linear_2),
+        ]
     }
 
     /// `(b, l, caption_channels) → (b, l, dim)`.

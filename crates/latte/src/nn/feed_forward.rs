@@ -23,6 +23,14 @@ impl FeedForward {
         })
     }
 
+    /// The projections under their diffusers names (`net.0.proj`, `net.2`).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("net.0.proj", &mut self.proj_in),
+            ("net.2", &mut self.proj_out),
+        ]
+    }
+
     /// `gate ⊙ ff(x)` for `x`: `(n, s, dim)` and `gate`: `(n, 1, dim)`; the GELU, the
     /// second projection and the gate are one op on the CPU in f32 ([`gated_linear`]),
     /// which skips its work when `output` asks for the graph only.

@@ -107,8 +107,28 @@ impl Activation {
     }
 }
 
-/// `gate ⊙ linear(act(h))` for `h`: `(n, s, inner)` and `gate`: `(n, 1, out)`.
+/// `gate ⊙ linear(act(h))` for `h`: `(n, s, inner)` and `gate`: `(n, 1, out)`. A layer's
+/// low-rank update is added as `gate ⊙ Δ(act(h))` ([`LowRank::gated_delta`]) beside the
+/// base layer's op (without values when `output` asks for the graph only, as the
+/// result's values are then never read).
+///
+/// [`LowRank::gated_delta`]: super::low_rank::LowRank::gated_delta
 pub fn gated_linear(
+    h: &Tensor,
+    linear: &Linear,
+    gate: &Tensor,
+    activation: Activation,
+    output: Output,
+) -> Result<Tensor> {
+    let Some(adapter) = linear.adapter() else {
+        return gated_base(h, linear, gate, activation, output);
+    };
+    let base = gated_base(h, linear, gate, activation, output)?;
+    base + adapter.gated_delta(&activation.apply(h)?, gate)?
+}
+
+/// `gate ⊙ (b + act(h)·Wᵀ)` of the base layer.
+fn gated_base(
     h: &Tensor,
     linear: &Linear,
     gate: &Tensor,
@@ -149,7 +169,9 @@ pub fn gated_linear(
                 .apply_op3(&linear.weight().contiguous()?, &bias_and_gates, op)?
                 .reshape((n, s, out))
         }
-        _ => linear.forward(&activation.apply(h)?)?.broadcast_mul(gate),
+        _ => linear
+            .forward_base(&activation.apply(h)?, Output::Values)?
+            .broadcast_mul(gate),
     }
 }
 

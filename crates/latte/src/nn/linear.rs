@@ -7,7 +7,11 @@
 //! `∂W = ∂yᵀ·x`, and `∂b = Σ_rows ∂y` summed in f64 by row blocks in parallel, each only
 //! for a tracked operand; a stored graph keeps `x` when `W` is
 //! tracked and `W` when `x` is (as candle's `matmul` with latte-rs's patch 2).
+//!
+//! A layer may carry a low-rank update ([`LowRank`], LoRA): its output is then the base
+//! layer's plus the update's thin products.
 
+use super::low_rank::LowRank;
 use super::matrix::{column_sums, matmul_parallel, repeat_rows, Mat};
 use super::ops::{cpu, widened, zeroed};
 use candle_core::backend::BackendStorage;
@@ -27,11 +31,13 @@ pub enum Output {
     GraphOnly,
 }
 
-/// `torch.nn.Linear`: weight `(out, in)`, optional bias `(out,)`.
+/// `torch.nn.Linear`: weight `(out, in)`, optional bias `(out,)`, and optionally a
+/// low-rank update of the weight.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    adapter: Option<LowRank>,
 }
 
 impl Linear {
@@ -49,27 +55,43 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            adapter: None,
+        })
     }
 
     /// A layer from an existing weight `(out, in)` and bias.
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            adapter: None,
+        }
     }
 
-    /// One layer computing `layers` side by side (`(…, in) → (…, Σ out)`): their weights
-    /// and biases stacked along the output dimension (a copy, differentiable; each
-    /// layer's parameters get their part of the gradient).
-    pub fn stacked(layers: &[&Linear]) -> Result<Self> {
-        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
-        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
-        if biases.is_none() && layers.iter().any(|l| l.bias.is_some()) {
-            candle_core::bail!("linear: stacked layers must all have a bias or none");
+    /// The layer with `adapter` as its low-rank update (replacing any it had).
+    ///
+    /// # Errors
+    /// When the update's shape does not fit the weight's.
+    pub fn set_adapter(&mut self, adapter: LowRank) -> Result<()> {
+        let (out, inner) = self.weight.dims2()?;
+        if adapter.down().dims()[1] != inner || adapter.out_dim() != out {
+            candle_core::bail!(
+                "linear ({out}, {inner}): a low-rank update with down {:?} and up {:?} does not \
+                 fit (expected (r, {inner}) and ({out}, r))",
+                adapter.down().dims(),
+                adapter.up().dims()
+            );
         }
-        Ok(Self {
-            weight: Tensor::cat(&weights, 0)?,
-            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
-        })
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    /// The low-rank update, if the layer has one.
+    pub fn adapter(&self) -> Option<&LowRank> {
+        self.adapter.as_ref()
     }
 
     /// The weight `(out, in)`.
@@ -91,6 +113,15 @@ impl Linear {
     /// [`Linear::forward`]; with [`Output::GraphOnly`] the biased product's result is zeros
     /// (its backward reads the operands only).
     pub fn forward_with(&self, x: &Tensor, output: Output) -> Result<Tensor> {
+        let y = self.forward_base(x, output)?;
+        match &self.adapter {
+            Some(adapter) => y + adapter.delta(x)?,
+            None => Ok(y),
+        }
+    }
+
+    /// The base layer alone, `x·Wᵀ + b`, without the low-rank update.
+    pub fn forward_base(&self, x: &Tensor, output: Output) -> Result<Tensor> {
         let mut out_dims = x.dims().to_vec();
         let in_dim = out_dims.pop().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
@@ -113,6 +144,63 @@ impl Linear {
         };
         out_dims.push(out_dim);
         y.reshape(out_dims)
+    }
+}
+
+/// Layers computed side by side on one input (`(…, in) → (…, Σ out)`), as one product
+/// with their weights and biases stacked along the output dimension (a copy,
+/// differentiable: each layer's parameters get their part of the gradient), plus each
+/// layer's low-rank update in its columns.
+#[derive(Debug, Clone)]
+pub struct StackedLinear {
+    base: Linear,
+    /// Each layer's output width and update.
+    adapters: Vec<(usize, Option<LowRank>)>,
+}
+
+impl StackedLinear {
+    /// Stacks `layers`.
+    ///
+    /// # Errors
+    /// When some layers have a bias and others none, or their input widths differ.
+    pub fn new(layers: &[&Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        if biases.is_none() && layers.iter().any(|l| l.bias.is_some()) {
+            candle_core::bail!("linear: stacked layers must all have a bias or none");
+        }
+        Ok(Self {
+            base: Linear::from_parts(
+                Tensor::cat(&weights, 0)?,
+                biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+            ),
+            adapters: layers
+                .iter()
+                .map(|l| Ok((l.weight.dim(0)?, l.adapter.clone())))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Every layer's output, concatenated along the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        if self.adapters.iter().all(|(_, a)| a.is_none()) {
+            return Ok(y);
+        }
+        // The updates side by side, zeros in the columns of layers without one.
+        let rows: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+        let parts = self
+            .adapters
+            .iter()
+            .map(|(out, adapter)| match adapter {
+                Some(adapter) => adapter.delta(x),
+                None => {
+                    let dims: Vec<usize> = rows.iter().copied().chain([*out]).collect();
+                    Tensor::zeros(dims, x.dtype(), x.device())
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        y + Tensor::cat(&parts, x.rank() - 1)?
     }
 }
 

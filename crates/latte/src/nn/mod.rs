@@ -13,6 +13,7 @@ pub mod gated_linear;
 pub mod generic_gated_linear;
 pub mod kernels;
 pub mod linear;
+pub mod low_rank;
 pub mod matrix;
 pub mod norm;
 pub mod ops;
