@@ -24,8 +24,9 @@ Writes ``<out>/`` (default ``tests/fixtures/lora``), on the model and inputs of 
     against. Make it with::
 
         latte train --model tests/fixtures/batch/model --lora 4 --lora-targets \
-            to_q,to_k,to_v,to_out.0,ff.net.2 --steps 3 --batch 1 --save-every 0 --out /tmp/lora-run
-        python tools/make_lora_fixture.py --latte-adapter /tmp/lora-run/latest-adapter
+            to_q,to_k,to_v,to_out.0,ff.net.2 --steps 20 --warmup 0 --lr 1e-2 --batch 1 \
+            --save-every 0 --out /tmp/lora-run
+        python tools/make_lora_fixture.py --latte-adapter /tmp/lora-run/checkpoint-20/adapter
 
 * ``meta.json``: seed and package versions.
 
@@ -132,6 +133,11 @@ def check_latte_adapter(out: Path, fixtures: Path, adapter: Path) -> None:
     target = out / "latte_adapter"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(adapter, target)
+    # The run recorded the base by absolute path; the fixture names it in the repository.
+    config_file = target / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "tests/fixtures/batch/model"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
     model, inputs, temporal = load_case(fixtures)
     peft_model = PeftModel.from_pretrained(model, target).double()
     sample, _ = run(peft_model, inputs, temporal, grads=False)

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use latte::costs::{Kernels, Memory};
+use latte::lora::{LoraConfig, TargetModules};
 
 /// Device, logging and randomness.
 #[derive(Debug, Args)]
@@ -172,6 +173,37 @@ impl Precision {
             Precision::F16 => latte::train::Precision::F16,
             Precision::Bf16 => latte::train::Precision::Bf16,
         }
+    }
+}
+
+/// The LoRA flags of `latte train`, `latte plan` and `latte profile`.
+#[derive(Debug, Clone, Args)]
+pub struct LoraArgs {
+    /// Train LoRA adapters of this rank instead of every weight: the base model frozen in
+    /// the run's precision, the adapters in f32 (checkpoints in PEFT's format).
+    #[arg(long, value_name = "RANK", value_parser = clap::value_parser!(u64).range(1..))]
+    pub lora: Option<u64>,
+    /// LoRA's α: updates are scaled by α / rank [default: the rank].
+    #[arg(long, value_name = "ALPHA", requires = "lora")]
+    pub lora_alpha: Option<f64>,
+    /// Layers to adapt, as PEFT's target_modules: module names or name suffixes,
+    /// comma-separated (e.g. to_q,to_v,ff.net.2) [default: to_k,to_q,to_v,to_out.0].
+    #[arg(long, value_name = "NAMES", value_delimiter = ',', requires = "lora")]
+    pub lora_targets: Option<Vec<String>>,
+}
+
+impl LoraArgs {
+    /// The adapter configuration the flags ask for, as diffusers' LoRA training scripts
+    /// make it (α = rank, Gaussian initialisation of `A`), if any.
+    pub fn config(&self) -> Option<LoraConfig> {
+        let rank = self.lora? as usize;
+        let targets = match &self.lora_targets {
+            Some(names) => TargetModules::Names(names.clone()),
+            None => TargetModules::default_targets(),
+        };
+        let mut config = LoraConfig::new(rank, self.lora_alpha.unwrap_or(rank as f64), targets);
+        config.init_lora_weights = "gaussian".into();
+        Some(config)
     }
 }
 

@@ -357,12 +357,14 @@ pub fn analytic_costs(
         throughput,
         true,
         Memory::Host,
+        None,
     )
 }
 
 /// [`analytic_costs`] of the chain with temporal attention on or off
 /// (`Latte::chain(temporal)`; off, the chain holds the spatial blocks only), its memory
-/// counted where it lives.
+/// counted where it lives, and with low-rank updates on `adapters` (LoRA: in training
+/// they are the trained parameters and the base weights are frozen).
 #[allow(clippy::too_many_arguments)]
 pub fn analytic_chain_costs(
     config: &LatteConfig,
@@ -373,6 +375,7 @@ pub fn analytic_chain_costs(
     throughput: &Throughput,
     temporal: bool,
     memory: Memory,
+    adapters: Option<&[crate::lora::AdaptedLayer]>,
 ) -> Result<LatteCosts, CostsError> {
     check_geometry(config, geometry)?;
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -380,7 +383,9 @@ pub fn analytic_chain_costs(
             "dtype {dtype:?}: the model computes in f32, f16 or bf16"
         )));
     }
-    let replay = replay::Replay::new(config, geometry, dtype, mode, kernels, temporal, memory);
+    let replay = replay::Replay::new(
+        config, geometry, dtype, mode, kernels, temporal, memory, adapters,
+    );
     let (stages, work, output_bytes, reserved_bytes) = replay.run()?;
     let stages = stages
         .into_iter()
@@ -2288,8 +2293,10 @@ mod replay {
     use super::vt::{backward, release_unneeded, Fused, Grads, Meter, Unary, V};
     use super::{CostsError, Kernels, Memory, Mode, StageCosts, StageWork};
     use crate::config::{InputGeometry, LatteConfig};
+    use crate::lora::AdaptedLayer;
     use crate::nn::gated_linear::Activation;
     use candle_core::DType;
+    use std::collections::HashMap;
     use std::rc::Rc;
 
     /// Width of the sinusoidal timestep features (`embeddings.rs`).
@@ -2299,25 +2306,113 @@ mod replay {
     struct Linear {
         weight: V,
         bias: Option<V>,
+        adapter: Option<LowRank>,
     }
 
-    impl Linear {
-        /// `nn::linear::Linear::stacked`: weights and biases concatenated (copies).
-        fn stacked(layers: &[&Linear]) -> Linear {
+    /// `nn::low_rank::LowRank`: `A` `(r, in)` and `B` `(out, r)`, f32 variables.
+    struct LowRank {
+        down: V,
+        up: V,
+    }
+
+    impl LowRank {
+        /// `A` and `s·B` in `dtype`.
+        fn factors(&self, dtype: DType) -> (V, V) {
+            (
+                self.down.to_dtype(dtype),
+                self.up.affine(1.0).to_dtype(dtype),
+            )
+        }
+
+        /// `LowRank::delta` of a `(rows, in)` input.
+        fn delta(&self, x: &V) -> V {
+            let (down, up) = self.factors(x.dtype());
+            x.matmul(&down.t()).matmul(&up.t())
+        }
+
+        /// `LowRank::gated_delta`.
+        fn gated_delta(&self, x: &V, gate: &V) -> V {
+            let (v, rows, in_dim) = (x.dims()[0], x.dims()[1], x.dims()[2]);
+            let (down, up) = self.factors(x.dtype());
+            let rank = down.dims()[0];
+            let reduced = x
+                .reshape(&[v * rows, in_dim])
+                .matmul(&down.t())
+                .reshape(&[v, rows, rank]);
+            let gated_up = up.t().unsqueeze(0).broadcast_mul(gate);
+            reduced.matmul(&gated_up)
+        }
+    }
+
+    /// `nn::linear::StackedLinear`: weights and biases concatenated (copies), and each
+    /// layer's update.
+    struct StackedLinear<'a> {
+        base: Linear,
+        layers: Vec<&'a Linear>,
+        meter: Rc<Meter>,
+    }
+
+    impl<'a> StackedLinear<'a> {
+        fn new(layers: &[&'a Linear], meter: &Rc<Meter>) -> Self {
             let weights: Vec<&V> = layers.iter().map(|l| &l.weight).collect();
             let biases: Option<Vec<&V>> = layers.iter().map(|l| l.bias.as_ref()).collect();
-            Linear {
-                weight: V::cat(&weights, 0),
-                bias: biases.map(|b| V::cat(&b, 0)),
+            StackedLinear {
+                base: Linear {
+                    weight: V::cat(&weights, 0),
+                    bias: biases.map(|b| V::cat(&b, 0)),
+                    adapter: None,
+                },
+                layers: layers.to_vec(),
+                meter: meter.clone(),
             }
         }
 
+        fn forward(&self, x: &V) -> V {
+            if self.layers.iter().all(|l| l.adapter.is_none()) {
+                return self.base.forward(x);
+            }
+            let mut dims = x.dims().to_vec();
+            let in_dim = dims.pop().unwrap_or(1);
+            let rows = x.reshape(&[x.numel() / in_dim.max(1), in_dim]);
+            let y = self.base.forward(&rows);
+            let parts: Vec<V> = self
+                .layers
+                .iter()
+                .map(|l| match &l.adapter {
+                    Some(adapter) => adapter.delta(&rows),
+                    None => V::zeros(
+                        &self.meter,
+                        &[rows.dims()[0], l.weight.dims()[0]],
+                        x.dtype(),
+                    ),
+                })
+                .collect();
+            let y = y.add(&V::cat(&parts.iter().collect::<Vec<_>>(), 1));
+            dims.push(y.dims()[1]);
+            y.reshape(&dims)
+        }
+    }
+
+    impl Linear {
         fn forward(&self, x: &V) -> V {
             self.forward_with(x, true)
         }
 
         /// `values: false` is `Output::GraphOnly`.
         fn forward_with(&self, x: &V, values: bool) -> V {
+            let Some(adapter) = &self.adapter else {
+                return self.forward_base(x, values);
+            };
+            let mut dims = x.dims().to_vec();
+            let in_dim = dims.pop().unwrap_or(1);
+            let rows = x.reshape(&[x.numel() / in_dim.max(1), in_dim]);
+            let y = self.forward_base(&rows, values).add(&adapter.delta(&rows));
+            dims.push(y.dims()[1]);
+            y.reshape(&dims)
+        }
+
+        /// `Linear::forward_base`.
+        fn forward_base(&self, x: &V, values: bool) -> V {
             let mut out_dims = x.dims().to_vec();
             let in_dim = out_dims.pop().unwrap_or(1);
             let rows = x.numel() / in_dim.max(1);
@@ -2365,6 +2460,9 @@ mod replay {
         kernels: Kernels,
         /// Temporal attention on: blocks alternate spatial and temporal.
         temporal: bool,
+        /// Layers with a trained low-rank update, by module name (LoRA: the base weights
+        /// are then frozen).
+        adapters: Option<HashMap<String, AdaptedLayer>>,
     }
 
     /// The head's results as `remat::grads::run_head` keeps them.
@@ -2384,6 +2482,7 @@ mod replay {
     type ChainReplay = (Vec<StageCosts>, Vec<StageWork>, u64, u64);
 
     impl Replay {
+        #[allow(clippy::too_many_arguments)]
         pub(super) fn new(
             config: &LatteConfig,
             geometry: &InputGeometry,
@@ -2392,6 +2491,7 @@ mod replay {
             kernels: Kernels,
             temporal: bool,
             memory: Memory,
+            adapters: Option<&[AdaptedLayer]>,
         ) -> Self {
             Self {
                 meter: Rc::new(Meter::new(kernels, memory)),
@@ -2401,40 +2501,62 @@ mod replay {
                 mode,
                 kernels,
                 temporal,
+                adapters: adapters.map(|layers| {
+                    layers
+                        .iter()
+                        .map(|l| (l.module.clone(), l.clone()))
+                        .collect()
+                }),
             }
         }
 
+        /// A base parameter: trainable in training without adapters.
         fn param(&self, dims: &[usize]) -> V {
-            V::existing(&self.meter, dims, self.dtype, self.mode.trains_parameters())
+            let trained = self.mode.trains_parameters() && self.adapters.is_none();
+            V::existing(&self.meter, dims, self.dtype, trained)
         }
 
-        fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Linear {
+        /// The linear layer `module`, with its update if it has one.
+        fn linear(&self, module: &str, in_dim: usize, out_dim: usize, bias: bool) -> Linear {
+            let adapter = self
+                .adapters
+                .as_ref()
+                .and_then(|a| a.get(module))
+                .map(|layer| {
+                    let trained = self.mode.trains_parameters();
+                    LowRank {
+                        down: V::existing(&self.meter, &[layer.rank, in_dim], DType::F32, trained),
+                        up: V::existing(&self.meter, &[out_dim, layer.rank], DType::F32, trained),
+                    }
+                });
             Linear {
                 weight: self.param(&[out_dim, in_dim]),
                 bias: bias.then(|| self.param(&[out_dim])),
+                adapter,
             }
         }
 
-        fn new_attention(&self) -> Attention {
+        fn new_attention(&self, prefix: &str) -> Attention {
             let c = &self.config;
             let (d, bias) = (c.hidden_size(), c.attention_bias);
             Attention {
-                to_q: self.linear(d, d, bias),
-                to_k: self.linear(d, d, bias),
-                to_v: self.linear(d, d, bias),
-                to_out: self.linear(d, d, true),
+                to_q: self.linear(&format!("{prefix}.to_q"), d, d, bias),
+                to_k: self.linear(&format!("{prefix}.to_k"), d, d, bias),
+                to_v: self.linear(&format!("{prefix}.to_v"), d, d, bias),
+                to_out: self.linear(&format!("{prefix}.to_out.0"), d, d, true),
                 heads: c.num_heads,
                 head_dim: c.head_dim,
             }
         }
 
-        fn block(&self, cross_attention: bool) -> Block {
+        /// The block `prefix` (`transformer_blocks.3`).
+        fn block(&self, prefix: &str, cross_attention: bool) -> Block {
             let d = self.config.hidden_size();
             Block {
-                attn1: self.new_attention(),
-                attn2: cross_attention.then(|| self.new_attention()),
-                ff_in: self.linear(d, 4 * d, true),
-                ff_out: self.linear(4 * d, d, true),
+                attn1: self.new_attention(&format!("{prefix}.attn1")),
+                attn2: cross_attention.then(|| self.new_attention(&format!("{prefix}.attn2"))),
+                ff_in: self.linear(&format!("{prefix}.ff.net.0.proj"), d, 4 * d, true),
+                ff_out: self.linear(&format!("{prefix}.ff.net.2"), 4 * d, d, true),
                 table: self.param(&[6, d]),
             }
         }
@@ -2455,12 +2577,17 @@ mod replay {
             let layers = self.config.num_layers;
             // Weights of their own per layer, as gradients accumulate per parameter.
             let blocks: Vec<[Block; 2]> = (0..layers)
-                .map(|_| [self.block(true), self.block(false)])
+                .map(|i| {
+                    [
+                        self.block(&format!("transformer_blocks.{i}"), true),
+                        self.block(&format!("temporal_transformer_blocks.{i}"), false),
+                    ]
+                })
                 .collect();
             let d = self.config.hidden_size();
             let tail_table = self.param(&[2, d]);
             let p = self.config.patch_size;
-            let proj_out = self.linear(d, p * p * self.config.out_channels, true);
+            let proj_out = self.linear("proj_out", d, p * p * self.config.out_channels, true);
 
             // Each block runs as two stages, its attention and its feed-forward half, and
             // blocks alternate spatial and temporal (`LatteChain`) when temporal attention
@@ -2637,6 +2764,32 @@ mod replay {
             activation: Activation,
             values: bool,
         ) -> V {
+            let base = self.gated_base(h, linear, gate, activation, values);
+            match &linear.adapter {
+                Some(adapter) => {
+                    base.add(&adapter.gated_delta(&self.activate(h, activation), gate))
+                }
+                None => base,
+            }
+        }
+
+        /// `Activation::apply`.
+        fn activate(&self, h: &V, activation: Activation) -> V {
+            match activation {
+                Activation::Identity => h.clone(),
+                Activation::GeluTanh => self.gelu_tanh(h),
+            }
+        }
+
+        /// `gated_linear::gated_base`.
+        fn gated_base(
+            &self,
+            h: &V,
+            linear: &Linear,
+            gate: &V,
+            activation: Activation,
+            values: bool,
+        ) -> V {
             match &linear.bias {
                 Some(bias) if self.kernels == Kernels::Fused && h.dtype() == DType::F32 => {
                     let (n, s, inner) = (h.dims()[0], h.dims()[1], h.dims()[2]);
@@ -2656,13 +2809,9 @@ mod replay {
                     let bias_and_gates = V::cat(&[&bias.unsqueeze(0), &gate.reshape(&[n, out])], 0);
                     V::generic_gated_linear(h, &linear.weight, &bias_and_gates, activation, values)
                 }
-                _ => {
-                    let activated = match activation {
-                        Activation::Identity => h.clone(),
-                        Activation::GeluTanh => self.gelu_tanh(h),
-                    };
-                    linear.forward(&activated).broadcast_mul(gate)
-                }
+                _ => linear
+                    .forward_base(&self.activate(h, activation), true)
+                    .broadcast_mul(gate),
             }
         }
 
@@ -2684,7 +2833,7 @@ mod replay {
 
         fn attend(&self, a: &Attention, x: &V, context: Option<&V>) -> V {
             if self.kernels == Kernels::Fused && context.is_none() {
-                let qkv = Linear::stacked(&[&a.to_q, &a.to_k, &a.to_v]).forward(x);
+                let qkv = StackedLinear::new(&[&a.to_q, &a.to_k, &a.to_v], &self.meter).forward(x);
                 return V::fused_self_attention(&qkv, a.heads);
             }
             let context = context.unwrap_or(x);
@@ -2836,12 +2985,15 @@ mod replay {
             let patch_proj = Linear {
                 weight: self.param(&[d, c.in_channels, p, p]).reshape(&[d, fan_in]),
                 bias: Some(self.param(&[d])),
+                adapter: None,
             };
-            let t_linear_1 = self.linear(TIMESTEP_CHANNELS, d, true);
-            let t_linear_2 = self.linear(d, d, true);
-            let t_linear = self.linear(d, 6 * d, true);
-            let cap_1 = self.linear(c.caption_channels, d, true);
-            let cap_2 = self.linear(d, d, true);
+            let embedder = "adaln_single.emb.timestep_embedder";
+            let t_linear_1 =
+                self.linear(&format!("{embedder}.linear_1"), TIMESTEP_CHANNELS, d, true);
+            let t_linear_2 = self.linear(&format!("{embedder}.linear_2"), d, d, true);
+            let t_linear = self.linear("adaln_single.linear", d, 6 * d, true);
+            let cap_1 = self.linear("caption_projection.linear_1", c.caption_channels, d, true);
+            let cap_2 = self.linear("caption_projection.linear_2", d, d, true);
 
             let (b, f, h, w) = (g.batch, g.frames, g.height, g.width);
             let frames = hidden
@@ -2982,6 +3134,7 @@ mod tests {
                 &t,
                 true,
                 Memory::Device,
+                None,
             )
             .unwrap()
         };

@@ -410,9 +410,10 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// A fresh adapter for a model with `model_config`, initialised as PEFT does
-    /// (`init_lora_weights=True`): `A` uniform in ±1/√in (Kaiming-uniform with a = √5),
-    /// from a generator seeded by `seed` and the layer's name; `B` zero, so that the
+    /// A fresh adapter for a model with `model_config`, initialised as PEFT does: `A`
+    /// uniform in ±1/√in (`init_lora_weights=True`, Kaiming-uniform with a = √5) or normal
+    /// with standard deviation 1/r (`"gaussian"`, what diffusers' training scripts ask
+    /// for), from a generator seeded by `seed` and the layer's name; `B` zero, so that the
     /// adapted model starts as the base model.
     pub fn fresh(
         config: LoraConfig,
@@ -420,23 +421,37 @@ impl Adapter {
         seed: u64,
         device: &Device,
     ) -> Result<Self, LoraError> {
-        let layers = config
-            .targets(model_config)
-            .map_err(|message| LoraError::Config {
-                path: "LoRA settings".into(),
-                message,
-            })?;
+        let settings_error = |message: String| LoraError::Config {
+            path: "LoRA settings".into(),
+            message,
+        };
+        let init = &config.init_lora_weights;
+        if !(*init == true || *init == "gaussian") {
+            return Err(settings_error(format!(
+                "init_lora_weights {init}: fresh adapters start as true (Kaiming-uniform) or \
+                 \"gaussian\""
+            )));
+        }
+        let layers = config.targets(model_config).map_err(settings_error)?;
         let factors = layers
             .iter()
             .map(|layer| {
-                let bound = 1.0 / (layer.in_dim as f64).sqrt();
+                let init = if config.init_lora_weights == "gaussian" {
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: 1.0 / layer.rank as f64,
+                    }
+                } else {
+                    let bound = 1.0 / (layer.in_dim as f64).sqrt();
+                    Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    }
+                };
                 let spec = crate::weights::ParamSpec {
                     name: layer.down_name(),
                     shape: vec![layer.rank, layer.in_dim],
-                    init: Init::Uniform {
-                        lo: -bound,
-                        up: bound,
-                    },
+                    init,
                 };
                 let down = Tensor::from_vec(
                     crate::random::init_values(&spec, seed)?,

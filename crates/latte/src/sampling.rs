@@ -166,6 +166,7 @@ pub fn guide_workload(
         kernels: Kernels::active(device),
         memory: Memory::of(device),
         temporal,
+        lora: None,
     }
 }
 

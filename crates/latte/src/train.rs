@@ -12,6 +12,11 @@
 //! 2. unscale (f16), clip by global norm, AdamW (f32 master weights in low precision),
 //!    EMA of the weights.
 //!
+//! With [`TrainConfig::lora`] the trained parameters are low-rank adapters' f32 factors
+//! ([`crate::lora`]): the base weights are frozen in the compute precision (no gradients,
+//! no optimiser state, no master copy), and AdamW, clipping, accumulation and the EMA
+//! apply to the factors.
+//!
 //! Because every random draw is a function of `(seed, step, micro-batch)` and the data
 //! order a function of `(seed, position)`, a run resumed from a checkpoint continues
 //! bitwise as if it had never stopped (CPU f32).
@@ -25,7 +30,9 @@
 //! # Checkpoints
 //!
 //! `<out>/checkpoint-<step>/` holds `transformer/` (diffusers layout, the training
-//! precision), `ema/` (diffusers layout, f32), `scheduler/scheduler_config.json` (the DDIM
+//! precision), `ema/` (diffusers layout, f32) — with LoRA, `adapter/` and `ema/` are
+//! adapters in PEFT's format instead ([`crate::lora`]) and `state.json` names the base
+//! model —, `scheduler/scheduler_config.json` (the DDIM
 //! scheduler that samples them, [`sampling_scheduler`]), `optimizer.safetensors`
 //! (`exp_avg.<name>`, `exp_avg_sq.<name>`, and `master.<name>` when training in bf16/f16)
 //! and `state.json` ([`TrainState`]). It is written to a temporary directory and renamed;
@@ -39,6 +46,7 @@ use crate::data::synthetic::SyntheticVideos;
 use crate::data::{Batch, ClipShape, DataError, Dataset, Loader};
 use crate::diffusion::{LossTarget, NoiseSchedule};
 use crate::init::Initialisation;
+use crate::lora::{Adapter, LoraConfig, LoraError};
 use crate::model::{Latte, LatteInputs};
 use crate::optim::{
     clip_grad_norm, global_grad_norm, sorted_params, warmup_lr, AdamW, AdamWConfig, Ema,
@@ -48,7 +56,7 @@ use crate::plan::{
     plan_run, AnalyticCosts, Candidate, PlanningError, RunMemory, Setting, Task, Workload,
 };
 use crate::random::{normal_values, rng_for};
-use crate::weights::{trainable_from, ModelDir, WeightsError};
+use crate::weights::{frozen_from, trainable_from, ModelDir, WeightsError};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::Rng;
@@ -70,6 +78,8 @@ pub const LATEST_FILE: &str = "latest";
 pub const STATE_FILE: &str = "state.json";
 /// Optimiser state file of a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The trained adapter's directory in a LoRA run's checkpoint (PEFT's format).
+pub const ADAPTER_DIR: &str = "adapter";
 /// Version of the checkpoint layout.
 const STATE_FORMAT: u32 = 1;
 /// Batches the background loader reads ahead (shard data).
@@ -84,6 +94,9 @@ pub enum TrainError {
     /// The model could not be loaded or saved.
     #[error(transparent)]
     Weights(#[from] WeightsError),
+    /// The LoRA adapter could not be made, read or written.
+    #[error(transparent)]
+    Lora(#[from] LoraError),
     /// The data could not be read or does not fit the model.
     #[error(transparent)]
     Data(#[from] DataError),
@@ -205,6 +218,9 @@ pub struct TrainConfig {
     /// 2¹⁶ when absent).
     #[serde(default)]
     pub initial_loss_scale: Option<f64>,
+    /// Train low-rank adapters of this configuration instead of the weights (LoRA).
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for TrainConfig {
@@ -228,6 +244,7 @@ impl Default for TrainConfig {
             seed: 0,
             temporal: true,
             initial_loss_scale: None,
+            lora: None,
         }
     }
 }
@@ -273,6 +290,10 @@ impl TrainConfig {
                 ));
             }
         }
+        if let Some(lora) = &self.lora {
+            lora.validate()
+                .map_err(|m| TrainError::Config(format!("LoRA: {m}")))?;
+        }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return fail(format!(
                 "caption dropout {} must lie in [0, 1]",
@@ -283,8 +304,10 @@ impl TrainConfig {
     }
 }
 
-/// Where the initial weights come from.
-#[derive(Debug, Clone)]
+/// Where the initial weights come from (with LoRA: the frozen base model, recorded in
+/// every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ModelSource {
     /// Fresh weights for `config`, initialised from `seed` for training from scratch
     /// ([`Initialisation::FromScratch`]).
@@ -364,6 +387,9 @@ pub struct TrainState {
     pub config: TrainConfig,
     /// The run's data.
     pub data: DataSource,
+    /// The frozen base model of a LoRA run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<ModelSource>,
     /// How randomness is derived: nothing else needs restoring.
     pub rng: String,
 }
@@ -432,6 +458,7 @@ pub fn train_workload(
         kernels: Kernels::active(device),
         memory: Memory::of(device),
         temporal: config.temporal,
+        lora: config.lora.clone(),
     }
 }
 
@@ -472,6 +499,25 @@ pub struct Trainer {
     out_dir: PathBuf,
     metrics: std::fs::File,
     last_checkpoint: Option<PathBuf>,
+    /// The frozen base and the adapter's layout of a LoRA run.
+    lora: Option<LoraRun>,
+}
+
+/// What a LoRA run trains on: its base model and the adapter's layers (the factors are
+/// the trainer's variables).
+struct LoraRun {
+    base: ModelSource,
+    adapter: Adapter,
+}
+
+impl LoraRun {
+    /// PEFT's `base_model_name_or_path`: the base model's directory, if it has one.
+    fn base_name(&self) -> Option<String> {
+        match &self.base {
+            ModelSource::Directory(dir) => Some(dir.display().to_string()),
+            ModelSource::Fresh { .. } => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Trainer {
@@ -543,11 +589,62 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
 
 /// What a run starts from.
 struct Start {
+    /// The trained parameters (f32, sorted by name): the model's weights, or the
+    /// adapter's factors.
     weights: NamedTensors,
     config_file: LatteConfigFile,
     config: TrainConfig,
     data: DataSource,
     resumed: Option<Resumed>,
+    lora: Option<LoraStart>,
+}
+
+/// A LoRA run's frozen base weights (f32, by name) and adapter.
+struct LoraStart {
+    run: LoraRun,
+    base_weights: HashMap<String, Tensor>,
+}
+
+/// The f32 weights and the configuration file of a model source.
+fn source_weights(
+    source: &ModelSource,
+    device: &Device,
+) -> Result<(NamedTensors, LatteConfigFile), TrainError> {
+    Ok(match source {
+        ModelSource::Fresh { config, seed } => {
+            let (_, varmap) = crate::weights::fresh_trainable_with(
+                config,
+                Initialisation::FromScratch,
+                *seed,
+                DType::F32,
+                device,
+            )?;
+            (
+                named_tensors(&varmap)?,
+                LatteConfigFile::from_config(config),
+            )
+        }
+        ModelSource::Directory(dir) => {
+            let opened = ModelDir::open(dir)?;
+            let (_, varmap) = opened.load_trainable(DType::F32, device)?;
+            (named_tensors(&varmap)?, opened.config_file().clone())
+        }
+    })
+}
+
+/// A LoRA run on `base` with `adapter` (fresh, or read from a checkpoint).
+fn lora_start(
+    base: ModelSource,
+    base_weights: NamedTensors,
+    adapter: Adapter,
+) -> (NamedTensors, LoraStart) {
+    let mut factors = adapter.named_factors();
+    factors.sort_by(|a, b| a.0.cmp(&b.0));
+    let start = LoraStart {
+        run: LoraRun { base, adapter },
+        base_weights: base_weights.into_iter().collect(),
+    };
+    (factors, start)
 }
 
 /// Saved optimiser state to restore.
@@ -569,24 +666,21 @@ impl Trainer {
         device: &Device,
     ) -> Result<Self, TrainError> {
         config.validate()?;
-        let (weights, config_file) = match model {
-            ModelSource::Fresh { config, seed } => {
-                let (_, varmap) = crate::weights::fresh_trainable_with(
-                    &config,
-                    Initialisation::FromScratch,
-                    seed,
-                    DType::F32,
-                    device,
-                )?;
-                (
-                    named_tensors(&varmap)?,
-                    LatteConfigFile::from_config(&config),
-                )
+        // A LoRA checkpoint names its base: by absolute path, to resume from anywhere.
+        let model = match model {
+            ModelSource::Directory(dir) if config.lora.is_some() => {
+                ModelSource::Directory(std::path::absolute(&dir).unwrap_or(dir))
             }
-            ModelSource::Directory(dir) => {
-                let opened = ModelDir::open(&dir)?;
-                let (_, varmap) = opened.load_trainable(DType::F32, device)?;
-                (named_tensors(&varmap)?, opened.config_file().clone())
+            other => other,
+        };
+        let (weights, config_file) = source_weights(&model, device)?;
+        let (weights, lora) = match &config.lora {
+            None => (weights, None),
+            Some(lora) => {
+                let model_config = config_file.resolve().map_err(WeightsError::from)?;
+                let adapter = Adapter::fresh(lora.clone(), &model_config, config.seed, device)?;
+                let (factors, start) = lora_start(model, weights, adapter);
+                (factors, Some(start))
             }
         };
         Self::assemble(
@@ -596,6 +690,7 @@ impl Trainer {
                 config,
                 data,
                 resumed: None,
+                lora,
             },
             out_dir,
             device,
@@ -628,30 +723,55 @@ impl Trainer {
                 state.format
             )));
         }
-        let transformer = ModelDir::open(&dir.join("transformer"))?;
-        let (_, varmap) = transformer.load_trainable(DType::F32, device)?;
-        let mut weights = named_tensors(&varmap)?;
         let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), device)
             .map_err(|e| fail(format!("{OPTIMIZER_FILE}: {e}")))?;
-        // Master weights are the exact f32 values of a low-precision run.
-        for (name, w) in &mut weights {
-            if let Some(master) = optimizer.get(&format!("master.{name}")) {
-                *w = master.clone();
+        let (weights, config_file, ema, lora) = match &state.config.lora {
+            None => {
+                let transformer = ModelDir::open(&dir.join("transformer"))?;
+                let (_, varmap) = transformer.load_trainable(DType::F32, device)?;
+                let mut weights = named_tensors(&varmap)?;
+                // Master weights are the exact f32 values of a low-precision run.
+                for (name, w) in &mut weights {
+                    if let Some(master) = optimizer.get(&format!("master.{name}")) {
+                        *w = master.clone();
+                    }
+                }
+                let ema_file = dir.join("ema").join(crate::weights::WEIGHTS_FILE);
+                let ema = candle_core::safetensors::load(&ema_file, device)
+                    .map_err(|e| fail(format!("{}: {e}", ema_file.display())))?;
+                (weights, transformer.config_file().clone(), ema, None)
             }
-        }
-        let ema_file = dir.join("ema").join(crate::weights::WEIGHTS_FILE);
-        let ema = candle_core::safetensors::load(&ema_file, device)
-            .map_err(|e| fail(format!("{}: {e}", ema_file.display())))?;
+            Some(_) => {
+                let base = state.base_model.clone().ok_or_else(|| {
+                    fail(format!("{STATE_FILE} of a LoRA run names no base_model"))
+                })?;
+                let (base_weights, config_file) = source_weights(&base, device)?;
+                let model_config = config_file.resolve().map_err(WeightsError::from)?;
+                let adapter = Adapter::load(&dir.join(ADAPTER_DIR), &model_config, device)?;
+                let ema = Adapter::load(&dir.join("ema"), &model_config, device)?
+                    .named_factors()
+                    .into_iter()
+                    .collect();
+                let (factors, start) = lora_start(base, base_weights, adapter);
+                (factors, config_file, ema, Some(start))
+            }
+        };
         let mut config = state.config.clone();
         let mut data = state.data.clone();
         adjust(&mut config, &mut data);
         config.validate()?;
+        if config.lora != state.config.lora {
+            return Err(fail(
+                "the LoRA settings of a run cannot change when it is resumed".into(),
+            ));
+        }
         Self::assemble(
             Start {
                 weights,
-                config_file: transformer.config_file().clone(),
+                config_file,
                 config,
                 data,
+                lora,
                 resumed: Some(Resumed {
                     dir: dir.clone(),
                     state,
@@ -671,22 +791,39 @@ impl Trainer {
             config,
             data,
             resumed,
+            lora,
         } = start;
         let model_config = config_file.resolve().map_err(WeightsError::from)?;
         let steps_done = resumed.as_ref().map_or(0, |r| r.state.step);
         std::fs::create_dir_all(out_dir).map_err(output_error(out_dir))?;
 
         let dtype = config.precision.dtype();
-        let (model, varmap) = trainable_from(
-            &model_config,
-            weights
-                .iter()
-                .map(|(name, w)| Ok((name.clone(), w.clone()))),
-            dtype,
-            device,
-        )?;
+        let (model, varmap, lora) = match lora {
+            None => {
+                let (model, varmap) = trainable_from(
+                    &model_config,
+                    weights
+                        .iter()
+                        .map(|(name, w)| Ok((name.clone(), w.clone()))),
+                    dtype,
+                    device,
+                )?;
+                (model, varmap, None)
+            }
+            Some(LoraStart { run, base_weights }) => {
+                // The base frozen in the compute precision; the factors f32 variables.
+                let mut model = frozen_from(&model_config, base_weights, dtype, device)?;
+                let factors: HashMap<String, Tensor> = weights.iter().cloned().collect();
+                let varmap = run
+                    .adapter
+                    .with_factors(&factors)?
+                    .attach_trainable(&mut model)?;
+                (model, varmap, Some(run))
+            }
+        };
         let params = sorted_params(&varmap)?;
-        let masters = config.precision.uses_master_weights();
+        // Adapters are f32 variables: no master copy.
+        let masters = config.precision.uses_master_weights() && lora.is_none();
         let mut optimizer = AdamW::new(
             &params,
             config.optimizer,
@@ -766,6 +903,7 @@ impl Trainer {
             metrics,
             last_checkpoint,
             config,
+            lora,
         };
         trainer.check_data_fits(dataset.as_ref())?;
         Ok(trainer)
@@ -1021,18 +1159,31 @@ impl Trainer {
         }
         std::fs::create_dir_all(dir).map_err(output_error(dir))?;
         let weights = named_tensors(&self.varmap)?;
-        crate::weights::save_model_dir(
-            &dir.join("transformer"),
-            &self.config_file,
-            &weights,
-            self.config.precision.dtype(),
-        )?;
-        crate::weights::save_model_dir(
-            &dir.join("ema"),
-            &self.config_file,
-            self.ema.weights(),
-            DType::F32,
-        )?;
+        match &self.lora {
+            None => {
+                crate::weights::save_model_dir(
+                    &dir.join("transformer"),
+                    &self.config_file,
+                    &weights,
+                    self.config.precision.dtype(),
+                )?;
+                crate::weights::save_model_dir(
+                    &dir.join("ema"),
+                    &self.config_file,
+                    self.ema.weights(),
+                    DType::F32,
+                )?;
+            }
+            Some(lora) => {
+                let base = lora.base_name();
+                let adapter = |factors: &[(String, Tensor)]| {
+                    let factors: HashMap<String, Tensor> = factors.iter().cloned().collect();
+                    lora.adapter.with_factors(&factors)
+                };
+                adapter(&weights)?.save(&dir.join(ADAPTER_DIR), base.as_deref())?;
+                adapter(self.ema.weights())?.save(&dir.join("ema"), base.as_deref())?;
+            }
+        }
         let scheduler = dir.join(crate::pipeline::SCHEDULER_CONFIG_FILE);
         std::fs::create_dir_all(scheduler.parent().unwrap_or(dir)).map_err(output_error(dir))?;
         let json = crate::pipeline::ddim_config_to_json(&sampling_scheduler());
@@ -1048,6 +1199,7 @@ impl Trainer {
             loss_scaler: self.scaler,
             config: self.config.clone(),
             data: self.data.clone(),
+            base_model: self.lora.as_ref().map(|l| l.base.clone()),
             rng: "each micro-batch's timesteps, noise and caption dropout come from a \
                   generator seeded by (config.seed, step, micro-batch); the data order \
                   from (config.seed, epoch)"
@@ -1074,9 +1226,18 @@ impl Trainer {
         &self.model
     }
 
-    /// The model's variables.
+    /// The trained variables: the model's weights, or the LoRA adapter's factors.
     pub fn varmap(&self) -> &VarMap {
         &self.varmap
+    }
+
+    /// The adapter with its current factors, in a LoRA run.
+    pub fn adapter(&self) -> Result<Option<Adapter>, TrainError> {
+        let Some(lora) = &self.lora else {
+            return Ok(None);
+        };
+        let factors: HashMap<String, Tensor> = named_tensors(&self.varmap)?.into_iter().collect();
+        Ok(Some(lora.adapter.with_factors(&factors)?))
     }
 
     /// Steps taken so far.

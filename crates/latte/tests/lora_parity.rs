@@ -121,3 +121,32 @@ fn merged_adapter_matches_peft() {
     );
     assert!(base_err > 100.0 * OUTPUT_TOLERANCE, "{base_err:e}");
 }
+
+/// An adapter latte-rs trained (`latte train --lora`, 20 steps), loaded by PEFT: PEFT's
+/// output equals latte-rs's, with the adapter attached and merged.
+#[test]
+fn adapter_trained_by_latte_gives_pefts_output() {
+    let case = case();
+    let adapter = Adapter::load(
+        &common::fixture("lora").join("latte_adapter"),
+        case.base.config(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let expected =
+        &common::load(common::fixture("lora").join("latte_expected.safetensors"))["sample"];
+    let inputs = common::fixture_inputs(&case.inputs, DType::F32);
+    let mut attached = case.base.load_frozen(DType::F32, &Device::Cpu).unwrap();
+    adapter.attach(&mut attached, 1.0).unwrap();
+    let err = relative_error(&attached.forward(&inputs, true).unwrap(), expected);
+    assert!(err <= OUTPUT_TOLERANCE, "attached: {err:e}");
+    let mut weights = case.base.frozen_tensors(DType::F32, &Device::Cpu).unwrap();
+    adapter.merge_into(&mut weights, 1.0).unwrap();
+    let merged = frozen_from(case.base.config(), weights, DType::F32, &Device::Cpu).unwrap();
+    let err = relative_error(&merged.forward(&inputs, true).unwrap(), expected);
+    assert!(err <= OUTPUT_TOLERANCE, "merged: {err:e}");
+    // The trained update moves the output well beyond the tolerance.
+    let base = case.base.load_frozen(DType::F32, &Device::Cpu).unwrap();
+    let moved = relative_error(&base.forward(&inputs, true).unwrap(), expected);
+    assert!(moved > 100.0 * OUTPUT_TOLERANCE, "{moved:e}");
+}

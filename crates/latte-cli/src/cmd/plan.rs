@@ -9,7 +9,7 @@
 
 use crate::budget::{parse_budget, BudgetChoice, ResolvedBudget};
 use crate::cmd::model_source::ModelSource;
-use crate::options::{GlobalOptions, Precision};
+use crate::options::{GlobalOptions, LoraArgs, Precision};
 use anyhow::{bail, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use latte::config::{InputGeometry, LatteConfig};
@@ -76,6 +76,8 @@ pub struct PlanRequest {
     /// Skip the temporal blocks, as `latte train --no-temporal`.
     #[arg(long)]
     pub no_temporal: bool,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Videos per step, or `auto`: the largest batch that fits.
     #[arg(long, default_value = "1", value_parser = parse_batch)]
     pub batch: BatchChoice,
@@ -250,8 +252,13 @@ impl PlanRequest {
                     0
                 },
             },
-            ModeArg::Guide if self.grad_accum > 1 || self.data_files => {
-                bail!("--grad-accum and --data-files describe training: use them with --mode train")
+            ModeArg::Guide
+                if self.grad_accum > 1 || self.data_files || self.lora.lora.is_some() =>
+            {
+                bail!(
+                    "--grad-accum, --data-files and --lora describe training: use them with \
+                     --mode train (sampling with an adapter merges it into the weights)"
+                )
             }
             ModeArg::Guide => Task::Guide { cfg: self.cfg },
         };
@@ -263,6 +270,7 @@ impl PlanRequest {
                 kernels: global.kernels()?,
                 memory: Memory::of_device_name(&global.device),
                 temporal: !self.no_temporal,
+                lora: self.lora.config(),
             },
             model: resolved.description,
             device_name: global.device.clone(),

@@ -177,6 +177,7 @@ fn record_training(
         save_every: 0,
         seed: global.seed,
         temporal: workload.temporal,
+        lora: workload.lora.clone(),
         ..TrainConfig::default()
     };
     let run_dir = out.join("train-run");
@@ -225,7 +226,7 @@ fn record_guidance(
     let device = global.device()?;
     let config = &workload.config;
     let g = workload.geometry;
-    let model = random_model(config, Mode::Guide, DType::F32, &device, global.seed)?;
+    let model = random_model(config, Mode::Guide, None, DType::F32, &device, global.seed)?;
     let noise = initial_noise(
         global.seed,
         (1, config.in_channels, g.frames, g.height, g.width),

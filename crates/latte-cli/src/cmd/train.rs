@@ -3,7 +3,7 @@
 //! policy or a memory budget for the whole step; checkpoints, exact resume, Ctrl-C saves.
 
 use crate::budget::{parse_budget, BudgetChoice};
-use crate::options::{GlobalOptions, Precision};
+use crate::options::{GlobalOptions, LoraArgs, Precision};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args as ClapArgs;
@@ -95,6 +95,8 @@ pub struct Args {
     /// step skipped when gradients overflow, doubled after 2000 good steps.
     #[arg(long, value_name = "SCALE")]
     loss_scale: Option<f64>,
+    #[command(flatten)]
+    lora: LoraArgs,
 }
 
 impl Args {
@@ -186,6 +188,12 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         }
         None => None,
     };
+    if args.resume.is_some() && args.lora.lora.is_some() {
+        bail!(
+            "--lora with --resume: a resumed run keeps its checkpoint's LoRA settings; drop \
+             --lora (and start a new run to train another adapter)"
+        );
+    }
     let mut trainer = if let Some(resume) = &args.resume {
         let mut changed = Vec::new();
         let trainer = Trainer::resume(resume, &args.out, &device, |config, data| {
@@ -298,6 +306,7 @@ fn new_trainer(
         (None, None) => bail!("give --preset NAME, --model DIR or --resume DIR"),
     };
     args.apply(&mut config, budget);
+    config.lora = args.lora.config();
     let data = match &args.data {
         Some(dir) => DataSource::Shards(dir.clone()),
         None => DataSource::Synthetic(match geometry {
@@ -328,9 +337,16 @@ fn describe(trainer: &Trainer) {
     let params: usize = latte::optim::sorted_params(trainer.varmap())
         .map(|p| p.iter().map(|(_, v)| v.elem_count()).sum())
         .unwrap_or(0);
+    let what = match &c.lora {
+        Some(lora) => format!(
+            "LoRA adapters: {params} parameters (f32, rank {}, alpha {}, on {}; base frozen in \
+             {:?})",
+            lora.r, lora.lora_alpha, lora.target_modules, c.precision
+        ),
+        None => format!("{params} parameters ({:?})", c.precision),
+    };
     println!(
-        "training {params} parameters ({:?}) from step {} to {}",
-        c.precision,
+        "training {what} from step {} to {}",
         trainer.step(),
         c.steps
     );

@@ -113,11 +113,16 @@ impl Linear {
     /// [`Linear::forward`]; with [`Output::GraphOnly`] the biased product's result is zeros
     /// (its backward reads the operands only).
     pub fn forward_with(&self, x: &Tensor, output: Output) -> Result<Tensor> {
-        let y = self.forward_base(x, output)?;
-        match &self.adapter {
-            Some(adapter) => y + adapter.delta(x)?,
-            None => Ok(y),
-        }
+        let Some(adapter) = &self.adapter else {
+            return self.forward_base(x, output);
+        };
+        // One `(rows, in)` view (or copy, of a strided `x`) for both products.
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(1);
+        let rows = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
+        let y = (self.forward_base(&rows, output)? + adapter.delta(&rows)?)?;
+        dims.push(y.dim(1)?);
+        y.reshape(dims)
     }
 
     /// The base layer alone, `x·Wᵀ + b`, without the low-rank update.
@@ -183,24 +188,26 @@ impl StackedLinear {
 
     /// Every layer's output, concatenated along the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
         if self.adapters.iter().all(|(_, a)| a.is_none()) {
-            return Ok(y);
+            return self.base.forward(x);
         }
+        // One `(rows, in)` view for every product.
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(1);
+        let rows = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
+        let y = self.base.forward(&rows)?;
         // The updates side by side, zeros in the columns of layers without one.
-        let rows: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
         let parts = self
             .adapters
             .iter()
             .map(|(out, adapter)| match adapter {
-                Some(adapter) => adapter.delta(x),
-                None => {
-                    let dims: Vec<usize> = rows.iter().copied().chain([*out]).collect();
-                    Tensor::zeros(dims, x.dtype(), x.device())
-                }
+                Some(adapter) => adapter.delta(&rows),
+                None => Tensor::zeros((rows.dim(0)?, *out), x.dtype(), x.device()),
             })
             .collect::<Result<Vec<_>>>()?;
-        y + Tensor::cat(&parts, x.rank() - 1)?
+        let y = (y + Tensor::cat(&parts, 1)?)?;
+        dims.push(y.dim(1)?);
+        y.reshape(dims)
     }
 }
 

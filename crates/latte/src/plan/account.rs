@@ -9,6 +9,10 @@
 //! chain: accumulating the gradients in f32 and the optimiser step. The step's peak is
 //! the largest of those phases ([`MemoryAccount::total_peak_bytes`]).
 //!
+//! With LoRA the trained parameters are the adapters' f32 factors: the base weights are
+//! frozen in the compute precision, and the moments, the EMA, the gradients and their
+//! sums are the factors' alone.
+//!
 //! Each part below mirrors what the code of [`crate::train`] and [`crate::sampling`]
 //! allocates; `tests/memory_account.rs` measures whole steps against it.
 
@@ -46,7 +50,9 @@ const NAMES_BYTES: u64 = 640;
 pub struct MemoryAccount {
     /// Parameters of the model.
     pub parameter_count: u64,
-    /// Weights in the compute precision.
+    /// Parameters the optimiser updates (training): every weight, or the LoRA factors.
+    pub trained_parameter_count: u64,
+    /// Weights in the compute precision (and the LoRA factors in f32).
     pub weights_bytes: u64,
     /// f32 master weights (training below f32).
     pub master_weights_bytes: u64,
@@ -118,7 +124,27 @@ impl MemoryAccount {
                 prefetch_batches,
             } => {
                 let low_precision = setting.precision != Precision::F32;
-                let separate_sums = low_precision || grad_accum > 1;
+                let trained = match workload.adapted_layers() {
+                    Ok(Some(layers)) => Trained {
+                        frozen_tensors: tensors,
+                        ..Trained::adapters(&layers)
+                    },
+                    Ok(None) => Trained {
+                        count,
+                        tensors,
+                        largest,
+                        head_count,
+                        grad_elem: elem,
+                        frozen_tensors: 0,
+                    },
+                    Err(e) => return Err(candle_core::Error::Msg(e.to_string())),
+                };
+                let lora = trained.frozen_tensors > 0;
+                // Gradients below f32 are widened into sums of their own.
+                let separate_sums = trained.grad_elem != 4 || grad_accum > 1;
+                // Trained tensors: the variable, two moments, the EMA (and a master copy).
+                let trained_handles =
+                    TENSOR_HANDLE_BYTES * if low_precision && !lora { 5 } else { 4 } + NAMES_BYTES;
                 // The prepared micro-batch: x₀, ε and x_t in f32, x_t again in the compute
                 // precision below f32, the captions in it, the mask, the timesteps.
                 let prepared = 4 * 3 * sizes.latents
@@ -137,24 +163,29 @@ impl MemoryAccount {
                     + 8 * sizes.positions
                     + 8 * sizes.outputs
                     + 4 * sizes.outputs;
+                let n = trained.count;
                 MemoryAccount {
                     parameter_count: count,
-                    weights_bytes,
-                    master_weights_bytes: if low_precision { 4 * count } else { 0 },
-                    optimizer_moments_bytes: 8 * count,
-                    ema_bytes: 4 * count,
-                    // Weights, two moments, EMA (and master weights), and their names.
+                    trained_parameter_count: n,
+                    weights_bytes: if lora {
+                        weights_bytes + 4 * n
+                    } else {
+                        weights_bytes
+                    },
+                    master_weights_bytes: if low_precision && !lora { 4 * n } else { 0 },
+                    optimizer_moments_bytes: 8 * n,
+                    ema_bytes: 4 * n,
                     handles_bytes: host
-                        * tensors
-                        * (TENSOR_HANDLE_BYTES * if low_precision { 5 } else { 4 } + NAMES_BYTES),
+                        * (trained.tensors * trained_handles
+                            + trained.frozen_tensors * TENSOR_HANDLE_BYTES),
                     prefetch_bytes: prefetch_batches as u64 * sizes.host_batch_bytes(),
                     step_inputs_bytes: sizes.host_batch_bytes() + prepared,
                     output_transient_bytes: loss,
-                    param_grad_bytes: count * elem,
-                    head_param_grad_bytes: head_count * elem,
-                    grad_buffer_bytes: if separate_sums { 4 * count } else { 0 },
+                    param_grad_bytes: n * trained.grad_elem,
+                    head_param_grad_bytes: trained.head_count * trained.grad_elem,
+                    grad_buffer_bytes: if separate_sums { 4 * n } else { 0 },
                     grad_buffer_during_chain: grad_accum > 1,
-                    update_transient_bytes: 4 * largest * OPTIMIZER_TEMPORARIES,
+                    update_transient_bytes: 4 * trained.largest * OPTIMIZER_TEMPORARIES,
                     kernel_workspace_bytes,
                 }
             }
@@ -287,6 +318,45 @@ impl MemoryAccount {
     }
 }
 
+/// What the optimiser trains.
+struct Trained {
+    /// Scalars.
+    count: u64,
+    /// Tensors.
+    tensors: u64,
+    /// Scalars of the largest tensor.
+    largest: u64,
+    /// Scalars of those that get their gradient after the chain (the head's).
+    head_count: u64,
+    /// Bytes of one gradient element.
+    grad_elem: u64,
+    /// Frozen weight tensors beside them (LoRA's base model).
+    frozen_tensors: u64,
+}
+
+impl Trained {
+    /// LoRA factors on `layers` (f32, with f32 gradients); no frozen tensors counted.
+    fn adapters(layers: &[crate::lora::AdaptedLayer]) -> Self {
+        let numel = |l: &crate::lora::AdaptedLayer| l.numel() as u64;
+        Self {
+            count: layers.iter().map(numel).sum(),
+            tensors: 2 * layers.len() as u64,
+            largest: layers
+                .iter()
+                .map(|l| (l.rank * l.in_dim.max(l.out_dim)) as u64)
+                .max()
+                .unwrap_or(0),
+            head_count: layers
+                .iter()
+                .filter(|l| is_head_parameter(&l.module))
+                .map(numel)
+                .sum(),
+            grad_elem: 4,
+            frozen_tensors: 0,
+        }
+    }
+}
+
 /// Elements of the largest two-dimensional parameter (a linear layer's weight).
 fn largest_matrix(specs: &[crate::weights::ParamSpec]) -> u64 {
     specs
@@ -358,6 +428,7 @@ mod tests {
             kernels: Kernels::Generic,
             memory: Memory::Device,
             temporal: true,
+            lora: None,
         }
     }
 

@@ -6,6 +6,7 @@ use super::{CostModel, PlanningError, Setting, Workload};
 use crate::config::{InputGeometry, LatteConfig};
 use crate::costs::Mode;
 use crate::io::write_atomically;
+use crate::lora::{Adapter, LoraConfig};
 use crate::model::{Latte, LatteInputs};
 use crate::random::{randn, rng_for};
 use crate::weights::{fresh_trainable, frozen};
@@ -42,6 +43,7 @@ impl CostModel for MeasuredCosts {
             mode: workload.task.mode(),
             temporal: workload.temporal,
             device: self.device_name.clone(),
+            lora: workload.lora.clone(),
         };
         let dir = cache_dir()?;
         let path = cache_path(&dir, &key)?;
@@ -60,7 +62,14 @@ impl CostModel for MeasuredCosts {
             dir.display()
         ));
         let mode = workload.task.mode();
-        let model = random_model(&workload.config, mode, dtype, &self.device, self.seed)?;
+        let model = random_model(
+            &workload.config,
+            mode,
+            workload.lora.as_ref(),
+            dtype,
+            &self.device,
+            self.seed,
+        )?;
         let (inputs, _) =
             random_inputs(&workload.config, &geometry, dtype, &self.device, self.seed)?;
         let meter = remat::meter::meter_for(&self.device)?;
@@ -99,6 +108,9 @@ struct CacheKey {
     mode: Mode,
     temporal: bool,
     device: String,
+    /// Trained adapters (absent in entries of full training or guidance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lora: Option<LoraConfig>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -175,21 +187,31 @@ pub fn random_inputs(
 }
 
 /// The model with random weights: trainable variables for training, frozen tensors for
-/// guidance.
+/// guidance; with `lora`, frozen weights and trainable adapters of that configuration
+/// (in training).
 ///
 /// # Errors
-/// When the weights cannot be made on `device`.
+/// When the weights cannot be made on `device`, or the adapter does not fit the model.
 pub fn random_model(
     config: &LatteConfig,
     mode: Mode,
+    lora: Option<&LoraConfig>,
     dtype: DType,
     device: &Device,
     seed: u64,
 ) -> candle_core::Result<Latte> {
     let (trainable, varmap) = fresh_trainable(config, seed, dtype, device)?;
-    Ok(match mode {
-        Mode::Train => trainable,
-        Mode::Guide => frozen(config, &varmap)?,
+    Ok(match (mode, lora) {
+        (Mode::Train, None) => trainable,
+        (Mode::Guide, _) => frozen(config, &varmap)?,
+        (Mode::Train, Some(lora)) => {
+            let mut model = frozen(config, &varmap)?;
+            drop(varmap);
+            Adapter::fresh(lora.clone(), config, seed, device)
+                .and_then(|adapter| adapter.attach_trainable(&mut model).map(drop))
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            model
+        }
     })
 }
 

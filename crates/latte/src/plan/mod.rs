@@ -51,6 +51,7 @@ impl CostModel for AnalyticCosts {
             &throughput,
             workload.temporal,
             workload.memory,
+            workload.adapted_layers()?.as_deref(),
         )?
         .chain)
     }
@@ -75,6 +76,9 @@ pub enum PlanningError {
     /// The planner failed.
     #[error(transparent)]
     Planner(#[from] remat::planner::PlanError),
+    /// The LoRA configuration does not fit the model.
+    #[error("LoRA: {0}")]
+    Adapter(String),
     /// The measurement cache could not be used.
     #[error("{0}")]
     Cache(String),

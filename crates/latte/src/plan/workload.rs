@@ -4,6 +4,7 @@
 
 use crate::config::{InputGeometry, LatteConfig};
 use crate::costs::{Kernels, Memory, Mode};
+use crate::lora::{AdaptedLayer, LoraConfig};
 use crate::train::Precision;
 use std::fmt;
 
@@ -62,6 +63,10 @@ pub struct Workload {
     pub memory: Memory,
     /// Temporal attention on (off: diffusers' `enable_temporal_attentions=False`).
     pub temporal: bool,
+    /// Low-rank adapters trained instead of the weights (LoRA, training only): the base
+    /// weights are then frozen in the compute precision, and the optimiser holds state for
+    /// the adapters' f32 factors alone.
+    pub lora: Option<LoraConfig>,
 }
 
 impl Workload {
@@ -71,6 +76,20 @@ impl Workload {
             Task::Guide { cfg: true } => 2 * batch,
             _ => batch,
         }
+    }
+
+    /// The layers the LoRA adapters cover (with their ranks), if the workload trains any.
+    ///
+    /// # Errors
+    /// When the adapter configuration is invalid or matches no layer of the model.
+    pub fn adapted_layers(&self) -> Result<Option<Vec<AdaptedLayer>>, super::PlanningError> {
+        self.lora
+            .as_ref()
+            .map(|lora| {
+                lora.targets(&self.config)
+                    .map_err(super::PlanningError::Adapter)
+            })
+            .transpose()
     }
 
     /// The model's input geometry at `batch` videos.
@@ -90,6 +109,9 @@ impl fmt::Display for Workload {
                 prefetch_batches,
             } => {
                 write!(f, "train")?;
+                if let Some(lora) = &self.lora {
+                    write!(f, " LoRA rank {} on {}", lora.r, lora.target_modules)?;
+                }
                 if grad_accum > 1 {
                     write!(f, " ({grad_accum} micro-batches per step)")?;
                 }
