@@ -310,7 +310,8 @@ impl TrainConfig {
 #[serde(rename_all = "snake_case")]
 pub enum ModelSource {
     /// Fresh weights for `config`, initialised from `seed` for training from scratch
-    /// ([`Initialisation::FromScratch`]).
+    /// ([`Initialisation::FromScratch`]); as a LoRA run's base, with PyTorch's module
+    /// defaults ([`Initialisation::ModuleDefaults`]).
     Fresh { config: LatteConfig, seed: u64 },
     /// A diffusers model directory (fine-tuning).
     Directory(PathBuf),
@@ -605,16 +606,24 @@ struct LoraStart {
     base_weights: HashMap<String, Tensor>,
 }
 
-/// The f32 weights and the configuration file of a model source.
+/// The f32 weights and the configuration file of a model source. Fresh weights are
+/// initialised for training from scratch, or, as the frozen base of LoRA (`for_lora`),
+/// with PyTorch's module defaults: a stand-in for pretrained weights, whose output
+/// depends on every layer (training from scratch zeroes the output projection).
 fn source_weights(
     source: &ModelSource,
+    for_lora: bool,
     device: &Device,
 ) -> Result<(NamedTensors, LatteConfigFile), TrainError> {
     Ok(match source {
         ModelSource::Fresh { config, seed } => {
             let (_, varmap) = crate::weights::fresh_trainable_with(
                 config,
-                Initialisation::FromScratch,
+                if for_lora {
+                    Initialisation::ModuleDefaults
+                } else {
+                    Initialisation::FromScratch
+                },
                 *seed,
                 DType::F32,
                 device,
@@ -673,7 +682,7 @@ impl Trainer {
             }
             other => other,
         };
-        let (weights, config_file) = source_weights(&model, device)?;
+        let (weights, config_file) = source_weights(&model, config.lora.is_some(), device)?;
         let (weights, lora) = match &config.lora {
             None => (weights, None),
             Some(lora) => {
@@ -745,7 +754,7 @@ impl Trainer {
                 let base = state.base_model.clone().ok_or_else(|| {
                     fail(format!("{STATE_FILE} of a LoRA run names no base_model"))
                 })?;
-                let (base_weights, config_file) = source_weights(&base, device)?;
+                let (base_weights, config_file) = source_weights(&base, true, device)?;
                 let model_config = config_file.resolve().map_err(WeightsError::from)?;
                 let adapter = Adapter::load(&dir.join(ADAPTER_DIR), &model_config, device)?;
                 let ema = Adapter::load(&dir.join("ema"), &model_config, device)?

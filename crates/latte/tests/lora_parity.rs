@@ -150,3 +150,51 @@ fn adapter_trained_by_latte_gives_pefts_output() {
     let moved = relative_error(&base.forward(&inputs, true).unwrap(), expected);
     assert!(moved > 100.0 * OUTPUT_TOLERANCE, "{moved:e}");
 }
+
+/// Training through an adapter: every factor gets a non-zero gradient and no base weight
+/// or bias gets one (they are plain tensors, outside the graph's parameters).
+#[test]
+fn only_the_factors_receive_gradients() {
+    let case = case();
+    let adapter = Adapter::load(
+        &common::fixture("lora").join("adapter"),
+        case.base.config(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut model = case.base.load_frozen(DType::F32, &Device::Cpu).unwrap();
+    let varmap = adapter.attach_trainable(&mut model).unwrap();
+    let inputs = common::fixture_inputs(&case.inputs, DType::F32);
+    let chain = model.chain(true);
+    let tape = remat::grads::forward(
+        &chain,
+        &inputs.to_vec(),
+        &[true, false, true],
+        &Schedule::store_all(scheduled_stages(&chain)),
+        &mut NoPhases,
+    )
+    .unwrap();
+    let grads = tape
+        .backward(&case.inputs["grad_sample"], &mut NoPhases)
+        .unwrap();
+    for (name, var) in latte::optim::sorted_params(&varmap).unwrap() {
+        let grad = grads.params.get(var.as_tensor()).expect(&name);
+        let largest = grad
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(largest > 0.0, "{name}: zero gradient");
+    }
+    let mut linears = 0;
+    for (name, linear) in model.linears_mut() {
+        assert!(grads.params.get(linear.weight()).is_none(), "{name}.weight");
+        if let Some(bias) = linear.bias() {
+            assert!(grads.params.get(bias).is_none(), "{name}.bias");
+        }
+        linears += 1;
+    }
+    assert!(linears > adapter.layers().len());
+}

@@ -248,3 +248,76 @@ fn low_precision_runs_resume_bitwise() {
         std::fs::remove_dir_all(&split_dir).unwrap();
     }
 }
+
+/// A LoRA run (adapters on every linear layer of the blocks, the base frozen) resumes
+/// bitwise too, in f32 and bf16: its checkpoint holds the adapter, its EMA and AdamW's
+/// moments in PEFT's format and names, and the base model it was trained on.
+#[test]
+fn lora_runs_resume_bitwise() {
+    let targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ];
+    for precision in [Precision::F32, Precision::Bf16] {
+        let config = TrainConfig {
+            precision,
+            grad_accum: 2,
+            lora: Some(latte::lora::LoraConfig::new(
+                2,
+                4.0,
+                latte::lora::TargetModules::Names(targets.iter().map(|t| t.to_string()).collect()),
+            )),
+            ..train_config(4)
+        };
+        let whole_dir = out_dir(&format!("lora-whole-{precision:?}"));
+        let mut whole = fresh(config.clone(), &whole_dir);
+        let whole_reports = run(&mut whole);
+        let split_dir = out_dir(&format!("lora-split-{precision:?}"));
+        let mut first = fresh(
+            TrainConfig {
+                steps: 2,
+                ..config.clone()
+            },
+            &split_dir,
+        );
+        let mut reports = run(&mut first);
+        drop(first);
+        let checkpoint = split_dir.join("checkpoint-2");
+        assert!(checkpoint
+            .join("adapter/adapter_model.safetensors")
+            .is_file());
+        assert!(checkpoint.join("ema/adapter_config.json").is_file());
+        assert!(!checkpoint.join("transformer").exists());
+        let mut second =
+            Trainer::resume(&split_dir, &split_dir, &Device::Cpu, |c, _| c.steps = 4).unwrap();
+        reports.extend(run(&mut second));
+        let losses = |r: &[StepReport]| r.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
+        assert_eq!(losses(&whole_reports), losses(&reports), "{precision:?}");
+        let bits = weight_bits(&second);
+        assert!(
+            weight_bits(&whole) == bits,
+            "{precision:?}: adapters differ after resume"
+        );
+        // Only the factors are trained (and averaged): A and B of 16 layers per model layer
+        // (spatial: two attentions and the MLP; temporal: one attention and the MLP), and
+        // they moved from B = 0.
+        assert_eq!(bits.len(), 2 * 2 * 16 * small_config().num_layers);
+        let adapter = second.adapter().unwrap().unwrap();
+        let up = &adapter.named_factors()[1].1;
+        assert!(
+            up.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+        std::fs::remove_dir_all(&whole_dir).unwrap();
+        std::fs::remove_dir_all(&split_dir).unwrap();
+    }
+}
