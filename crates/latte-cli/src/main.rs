@@ -38,6 +38,8 @@ enum Command {
     Plan(cmd::plan::Args),
     /// Run the chosen plan a few steps and plot its memory timeline (JSON, SVG, PNG).
     Profile(cmd::profile::Args),
+    /// Merge a LoRA adapter (PEFT's format) into a model directory.
+    MergeLora(cmd::merge_lora::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Sample(args) => cmd::sample::run(args, &cli.global),
         Command::Plan(args) => cmd::plan::run(args, &cli.global),
         Command::Profile(args) => cmd::profile::run(args, &cli.global),
+        Command::MergeLora(args) => cmd::merge_lora::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -647,6 +647,15 @@ impl Adapter {
     /// Attaches the adapter to `model` as trainable variables (f32 copies of the
     /// factors), returned by name ([`Adapter::named_factors`]' names).
     pub fn attach_trainable(&self, model: &mut Latte) -> Result<VarMap, LoraError> {
+        self.attach_trainable_scaled(model, 1.0)
+    }
+
+    /// [`Adapter::attach_trainable`] with the updates scaled by `multiplier`.
+    pub fn attach_trainable_scaled(
+        &self,
+        model: &mut Latte,
+        multiplier: f64,
+    ) -> Result<VarMap, LoraError> {
         let varmap = VarMap::new();
         let mut tensors = HashMap::new();
         {
@@ -660,7 +669,7 @@ impl Adapter {
                 data.insert(name, var);
             }
         }
-        self.with_factors(&tensors)?.attach(model, 1.0)?;
+        self.with_factors(&tensors)?.attach(model, multiplier)?;
         Ok(varmap)
     }
 

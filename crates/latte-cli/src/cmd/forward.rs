@@ -5,7 +5,9 @@
 //! `(B,C,F,H,W)`, `timestep` `(B,)` (int64 or float) and `encoder_hidden_states`
 //! `(B,L,caption_channels)`, plus `grad_sample` with `--vjp`; OUT gets `sample` as f32 and,
 //! with `--vjp`, `grad.hidden_states`, `grad.encoder_hidden_states` and
-//! `grad.<diffusers parameter name>` for every parameter.
+//! `grad.<diffusers parameter name>` for every parameter — or, with `--lora DIR`, for every
+//! factor of the adapter (`grad.<module>.lora_A.weight`, `….lora_B.weight`; the base frozen,
+//! as PEFT trains).
 
 use crate::cmd::model_source::ModelSource;
 use crate::options::{GlobalOptions, Precision};
@@ -13,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args as ClapArgs;
 use latte::config::InputGeometry;
+use latte::lora::Adapter;
 use latte::model::{Latte, LatteInputs};
 use latte::random::{randn, rng_for};
 use latte::vjp::vjp;
@@ -49,6 +52,13 @@ pub struct Args {
     /// Write the memory report (peak above weights and inputs, timeline) as JSON.
     #[arg(long, value_name = "FILE")]
     memory_report: Option<PathBuf>,
+    /// A LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)
+    /// applied to the model; with --vjp the gradients are the adapter's.
+    #[arg(long, value_name = "DIR")]
+    lora: Option<PathBuf>,
+    /// Scale of the adapter's update (PEFT's set_scale; 1 as trained).
+    #[arg(long, value_name = "S", default_value_t = 1.0, requires = "lora")]
+    lora_scale: f64,
 }
 
 /// Runs `latte forward`.
@@ -75,21 +85,49 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         None
     };
 
-    let (model, varmap) = match (&resolved.dir, args.vjp) {
-        (Some(dir), true) => {
-            let (model, varmap) = dir.load_trainable(dtype, &device)?;
-            (model, Some(varmap))
-        }
-        (Some(dir), false) => (dir.load_frozen(dtype, &device)?, None),
-        (None, vjp) => {
-            let (model, varmap) =
-                latte::weights::fresh_trainable(&resolved.config, global.seed, dtype, &device)?;
-            if vjp {
-                (model, Some(varmap))
+    let adapter = args
+        .lora
+        .as_ref()
+        .map(|dir| Adapter::load(dir, &resolved.config, &device))
+        .transpose()?;
+    let (model, varmap) = match &adapter {
+        Some(adapter) => {
+            let mut model = match &resolved.dir {
+                Some(dir) => dir.load_frozen(dtype, &device)?,
+                None => {
+                    let (_, varmap) = latte::weights::fresh_trainable(
+                        &resolved.config,
+                        global.seed,
+                        dtype,
+                        &device,
+                    )?;
+                    latte::weights::frozen(&resolved.config, &varmap)?
+                }
+            };
+            let varmap = if args.vjp {
+                Some(adapter.attach_trainable_scaled(&mut model, args.lora_scale)?)
             } else {
-                (latte::weights::frozen(&resolved.config, &varmap)?, None)
-            }
+                adapter.attach(&mut model, args.lora_scale)?;
+                None
+            };
+            (model, varmap)
         }
+        None => match (&resolved.dir, args.vjp) {
+            (Some(dir), true) => {
+                let (model, varmap) = dir.load_trainable(dtype, &device)?;
+                (model, Some(varmap))
+            }
+            (Some(dir), false) => (dir.load_frozen(dtype, &device)?, None),
+            (None, vjp) => {
+                let (model, varmap) =
+                    latte::weights::fresh_trainable(&resolved.config, global.seed, dtype, &device)?;
+                if vjp {
+                    (model, Some(varmap))
+                } else {
+                    (latte::weights::frozen(&resolved.config, &varmap)?, None)
+                }
+            }
+        },
     };
     model.check_inputs(&inputs, temporal)?;
     if let Some(g) = &grad_sample {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod forward;
 pub mod inspect;
+pub mod merge_lora;
 pub mod model_source;
 pub mod plan;
 pub mod plan_support;

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use latte::data::synthetic::{Scene, SyntheticVideos, COLOURS, DIRECTIONS, SHAPES};
 use latte::data::ClipShape;
 use latte::guide::parse_objective;
+use latte::lora::Adapter;
 use latte::model::Latte;
 use latte::pipeline::PipelineDir;
 use latte::plan::{plan_run, AnalyticCosts, RunMemory, Setting};
@@ -91,6 +92,13 @@ pub struct Args {
     /// go next to it.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// A LoRA adapter in PEFT's format, merged into the weights before sampling (a `latte
+    /// train --lora` output given as --model brings its own).
+    #[arg(long, value_name = "DIR")]
+    lora: Option<PathBuf>,
+    /// Scale of the adapter's update (PEFT's set_scale; 1 as trained).
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    lora_scale: f64,
     /// Initial noise (safetensors, one tensor (1, C, F, H, W)) instead of drawing it.
     #[arg(long, value_name = "FILE")]
     init_noise: Option<PathBuf>,
@@ -139,15 +147,48 @@ struct SamplingMemory<'a> {
 }
 
 /// Finds the transformer directory of `dir`.
-fn transformer_dir(dir: &Path) -> Result<PathBuf> {
+/// What `--model` names: the transformer to load, the LoRA adapter of a `latte train
+/// --lora` output, and the directory beside which `scheduler/` configures sampling.
+struct ModelPaths {
+    transformer: PathBuf,
+    adapter: Option<PathBuf>,
+    beside: PathBuf,
+}
+
+fn model_paths(dir: &Path) -> Result<ModelPaths> {
+    let plain = |transformer: PathBuf| ModelPaths {
+        beside: transformer.clone(),
+        transformer,
+        adapter: None,
+    };
     if dir.join("config.json").is_file() {
-        return Ok(dir.to_path_buf());
+        return Ok(plain(dir.to_path_buf()));
     }
     if dir.join("transformer/config.json").is_file() {
-        return Ok(dir.join("transformer"));
+        return Ok(plain(dir.join("transformer")));
     }
     if let Ok(checkpoint) = latte::train::find_checkpoint(dir) {
-        return Ok(checkpoint.join("transformer"));
+        let adapter = checkpoint.join(latte::train::ADAPTER_DIR);
+        if !adapter.is_dir() {
+            return Ok(plain(checkpoint.join("transformer")));
+        }
+        let state: latte::train::TrainState =
+            latte::io::read_json(&checkpoint.join(latte::train::STATE_FILE))
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("cannot read {}", checkpoint.display()))?;
+        let Some(latte::train::ModelSource::Directory(base)) = state.base_model else {
+            bail!(
+                "{} is a LoRA checkpoint on a fresh preset's weights, which no directory \
+                 holds: sample a model directory with --lora {}",
+                checkpoint.display(),
+                adapter.display()
+            );
+        };
+        return Ok(ModelPaths {
+            transformer: base,
+            beside: adapter.clone(),
+            adapter: Some(adapter),
+        });
     }
     bail!(
         "{} is not a model: expected config.json (a transformer directory), transformer/ (a \
@@ -322,7 +363,8 @@ fn conditioning(
 /// Runs `latte sample`.
 pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     let device = global.device()?;
-    let dir = transformer_dir(&args.model)?;
+    let paths = model_paths(&args.model)?;
+    let dir = paths.transformer.clone();
     for path in [Some(&args.out), args.memory_report.as_ref()]
         .into_iter()
         .flatten()
@@ -336,7 +378,23 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         .with_context(|| format!("cannot load model directory {}", dir.display()))?;
     // The plan counts the weights: memory is measured from before they are loaded.
     let live_before_model = meter_for(&device)?.live_bytes();
-    let model = opened.load_frozen(DType::F32, &device)?;
+    let model = match args.lora.as_ref().or(paths.adapter.as_ref()) {
+        None => opened.load_frozen(DType::F32, &device)?,
+        Some(adapter_dir) => {
+            // The update merged into the weights: sampling costs what the base costs.
+            let adapter = Adapter::load(adapter_dir, opened.config(), &device)?;
+            let mut weights = opened.frozen_tensors(DType::F32, &device)?;
+            adapter.merge_into(&mut weights, args.lora_scale)?;
+            eprintln!(
+                "LoRA {} merged (rank {}, {} layers, scale {})",
+                adapter_dir.display(),
+                adapter.config().r,
+                adapter.layers().len(),
+                args.lora_scale
+            );
+            latte::weights::frozen_from(opened.config(), weights, DType::F32, &device)?
+        }
+    };
     let cfg = model.config().clone();
     let pipeline = if PipelineDir::is_pipeline(&args.model) {
         Some(PipelineDir::open(&args.model)?)
@@ -395,7 +453,7 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
             // train` checkpoint's), else diffusers' DDIMScheduler defaults.
             let mut ddim = match &pipeline {
                 Some(p) if p.root().join("scheduler").is_dir() => p.ddim_config()?,
-                _ => latte::pipeline::scheduler_beside(&dir)?.unwrap_or_default(),
+                _ => latte::pipeline::scheduler_beside(&paths.beside)?.unwrap_or_default(),
             };
             if let Some(spacing) = args.timestep_spacing {
                 ddim.timestep_spacing = spacing;
