@@ -558,40 +558,47 @@ impl Adapter {
         })
     }
 
-    /// The same adapter with other factors of the same layers (an optimiser's variables,
-    /// or their moving average), given in [`Adapter::named_factors`]' names.
+    /// An adapter of `config` on `layers` (from [`LoraConfig::targets`]) with the factors
+    /// `named` by [`Adapter::named_factors`]' names (an optimiser's variables, or their
+    /// moving average).
     ///
     /// # Errors
     /// When a factor is missing or mis-shaped.
-    pub fn with_factors(&self, named: &HashMap<String, Tensor>) -> Result<Self, LoraError> {
-        let factors = self
-            .layers
+    pub fn from_factors(
+        config: LoraConfig,
+        layers: Vec<AdaptedLayer>,
+        named: &HashMap<String, Tensor>,
+    ) -> Result<Self, LoraError> {
+        let get = |name: String, shape: [usize; 2]| match named.get(&name) {
+            Some(t) if t.dims() == shape => Ok(t.clone()),
+            Some(t) => Err(LoraError::Mismatch {
+                dir: "LoRA factors".into(),
+                details: format!("  {name}: expected {shape:?}, found {:?}", t.dims()),
+            }),
+            None => Err(LoraError::Mismatch {
+                dir: "LoRA factors".into(),
+                details: format!("  missing: {name}"),
+            }),
+        };
+        let factors = layers
             .iter()
-            .zip(&self.factors)
-            .map(|(layer, (down, up))| {
-                let get = |name: String, like: &Tensor| match named.get(&name) {
-                    Some(t) if t.dims() == like.dims() => Ok(t.clone()),
-                    Some(t) => Err(LoraError::Mismatch {
-                        dir: "LoRA factors".into(),
-                        details: format!(
-                            "  {name}: expected {:?}, found {:?}",
-                            like.dims(),
-                            t.dims()
-                        ),
-                    }),
-                    None => Err(LoraError::Mismatch {
-                        dir: "LoRA factors".into(),
-                        details: format!("  missing: {name}"),
-                    }),
-                };
-                Ok((get(layer.down_name(), down)?, get(layer.up_name(), up)?))
+            .map(|l| {
+                Ok((
+                    get(l.down_name(), [l.rank, l.in_dim])?,
+                    get(l.up_name(), [l.out_dim, l.rank])?,
+                ))
             })
             .collect::<Result<_, LoraError>>()?;
         Ok(Self {
-            config: self.config.clone(),
-            layers: self.layers.clone(),
+            config,
+            layers,
             factors,
         })
+    }
+
+    /// The same adapter with other factors of the same layers ([`Adapter::from_factors`]).
+    pub fn with_factors(&self, named: &HashMap<String, Tensor>) -> Result<Self, LoraError> {
+        Self::from_factors(self.config.clone(), self.layers.clone(), named)
     }
 
     /// The configuration.

@@ -46,7 +46,7 @@ use crate::data::synthetic::SyntheticVideos;
 use crate::data::{Batch, ClipShape, DataError, Dataset, Loader};
 use crate::diffusion::{LossTarget, NoiseSchedule};
 use crate::init::Initialisation;
-use crate::lora::{Adapter, LoraConfig, LoraError};
+use crate::lora::{AdaptedLayer, Adapter, LoraConfig, LoraError};
 use crate::model::{Latte, LatteInputs};
 use crate::optim::{
     clip_grad_norm, global_grad_norm, sorted_params, warmup_lr, AdamW, AdamWConfig, Ema,
@@ -504,14 +504,21 @@ pub struct Trainer {
     lora: Option<LoraRun>,
 }
 
-/// What a LoRA run trains on: its base model and the adapter's layers (the factors are
-/// the trainer's variables).
+/// What a LoRA run trains on: its base model and the adapter's configuration and layers
+/// (the factors are the trainer's variables).
 struct LoraRun {
     base: ModelSource,
-    adapter: Adapter,
+    config: LoraConfig,
+    layers: Vec<AdaptedLayer>,
 }
 
 impl LoraRun {
+    /// The adapter with `factors` (by name).
+    fn adapter(&self, factors: &[(String, Tensor)]) -> Result<Adapter, LoraError> {
+        let factors: HashMap<String, Tensor> = factors.iter().cloned().collect();
+        Adapter::from_factors(self.config.clone(), self.layers.clone(), &factors)
+    }
+
     /// PEFT's `base_model_name_or_path`: the base model's directory, if it has one.
     fn base_name(&self) -> Option<String> {
         match &self.base {
@@ -650,7 +657,11 @@ fn lora_start(
     let mut factors = adapter.named_factors();
     factors.sort_by(|a, b| a.0.cmp(&b.0));
     let start = LoraStart {
-        run: LoraRun { base, adapter },
+        run: LoraRun {
+            base,
+            config: adapter.config().clone(),
+            layers: adapter.layers().to_vec(),
+        },
         base_weights: base_weights.into_iter().collect(),
     };
     (factors, start)
@@ -822,11 +833,7 @@ impl Trainer {
             Some(LoraStart { run, base_weights }) => {
                 // The base frozen in the compute precision; the factors f32 variables.
                 let mut model = frozen_from(&model_config, base_weights, dtype, device)?;
-                let factors: HashMap<String, Tensor> = weights.iter().cloned().collect();
-                let varmap = run
-                    .adapter
-                    .with_factors(&factors)?
-                    .attach_trainable(&mut model)?;
+                let varmap = run.adapter(&weights)?.attach_trainable(&mut model)?;
                 (model, varmap, Some(run))
             }
         };
@@ -1185,12 +1192,10 @@ impl Trainer {
             }
             Some(lora) => {
                 let base = lora.base_name();
-                let adapter = |factors: &[(String, Tensor)]| {
-                    let factors: HashMap<String, Tensor> = factors.iter().cloned().collect();
-                    lora.adapter.with_factors(&factors)
-                };
-                adapter(&weights)?.save(&dir.join(ADAPTER_DIR), base.as_deref())?;
-                adapter(self.ema.weights())?.save(&dir.join("ema"), base.as_deref())?;
+                lora.adapter(&weights)?
+                    .save(&dir.join(ADAPTER_DIR), base.as_deref())?;
+                lora.adapter(self.ema.weights())?
+                    .save(&dir.join("ema"), base.as_deref())?;
             }
         }
         let scheduler = dir.join(crate::pipeline::SCHEDULER_CONFIG_FILE);
@@ -1245,8 +1250,7 @@ impl Trainer {
         let Some(lora) = &self.lora else {
             return Ok(None);
         };
-        let factors: HashMap<String, Tensor> = named_tensors(&self.varmap)?.into_iter().collect();
-        Ok(Some(lora.adapter.with_factors(&factors)?))
+        Ok(Some(lora.adapter(&named_tensors(&self.varmap)?)?))
     }
 
     /// Steps taken so far.
