@@ -201,69 +201,34 @@ fn bad_adapters_and_flags_fail_clearly() {
         ],
         &["--lora", "--mode train"],
     );
-    let missing = dir.join("none");
-    assert_fails(
-        &[
-            "forward",
-            "--model",
-            base,
-            "--inputs",
-            inputs,
-            "--lora",
-            missing.to_str().unwrap(),
-        ],
-        &["adapter_config.json"],
-    );
-    // A truncated weights file, and a factor of the wrong shape.
+    let forward_fails = |adapter: &std::path::Path, needles: &[&str]| {
+        let adapter = adapter.to_str().unwrap();
+        let args = [
+            "forward", "--model", base, "--inputs", inputs, "--lora", adapter,
+        ];
+        assert_fails(&args, needles);
+    };
+    forward_fails(&dir.join("none"), &["adapter_config.json"]);
+    // A truncated weights file, and a rank the factors do not have.
     let source = fixtures().join("lora/adapter");
-    let truncated = dir.join("truncated");
-    std::fs::create_dir_all(&truncated).unwrap();
-    std::fs::copy(
-        source.join("adapter_config.json"),
-        truncated.join("adapter_config.json"),
-    )
-    .unwrap();
-    let bytes = std::fs::read(source.join("adapter_model.safetensors")).unwrap();
-    std::fs::write(
-        truncated.join("adapter_model.safetensors"),
-        &bytes[..bytes.len() / 2],
-    )
-    .unwrap();
-    assert_fails(
-        &[
-            "forward",
-            "--model",
-            base,
-            "--inputs",
-            inputs,
-            "--lora",
-            truncated.to_str().unwrap(),
-        ],
-        &["adapter_model.safetensors"],
-    );
-    let reshaped = dir.join("reshaped");
-    std::fs::create_dir_all(&reshaped).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(source.join("adapter_config.json")).unwrap())
-            .unwrap();
-    config["r"] = 3.into();
-    config["rank_pattern"] = serde_json::json!({});
-    std::fs::write(reshaped.join("adapter_config.json"), config.to_string()).unwrap();
-    std::fs::copy(
-        source.join("adapter_model.safetensors"),
-        reshaped.join("adapter_model.safetensors"),
-    )
-    .unwrap();
-    assert_fails(
-        &[
-            "forward",
-            "--model",
-            base,
-            "--inputs",
-            inputs,
-            "--lora",
-            reshaped.to_str().unwrap(),
-        ],
+    let (config_file, weights_file) = ("adapter_config.json", "adapter_model.safetensors");
+    let broken = |name: &str, config: &str, weights: &[u8]| {
+        let adapter = dir.join(name);
+        std::fs::create_dir_all(&adapter).unwrap();
+        std::fs::write(adapter.join(config_file), config).unwrap();
+        std::fs::write(adapter.join(weights_file), weights).unwrap();
+        adapter
+    };
+    let config = std::fs::read_to_string(source.join(config_file)).unwrap();
+    let weights = std::fs::read(source.join(weights_file)).unwrap();
+    let truncated = broken("truncated", &config, &weights[..weights.len() / 2]);
+    forward_fails(&truncated, &[weights_file]);
+    let mut rank_3: serde_json::Value = serde_json::from_str(&config).unwrap();
+    rank_3["r"] = 3.into();
+    rank_3["rank_pattern"] = serde_json::json!({});
+    let reshaped = broken("reshaped", &rank_3.to_string(), &weights);
+    forward_fails(
+        &reshaped,
         &[
             "mis-shaped",
             "base_model.model.transformer_blocks.0.attn1.to_q.lora_A.weight",

@@ -8,13 +8,15 @@
 use candle_core::{DType, Device, Tensor};
 use latte::config::{latte_architecture, InputGeometry, LatteConfig};
 use latte::costs::{analytic_chain_costs, Kernels, LatteCosts, Memory, Mode, Throughput};
-use latte::lora::{LoraConfig, TargetModules};
+use latte::lora::LoraConfig;
 use latte::model::{Latte, LatteInputs};
 use latte::random::{randn, rng_for};
 use remat::grads::{self, scheduled_stages};
 use remat::meter::{format_bytes, CpuMeter, NoPhases, Recorder};
 use remat::profile::{min_budget, plan_within, profile};
 use remat::schedule::Schedule;
+
+mod common;
 
 remat::install_counting_allocator!();
 
@@ -24,6 +26,10 @@ const WHOLE_STEP_TOLERANCE: f64 = 0.03;
 
 /// How much a stage's backward transient may be over-predicted.
 const STAGE_OVER_PREDICTION: f64 = 0.05;
+
+/// How much a stage's backward transient may be over-predicted with LoRA on the fused
+/// kernels (see `check_against_profile`).
+const LORA_FUSED_STAGE_OVER_PREDICTION: f64 = 0.30;
 
 /// What the replay does not model and may measure on top: gemm's packing buffers, which
 /// every worker thread running a product allocates for the call (the right operand packed
@@ -127,23 +133,9 @@ fn measure(
     report.peak_bytes
 }
 
-/// Rank-3 adapters on every kind of linear layer of the blocks and on the output
-/// projection.
+/// Rank-3 adapters on every kind of linear layer of the blocks.
 fn lora() -> LoraConfig {
-    let targets = [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "proj_out",
-    ];
-    LoraConfig::new(
-        3,
-        3.0,
-        TargetModules::Names(targets.iter().map(|t| t.to_string()).collect()),
-    )
+    common::lora_on_blocks(3, 3.0)
 }
 
 fn model_for(config: &LatteConfig, mode: Mode, lora: Option<&LoraConfig>, dtype: DType) -> Latte {
@@ -221,19 +213,17 @@ fn check_against_profile(
         // buffers, which the replay does not model (see `kernel_scratch_bound`): these
         // backward passes are small (20–190 KiB), so one packed matrix is a large share.
         let (predicted, measured) = (p.bwd_tmp_bytes, m.bwd_tmp_bytes);
-        if lora.is_some() && kernels == Kernels::Fused {
-            // The fused kernels' LoRA stages: some backward transients differ from the
-            // replay's by up to one input-sized gradient either way (measured −32 … +24 %
-            // on these small stages; the cause is not isolated yet). The whole-step cases
-            // below hold to 0.4 %, as with the generic kernels, which match per stage.
-            assert!(
-                rel(predicted, measured) < 0.35,
-                "{label} stage {i} backward: predicted {predicted}, measured {measured}"
-            );
-            continue;
-        }
+        // The fused kernels' LoRA stages in bf16 over-predict some backward transients
+        // (up to 24 % on these small stages; the cause is not isolated yet): the safe side.
+        // The whole-step cases below hold to 0.4 %, as with the generic kernels, which
+        // match per stage.
+        let over_prediction = if lora.is_some() && kernels == Kernels::Fused {
+            LORA_FUSED_STAGE_OVER_PREDICTION
+        } else {
+            STAGE_OVER_PREDICTION
+        };
         assert!(
-            predicted as f64 <= (1.0 + STAGE_OVER_PREDICTION) * measured as f64
+            predicted as f64 <= (1.0 + over_prediction) * measured as f64
                 && measured <= predicted + kernel_scratch_bound(config),
             "{label} stage {i} backward: predicted {predicted}, measured {measured}"
         );

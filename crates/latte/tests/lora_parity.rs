@@ -11,7 +11,9 @@
 //!   gradients (`tests/parity.rs`).
 
 use candle_core::{DType, Device, Tensor};
+use common::relative_error;
 use latte::lora::Adapter;
+use latte::model::{Latte, LatteInputs};
 use latte::weights::{frozen_from, ModelDir};
 use remat::grads::scheduled_stages;
 use remat::meter::NoPhases;
@@ -23,27 +25,60 @@ mod common;
 const OUTPUT_TOLERANCE: f64 = 1e-5;
 const GRADIENT_TOLERANCE: f64 = 1e-3;
 
-/// max |actual − expected| / max |expected| (or the absolute error if expected is ~0).
-fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.dims(), expected.dims());
-    let a = actual.to_dtype(DType::F64).unwrap();
-    let e = expected.to_dtype(DType::F64).unwrap();
-    let err = (a - &e).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = e.abs().unwrap().max_all().unwrap();
-    err.to_scalar::<f64>().unwrap() / scale.to_scalar::<f64>().unwrap().max(1.0)
-}
-
+/// The `batch` case's model and inputs, and the LoRA references.
 struct Case {
     base: ModelDir,
     inputs: HashMap<String, Tensor>,
     expected: HashMap<String, Tensor>,
 }
 
-fn case() -> Case {
-    Case {
-        base: ModelDir::open(&common::fixture("batch").join("model")).unwrap(),
-        inputs: common::load(common::fixture("batch").join("inputs.safetensors")),
-        expected: common::load(common::fixture("lora").join("expected.safetensors")),
+impl Case {
+    fn new() -> Self {
+        Self {
+            base: ModelDir::open(&common::fixture("batch").join("model")).unwrap(),
+            inputs: common::load(common::fixture("batch").join("inputs.safetensors")),
+            expected: common::load(common::fixture("lora").join("expected.safetensors")),
+        }
+    }
+
+    /// The adapter in `tests/fixtures/lora/<name>`.
+    fn adapter(&self, name: &str) -> Adapter {
+        let dir = common::fixture("lora").join(name);
+        Adapter::load(&dir, self.base.config(), &Device::Cpu).unwrap()
+    }
+
+    fn model_inputs(&self) -> LatteInputs {
+        common::fixture_inputs(&self.inputs, DType::F32)
+    }
+
+    /// The base model, frozen, in f32.
+    fn base_model(&self) -> Latte {
+        self.base.load_frozen(DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// The output of the base with `adapter` attached.
+    fn attached_output(&self, adapter: &Adapter) -> Tensor {
+        let mut model = self.base_model();
+        adapter.attach(&mut model, 1.0).unwrap();
+        model.forward(&self.model_inputs(), true).unwrap()
+    }
+
+    /// The output of the base with `adapter` merged into its weights.
+    fn merged_output(&self, adapter: &Adapter) -> Tensor {
+        let mut weights = self.base.frozen_tensors(DType::F32, &Device::Cpu).unwrap();
+        adapter.merge_into(&mut weights, 1.0).unwrap();
+        let model = frozen_from(self.base.config(), weights, DType::F32, &Device::Cpu).unwrap();
+        model.forward(&self.model_inputs(), true).unwrap()
+    }
+
+    /// How far the base model's own output is from `expected`: the adapter must move it
+    /// well beyond the tolerance, or the checks could not fail.
+    fn base_distance(&self, expected: &Tensor) -> f64 {
+        let output = self
+            .base_model()
+            .forward(&self.model_inputs(), true)
+            .unwrap();
+        relative_error(&output, expected)
     }
 }
 
@@ -51,13 +86,8 @@ fn case() -> Case {
 /// of the latents and of every factor match PEFT's.
 #[test]
 fn adapter_forward_and_gradients_match_peft() {
-    let case = case();
-    let adapter = Adapter::load(
-        &common::fixture("lora").join("adapter"),
-        case.base.config(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let case = Case::new();
+    let adapter = case.adapter("adapter");
     // Every kind of layer the fixture adapts, rank_pattern and alpha_pattern included.
     assert_eq!(adapter.layers().len(), 35);
     let net2 = adapter
@@ -67,13 +97,12 @@ fn adapter_forward_and_gradients_match_peft() {
         .unwrap();
     assert_eq!((net2.rank, net2.scale), (2, 0.5));
     common::with_each_kernel_set(|kernels| {
-        let mut model = case.base.load_frozen(DType::F32, &Device::Cpu).unwrap();
+        let mut model = case.base_model();
         let varmap = adapter.attach_trainable(&mut model).unwrap();
-        let inputs = common::fixture_inputs(&case.inputs, DType::F32);
         let result = latte::vjp::vjp(
             &model,
             &varmap,
-            &inputs,
+            &case.model_inputs(),
             &case.inputs["grad_sample"],
             true,
             &Schedule::store_all(scheduled_stages(&model.chain(true))),
@@ -94,81 +123,45 @@ fn adapter_forward_and_gradients_match_peft() {
             assert!(err <= GRADIENT_TOLERANCE, "{kernels:?}: ∂{name} {err:e}");
         }
     });
+    assert!(case.base_distance(&case.expected["sample"]) > 100.0 * OUTPUT_TOLERANCE);
 }
 
 /// The adapter merged into the weights gives PEFT's `merge_and_unload()` output.
 #[test]
 fn merged_adapter_matches_peft() {
-    let case = case();
-    let adapter = Adapter::load(
-        &common::fixture("lora").join("adapter"),
-        case.base.config(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut weights = case.base.frozen_tensors(DType::F32, &Device::Cpu).unwrap();
-    adapter.merge_into(&mut weights, 1.0).unwrap();
-    let model = frozen_from(case.base.config(), weights, DType::F32, &Device::Cpu).unwrap();
-    let inputs = common::fixture_inputs(&case.inputs, DType::F32);
-    let sample = model.forward(&inputs, true).unwrap();
-    let err = relative_error(&sample, &case.expected["merged.sample"]);
+    let case = Case::new();
+    let merged = case.merged_output(&case.adapter("adapter"));
+    let err = relative_error(&merged, &case.expected["merged.sample"]);
     assert!(err <= OUTPUT_TOLERANCE, "merged output error {err:e}");
-    // And the adapter changes the output: the check could fail.
-    let base = case.base.load_frozen(DType::F32, &Device::Cpu).unwrap();
-    let base_err = relative_error(
-        &base.forward(&inputs, true).unwrap(),
-        &case.expected["sample"],
-    );
-    assert!(base_err > 100.0 * OUTPUT_TOLERANCE, "{base_err:e}");
 }
 
 /// An adapter latte-rs trained (`latte train --lora`, 20 steps), loaded by PEFT: PEFT's
 /// output equals latte-rs's, with the adapter attached and merged.
 #[test]
 fn adapter_trained_by_latte_gives_pefts_output() {
-    let case = case();
-    let adapter = Adapter::load(
-        &common::fixture("lora").join("latte_adapter"),
-        case.base.config(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let case = Case::new();
+    let adapter = case.adapter("latte_adapter");
     let expected =
         &common::load(common::fixture("lora").join("latte_expected.safetensors"))["sample"];
-    let inputs = common::fixture_inputs(&case.inputs, DType::F32);
-    let mut attached = case.base.load_frozen(DType::F32, &Device::Cpu).unwrap();
-    adapter.attach(&mut attached, 1.0).unwrap();
-    let err = relative_error(&attached.forward(&inputs, true).unwrap(), expected);
+    let err = relative_error(&case.attached_output(&adapter), expected);
     assert!(err <= OUTPUT_TOLERANCE, "attached: {err:e}");
-    let mut weights = case.base.frozen_tensors(DType::F32, &Device::Cpu).unwrap();
-    adapter.merge_into(&mut weights, 1.0).unwrap();
-    let merged = frozen_from(case.base.config(), weights, DType::F32, &Device::Cpu).unwrap();
-    let err = relative_error(&merged.forward(&inputs, true).unwrap(), expected);
+    let err = relative_error(&case.merged_output(&adapter), expected);
     assert!(err <= OUTPUT_TOLERANCE, "merged: {err:e}");
-    // The trained update moves the output well beyond the tolerance.
-    let base = case.base.load_frozen(DType::F32, &Device::Cpu).unwrap();
-    let moved = relative_error(&base.forward(&inputs, true).unwrap(), expected);
-    assert!(moved > 100.0 * OUTPUT_TOLERANCE, "{moved:e}");
+    assert!(case.base_distance(expected) > 100.0 * OUTPUT_TOLERANCE);
 }
 
 /// Training through an adapter: every factor gets a non-zero gradient and no base weight
 /// or bias gets one (they are plain tensors, outside the graph's parameters).
 #[test]
 fn only_the_factors_receive_gradients() {
-    let case = case();
-    let adapter = Adapter::load(
-        &common::fixture("lora").join("adapter"),
-        case.base.config(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut model = case.base.load_frozen(DType::F32, &Device::Cpu).unwrap();
+    let case = Case::new();
+    let adapter = case.adapter("adapter");
+    let mut model = case.base_model();
     let varmap = adapter.attach_trainable(&mut model).unwrap();
-    let inputs = common::fixture_inputs(&case.inputs, DType::F32);
     let chain = model.chain(true);
     let tape = remat::grads::forward(
         &chain,
-        &inputs.to_vec(),
+        &case.model_inputs().to_vec(),
         &[true, false, true],
         &Schedule::store_all(scheduled_stages(&chain)),
         &mut NoPhases,
@@ -179,13 +172,7 @@ fn only_the_factors_receive_gradients() {
         .unwrap();
     for (name, var) in latte::optim::sorted_params(&varmap).unwrap() {
         let grad = grads.params.get(var.as_tensor()).expect(&name);
-        let largest = grad
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let largest = common::max_abs(grad);
         assert!(largest > 0.0, "{name}: zero gradient");
     }
     let mut linears = 0;

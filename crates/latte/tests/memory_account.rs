@@ -24,6 +24,8 @@ use latte::train::{
 };
 use remat::meter::{format_bytes, live_bytes, peak_bytes, reset_peak, NoPhases};
 
+mod common;
+
 remat::install_counting_allocator!();
 
 /// The tests measure the whole process: one at a time.
@@ -150,6 +152,34 @@ fn check(label: &str, budget: u64, planned: &Candidate, measured: u64) {
     );
 }
 
+/// One step of a fresh trainer for `case` (the preset's model from seed 1, the built-in
+/// videos) under `memory`: the whole step's bytes — everything the trainer allocated
+/// and the step's high-water mark — and what `inspect` reads of the trainer after it.
+fn measure_step<R>(
+    case: &Case,
+    memory: MemoryPlan,
+    inspect: impl FnOnce(&Trainer) -> R,
+) -> (u64, R) {
+    let config = config(case);
+    let data = DataSource::Synthetic(shape(case, &config));
+    let out = std::env::temp_dir().join(format!("latte-account-{}", std::process::id()));
+    let before = live_bytes();
+    let mut trainer = Trainer::new(
+        ModelSource::Fresh { config, seed: 1 },
+        data,
+        train_config(case, memory),
+        &out,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let start = live_bytes();
+    let report = trainer.train_step().unwrap();
+    let seen = inspect(&trainer);
+    drop(trainer);
+    std::fs::remove_dir_all(&out).unwrap();
+    (start - before + report.step_peak_bytes, seen)
+}
+
 fn run_training(case: Case) {
     let config = config(&case);
     let shape = shape(&case, &config);
@@ -167,20 +197,8 @@ fn run_training(case: Case) {
     );
     for budget in budgets(&workload, setting) {
         let expected = chosen(&workload, setting, budget);
-        let out = std::env::temp_dir().join(format!("latte-account-{}", std::process::id()));
-        let before = live_bytes();
-        let mut trainer = Trainer::new(
-            ModelSource::Fresh {
-                config: config.clone(),
-                seed: 1,
-            },
-            data.clone(),
-            train_config(&case, MemoryPlan::Budget(budget)),
-            &out,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let planned = trainer.plan().clone();
+        let (measured, planned) =
+            measure_step(&case, MemoryPlan::Budget(budget), |t| t.plan().clone());
         assert_eq!(
             planned.policy, expected.policy,
             "{case:?}: the run's policy"
@@ -189,11 +207,6 @@ fn run_training(case: Case) {
             planned.schedule, expected.schedule,
             "{case:?}: the run's schedule"
         );
-        let start = live_bytes();
-        let report = trainer.train_step().unwrap();
-        let measured = start - before + report.step_peak_bytes;
-        drop(trainer);
-        std::fs::remove_dir_all(&out).unwrap();
         check(&format!("{case:?}"), budget, &planned, measured);
     }
 }
@@ -287,15 +300,8 @@ const fn lora(case: Case, rank: usize, targets: &'static [&'static str]) -> Case
 }
 
 /// The attention projections (the default), and every linear layer of the blocks.
-const ATTENTION: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
-const BLOCKS: &[&str] = &[
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "ff.net.0.proj",
-    "ff.net.2",
-];
+const ATTENTION: &[&str] = &latte::lora::DEFAULT_TARGETS;
+const BLOCKS: &[&str] = &common::BLOCK_LINEARS;
 
 #[test]
 fn training_runs_the_plan_and_keeps_its_prediction() {
@@ -338,32 +344,15 @@ fn lora_holds_no_optimizer_state_for_the_base() {
     let full = case("small", 16, 8, Precision::Bf16, 1, 1);
     let adapted = lora(full, 4, ATTENTION);
     let config = config(&full);
-    let data = DataSource::Synthetic(shape(&full, &config));
     let measure = |case: Case| {
-        let out = std::env::temp_dir().join(format!("latte-lora-{}", std::process::id()));
-        let before = live_bytes();
-        let mut trainer = Trainer::new(
-            ModelSource::Fresh {
-                config: config.clone(),
-                seed: 1,
-            },
-            data.clone(),
-            train_config(&case, MemoryPlan::Checkpoint(remat::policy::Policy::None)),
-            &out,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let start = live_bytes();
-        let report = trainer.train_step().unwrap();
-        let trained: Vec<String> = trainer
-            .weights_f32()
-            .unwrap()
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect();
-        drop(trainer);
-        std::fs::remove_dir_all(&out).unwrap();
-        (start - before + report.step_peak_bytes, trained)
+        let none = MemoryPlan::Checkpoint(remat::policy::Policy::None);
+        measure_step(&case, none, |trainer| {
+            let trained = trainer.weights_f32().unwrap();
+            trained
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect::<Vec<_>>()
+        })
     };
     let (full_bytes, full_trained) = measure(full);
     let (lora_bytes, lora_trained) = measure(adapted);

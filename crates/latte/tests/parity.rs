@@ -9,7 +9,7 @@
 //!   candle's GELU derivative uses 6-digit constants).
 //! - f16 output: 1e-2; bf16 output: 5e-2 (10 and 7 mantissa bits through ~10 roundings).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use latte::weights::ModelDir;
 use remat::grads::scheduled_stages;
 use remat::meter::NoPhases;
@@ -27,20 +27,6 @@ fn temporal(case: &str) -> bool {
     meta["enable_temporal_attentions"].as_bool().unwrap()
 }
 
-/// max |actual − expected| / max |expected| (or the absolute error if expected is ~0).
-fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.dims(), expected.dims());
-    let a = actual.to_dtype(DType::F64).unwrap();
-    let e = expected.to_dtype(DType::F64).unwrap();
-    let err = (a - &e).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = e.abs().unwrap().max_all().unwrap();
-    let (err, scale) = (
-        err.to_scalar::<f64>().unwrap(),
-        scale.to_scalar::<f64>().unwrap(),
-    );
-    err / scale.max(1.0)
-}
-
 #[test]
 fn forward_matches_diffusers_in_f32_f16_bf16() {
     common::with_each_kernel_set(|_kernels| {
@@ -55,7 +41,7 @@ fn forward_matches_diffusers_in_f32_f16_bf16() {
                 let inputs = common::fixture_inputs(&ins, dtype);
                 model.check_inputs(&inputs, temporal(case)).unwrap();
                 let sample = model.forward(&inputs, temporal(case)).unwrap();
-                let err = relative_error(&sample, expected);
+                let err = common::relative_error(&sample, expected);
                 eprintln!("{case} {dtype:?} forward: relative error {err:e}");
                 assert!(
                     err <= tolerance,
@@ -86,7 +72,7 @@ fn vjp_matches_diffusers_for_inputs_and_every_parameter() {
             )
             .unwrap();
             assert!(
-                relative_error(&vjp.sample, &expected["sample"]) <= 1e-4,
+                common::relative_error(&vjp.sample, &expected["sample"]) <= 1e-4,
                 "{case}"
             );
             let mut checked = vec![
@@ -102,7 +88,7 @@ fn vjp_matches_diffusers_for_inputs_and_every_parameter() {
             let mut worst = 0f64;
             for (name, grad) in checked {
                 let reference = &expected[&format!("grad.{name}")];
-                let err = relative_error(&grad, reference);
+                let err = common::relative_error(&grad, reference);
                 worst = worst.max(err);
                 assert!(err <= 1e-3, "{case}: grad.{name} error {err:e}");
             }

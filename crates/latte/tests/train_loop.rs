@@ -10,6 +10,8 @@ use latte::train::{
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
+mod common;
+
 /// A two-layer pixel-space model with learned variance: fast enough for debug builds.
 fn small_config() -> LatteConfig {
     LatteConfig {
@@ -205,6 +207,37 @@ fn resumed_run_is_bitwise_identical() {
     std::fs::remove_dir_all(&split_dir).unwrap();
 }
 
+/// A run of `config` (4 steps) whole, and the same run stopped after 2 steps and resumed
+/// from its checkpoint; the losses and the trained weights (and their EMA) must be
+/// bitwise equal. Returns the resumed trainer, all the step reports and the resumed run's
+/// directory (for the caller to inspect and remove).
+fn resumed_equals_whole(config: &TrainConfig, label: &str) -> (Trainer, Vec<StepReport>, PathBuf) {
+    let whole_dir = out_dir(&format!("whole-{label}"));
+    let mut whole = fresh(config.clone(), &whole_dir);
+    let whole_reports = run(&mut whole);
+    let split_dir = out_dir(&format!("split-{label}"));
+    let mut first = fresh(
+        TrainConfig {
+            steps: 2,
+            ..config.clone()
+        },
+        &split_dir,
+    );
+    let mut reports = run(&mut first);
+    drop(first);
+    let mut second =
+        Trainer::resume(&split_dir, &split_dir, &Device::Cpu, |c, _| c.steps = 4).unwrap();
+    reports.extend(run(&mut second));
+    let losses = |r: &[StepReport]| r.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&whole_reports), losses(&reports), "{label}");
+    assert!(
+        weight_bits(&whole) == weight_bits(&second),
+        "{label}: weights differ after resume"
+    );
+    std::fs::remove_dir_all(&whole_dir).unwrap();
+    (second, reports, split_dir)
+}
+
 /// Low precision: the f32 master weights, the loss scale (f16) and the moments are
 /// restored exactly, so bf16 and f16 runs also resume bitwise.
 #[test]
@@ -214,28 +247,8 @@ fn low_precision_runs_resume_bitwise() {
             precision,
             ..train_config(4)
         };
-        let whole_dir = out_dir(&format!("whole-{precision:?}"));
-        let mut whole = fresh(config.clone(), &whole_dir);
-        let whole_reports = run(&mut whole);
-        let split_dir = out_dir(&format!("split-{precision:?}"));
-        let mut first = fresh(
-            TrainConfig {
-                steps: 2,
-                ..config.clone()
-            },
-            &split_dir,
-        );
-        let mut reports = run(&mut first);
-        drop(first);
-        let mut second =
-            Trainer::resume(&split_dir, &split_dir, &Device::Cpu, |c, _| c.steps = 4).unwrap();
-        reports.extend(run(&mut second));
-        let losses = |r: &[StepReport]| r.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
-        assert_eq!(losses(&whole_reports), losses(&reports), "{precision:?}");
-        assert!(
-            weight_bits(&whole) == weight_bits(&second),
-            "{precision:?}: weights differ after resume"
-        );
+        let (_, reports, dir) = resumed_equals_whole(&config, &format!("{precision:?}"));
+        std::fs::remove_dir_all(&dir).unwrap();
         let expected_scale = if precision == Precision::F16 {
             65536.0
         } else {
@@ -244,80 +257,37 @@ fn low_precision_runs_resume_bitwise() {
         assert!(reports
             .iter()
             .all(|r| r.loss_scale == expected_scale && !r.skipped));
-        std::fs::remove_dir_all(&whole_dir).unwrap();
-        std::fs::remove_dir_all(&split_dir).unwrap();
     }
 }
 
 /// A LoRA run (adapters on every linear layer of the blocks, the base frozen) resumes
 /// bitwise too, in f32 and bf16: its checkpoint holds the adapter, its EMA and AdamW's
-/// moments in PEFT's format and names, and the base model it was trained on.
+/// moments, and names the base model it was trained on.
 #[test]
 fn lora_runs_resume_bitwise() {
-    let targets = [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "ff.net.0.proj",
-        "ff.net.2",
-    ];
     for precision in [Precision::F32, Precision::Bf16] {
         let config = TrainConfig {
             precision,
             grad_accum: 2,
-            lora: Some(latte::lora::LoraConfig::new(
-                2,
-                4.0,
-                latte::lora::TargetModules::Names(targets.iter().map(|t| t.to_string()).collect()),
-            )),
+            lora: Some(common::lora_on_blocks(2, 4.0)),
             ..train_config(4)
         };
-        let whole_dir = out_dir(&format!("lora-whole-{precision:?}"));
-        let mut whole = fresh(config.clone(), &whole_dir);
-        let whole_reports = run(&mut whole);
-        let split_dir = out_dir(&format!("lora-split-{precision:?}"));
-        let mut first = fresh(
-            TrainConfig {
-                steps: 2,
-                ..config.clone()
-            },
-            &split_dir,
-        );
-        let mut reports = run(&mut first);
-        drop(first);
-        let checkpoint = split_dir.join("checkpoint-2");
+        let (second, _, dir) = resumed_equals_whole(&config, &format!("lora-{precision:?}"));
+        let checkpoint = second.last_checkpoint().unwrap();
         assert!(checkpoint
             .join("adapter/adapter_model.safetensors")
             .is_file());
         assert!(checkpoint.join("ema/adapter_config.json").is_file());
         assert!(!checkpoint.join("transformer").exists());
-        let mut second =
-            Trainer::resume(&split_dir, &split_dir, &Device::Cpu, |c, _| c.steps = 4).unwrap();
-        reports.extend(run(&mut second));
-        let losses = |r: &[StepReport]| r.iter().map(|r| r.loss.to_bits()).collect::<Vec<_>>();
-        assert_eq!(losses(&whole_reports), losses(&reports), "{precision:?}");
-        let bits = weight_bits(&second);
-        assert!(
-            weight_bits(&whole) == bits,
-            "{precision:?}: adapters differ after resume"
-        );
         // Only the factors are trained (and averaged): A and B of 16 layers per model layer
         // (spatial: two attentions and the MLP; temporal: one attention and the MLP), and
         // they moved from B = 0.
+        let bits = weight_bits(&second);
         assert_eq!(bits.len(), 2 * 2 * 16 * small_config().num_layers);
         let adapter = second.adapter().unwrap().unwrap();
         let up = &adapter.named_factors()[1].1;
-        assert!(
-            up.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        );
-        std::fs::remove_dir_all(&whole_dir).unwrap();
-        std::fs::remove_dir_all(&split_dir).unwrap();
+        let largest = common::max_abs(up);
+        assert!(largest > 0.0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,6 +22,28 @@ pub fn load(path: PathBuf) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// max |actual − expected| / max |expected| (or the absolute error where the reference is
+/// below 1 in magnitude): the measure of the parity tolerances.
+pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.dims(), expected.dims());
+    let a = actual.to_dtype(DType::F64).unwrap();
+    let e = expected.to_dtype(DType::F64).unwrap();
+    let err = (a - &e).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = e.abs().unwrap().max_all().unwrap();
+    err.to_scalar::<f64>().unwrap() / scale.to_scalar::<f64>().unwrap().max(1.0)
+}
+
+/// The largest magnitude in `t` (f32).
+pub fn max_abs(t: &Tensor) -> f32 {
+    let t = t.to_dtype(DType::F32).unwrap();
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// The model inputs of a fixture's `inputs.safetensors`, floats converted to `dtype`.
 pub fn fixture_inputs(tensors: &HashMap<String, Tensor>, dtype: DType) -> LatteInputs {
     LatteInputs {
@@ -65,4 +87,23 @@ pub fn with_each_kernel_set(mut check: impl FnMut(latte::costs::Kernels)) {
         let _choice = Kernels::choose(Some(kernels));
         check(kernels);
     }
+}
+
+/// Every linear layer of the transformer blocks (PEFT's `target_modules` names).
+pub const BLOCK_LINEARS: [&str; 6] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+];
+
+/// LoRA of `rank` and `alpha` on [`BLOCK_LINEARS`].
+pub fn lora_on_blocks(rank: usize, alpha: f64) -> latte::lora::LoraConfig {
+    latte::lora::LoraConfig::new(
+        rank,
+        alpha,
+        latte::lora::TargetModules::Names(BLOCK_LINEARS.iter().map(|t| t.to_string()).collect()),
+    )
 }
