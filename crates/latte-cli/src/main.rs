@@ -3,6 +3,7 @@
 
 mod budget;
 mod cmd;
+mod hub;
 mod options;
 
 use clap::{Parser, Subcommand};

@@ -52,9 +52,10 @@ pub struct Args {
     /// Write the memory report (peak above weights and inputs, timeline) as JSON.
     #[arg(long, value_name = "FILE")]
     memory_report: Option<PathBuf>,
-    /// A LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)
-    /// applied to the model; with --vjp the gradients are the adapter's.
-    #[arg(long, value_name = "DIR")]
+    /// A LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors;
+    /// a directory or a Hub id) applied to the model; with --vjp the gradients are the
+    /// adapter's.
+    #[arg(long, value_name = "DIR|ID")]
     lora: Option<PathBuf>,
     /// Scale of the adapter's update (PEFT's set_scale; 1 as trained).
     #[arg(long, value_name = "S", default_value_t = 1.0, requires = "lora")]
@@ -88,7 +89,10 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     let adapter = args
         .lora
         .as_ref()
-        .map(|dir| Adapter::load(dir, &resolved.config, &device))
+        .map(|lora| -> Result<Adapter> {
+            let dir = crate::hub::resolve(lora, crate::hub::Needs::Adapter)?;
+            Ok(Adapter::load(&dir, &resolved.config, &device)?)
+        })
         .transpose()?;
     let (model, varmap) = match &adapter {
         Some(adapter) => {

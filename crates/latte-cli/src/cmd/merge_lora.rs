@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 /// Arguments of `latte merge-lora`.
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    /// The base model: a diffusers transformer directory.
-    #[arg(long, value_name = "DIR")]
+    /// The base model: a diffusers transformer directory or Hub id.
+    #[arg(long, value_name = "DIR|ID")]
     model: PathBuf,
     /// The adapter: a directory in PEFT's format (adapter_config.json +
-    /// adapter_model.safetensors), e.g. `<run>/checkpoint-<step>/adapter`.
-    #[arg(long, value_name = "DIR")]
+    /// adapter_model.safetensors), e.g. `<run>/checkpoint-<step>/adapter`, or a Hub id.
+    #[arg(long, value_name = "DIR|ID")]
     lora: PathBuf,
     /// Scale of the update (PEFT's set_scale; 1 as trained).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
@@ -39,9 +39,11 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let device = Device::Cpu;
-    let base = ModelDir::open(&args.model)
-        .with_context(|| format!("cannot load model directory {}", args.model.display()))?;
-    let adapter = Adapter::load(&args.lora, base.config(), &device)?;
+    let model = crate::hub::resolve(&args.model, crate::hub::Needs::Transformer)?;
+    let base = ModelDir::open(&model)
+        .with_context(|| format!("cannot load model directory {}", model.display()))?;
+    let lora = crate::hub::resolve(&args.lora, crate::hub::Needs::Adapter)?;
+    let adapter = Adapter::load(&lora, base.config(), &device)?;
     let dtype = match args.dtype {
         Some(precision) => precision.dtype(),
         None => stored_dtype(&base),

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct ModelSource {
-    /// A diffusers model directory (config.json + safetensors weights).
-    #[arg(long, value_name = "DIR")]
+    /// A diffusers model directory (config.json + safetensors weights), or a Hugging Face
+    /// Hub id ORG/NAME[/SUBFOLDER][@REVISION] (a pipeline's transformer/ is found).
+    #[arg(long, value_name = "DIR|ID")]
     pub model: Option<PathBuf>,
     /// A diffusers transformer config.json (no weights).
     #[arg(long, value_name = "FILE")]
@@ -34,12 +35,13 @@ pub struct ResolvedSource {
 impl ModelSource {
     /// Reads the config (and opens the weights for `--model`).
     pub fn resolve(&self) -> Result<ResolvedSource> {
-        if let Some(dir) = &self.model {
+        if let Some(model) = &self.model {
+            let dir = &crate::hub::resolve(model, crate::hub::Needs::Transformer)?;
             let opened = ModelDir::open(dir)
                 .with_context(|| format!("cannot load model directory {}", dir.display()))?;
             return Ok(ResolvedSource {
                 config: opened.config().clone(),
-                description: format!("model {}", dir.display()),
+                description: format!("model {}", model.display()),
                 dir: Some(opened),
                 geometry: None,
             });

@@ -32,8 +32,9 @@ use std::time::Instant;
 #[derive(Debug, ClapArgs)]
 pub struct Args {
     /// A transformer directory (config.json + weights), a pipeline directory holding
-    /// `transformer/`, or a `latte train` output directory (its latest checkpoint).
-    #[arg(long, value_name = "DIR")]
+    /// `transformer/`, a `latte train` output directory (its latest checkpoint), or a
+    /// Hugging Face Hub id ORG/NAME[/SUBFOLDER][@REVISION] (e.g. maxin-cn/Latte-1).
+    #[arg(long, value_name = "DIR|ID")]
     model: PathBuf,
     /// Text prompt, for a LattePipeline directory (text_encoder/, tokenizer/tokenizer.json,
     /// vae/): lower-cased, stripped and cut to 120 tokens as LattePipeline does (its
@@ -92,9 +93,9 @@ pub struct Args {
     /// go next to it.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// A LoRA adapter in PEFT's format, merged into the weights before sampling (a `latte
-    /// train --lora` output given as --model brings its own).
-    #[arg(long, value_name = "DIR")]
+    /// A LoRA adapter in PEFT's format (a directory or a Hub id), merged into the weights
+    /// before sampling (a `latte train --lora` output given as --model brings its own).
+    #[arg(long, value_name = "DIR|ID")]
     lora: Option<PathBuf>,
     /// Scale of the adapter's update (PEFT's set_scale; 1 as trained).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
@@ -363,7 +364,8 @@ fn conditioning(
 /// Runs `latte sample`.
 pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     let device = global.device()?;
-    let paths = model_paths(&args.model)?;
+    let location = crate::hub::resolve(&args.model, crate::hub::Needs::PipelineOrTransformer)?;
+    let paths = model_paths(&location)?;
     let dir = paths.transformer.clone();
     for path in [Some(&args.out), args.memory_report.as_ref()]
         .into_iter()
@@ -378,7 +380,11 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         .with_context(|| format!("cannot load model directory {}", dir.display()))?;
     // The plan counts the weights: memory is measured from before they are loaded.
     let live_before_model = meter_for(&device)?.live_bytes();
-    let model = match args.lora.as_ref().or(paths.adapter.as_ref()) {
+    let adapter_dir = match &args.lora {
+        Some(lora) => Some(crate::hub::resolve(lora, crate::hub::Needs::Adapter)?),
+        None => paths.adapter.clone(),
+    };
+    let model = match &adapter_dir {
         None => opened.load_frozen(DType::F32, &device)?,
         Some(adapter_dir) => {
             // The update merged into the weights: sampling costs what the base costs.
@@ -396,8 +402,8 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         }
     };
     let cfg = model.config().clone();
-    let pipeline = if PipelineDir::is_pipeline(&args.model) {
-        Some(PipelineDir::open(&args.model)?)
+    let pipeline = if PipelineDir::is_pipeline(&location) {
+        Some(PipelineDir::open(&location)?)
     } else {
         None
     };

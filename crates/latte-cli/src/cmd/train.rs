@@ -27,8 +27,9 @@ const DEFAULT_CAPTION_TOKENS: usize = 4;
 /// --resume, the checkpoint's values).
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    /// A diffusers model directory to fine-tune.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "resume"])]
+    /// A diffusers model directory to fine-tune, or a Hugging Face Hub id
+    /// ORG/NAME[/SUBFOLDER][@REVISION].
+    #[arg(long, value_name = "DIR|ID", conflicts_with_all = ["preset", "resume"])]
     model: Option<PathBuf>,
     /// A built-in configuration to train from fresh weights (--seed): latte-1, medium,
     /// small, tiny.
@@ -284,7 +285,8 @@ fn new_trainer(
         ..TrainConfig::default()
     };
     let (model, config_for_data, geometry) = match (&args.model, &args.preset) {
-        (Some(dir), _) => {
+        (Some(model), _) => {
+            let dir = &crate::hub::resolve(model, crate::hub::Needs::Transformer)?;
             let opened = latte::weights::ModelDir::open(dir)
                 .with_context(|| format!("cannot load model directory {}", dir.display()))?;
             let model_config = opened.config().clone();
