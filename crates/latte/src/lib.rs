@@ -17,7 +17,8 @@
 //! - [`scheduler`]: diffusers-compatible DDIM and DDPM samplers; [`guide`]: objectives on
 //!   the predicted clean video; [`sampling`]: guided, memory-planned text-to-video sampling.
 //! - [`pipeline`]: a diffusers LattePipeline directory; [`text_encoder`] (tokenizer and
-//!   [`t5`]) encodes prompts as the pipeline does, [`vae`] decodes latents to video.
+//!   [`t5`]) encodes prompts as the pipeline does, [`vae`] decodes latents to video and
+//!   [`vae_encoder`] encodes videos to training latents.
 
 pub mod config;
 pub mod costs;
@@ -39,5 +40,6 @@ pub mod t5;
 pub mod text_encoder;
 pub mod train;
 pub mod vae;
+pub mod vae_encoder;
 pub mod vjp;
 pub mod weights;

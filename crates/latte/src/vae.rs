@@ -2,7 +2,8 @@
 //! `stable_diffusion::vae::AutoEncoderKL` (its weight names are diffusers' layout, old
 //! `query/key/value` and new `to_q/to_k/to_v` attention keys alike). Decoding follows
 //! LattePipeline's `decode_latents` (diffusers 0.42.1): latents / `scaling_factor`, every
-//! frame decoded on its own, then `postprocess_video` to [0, 1].
+//! frame decoded on its own, then `postprocess_video` to [0, 1]. Encoding is
+//! [`crate::vae_encoder`].
 //!
 //! One image at a time: candle-transformers 0.11.1's single-head `AttentionBlock` is wrong
 //! for batches above 1 (its value tensor keeps a layout with a unit head dimension that
@@ -87,7 +88,7 @@ impl Default for VaeConfigFile {
 
 impl VaeConfigFile {
     /// Checks the keys the candle VAE fixes, and returns its config.
-    fn resolve(&self, path: &Path) -> Result<AutoEncoderKLConfig, VaeError> {
+    pub(crate) fn resolve(&self, path: &Path) -> Result<AutoEncoderKLConfig, VaeError> {
         let unsupported = |key, value: String, supported| VaeError::Unsupported {
             path: path.display().to_string(),
             key,
@@ -155,10 +156,10 @@ impl VaeConfigFile {
 }
 
 /// File names of diffusers' single-file and sharded weights.
-const VAE_WEIGHTS_FILE: &str = crate::weights::WEIGHTS_FILE;
-const VAE_WEIGHTS_INDEX_FILE: &str = crate::weights::WEIGHTS_INDEX_FILE;
+pub(crate) const VAE_WEIGHTS_FILE: &str = crate::weights::WEIGHTS_FILE;
+pub(crate) const VAE_WEIGHTS_INDEX_FILE: &str = crate::weights::WEIGHTS_INDEX_FILE;
 
-/// The pipeline's VAE, for decoding.
+/// The pipeline's VAE.
 pub struct Vae {
     model: AutoEncoderKL,
     config: VaeConfigFile,

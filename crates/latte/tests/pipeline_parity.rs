@@ -11,12 +11,18 @@
 //!   batch of 6 latents: candle-transformers' VAE attention is wrong for batches > 1,
 //!   which `Vae::decode` avoids);
 //! - pipeline latents and video 1e-4: three DDIM steps through the transformer with CFG
-//!   scale 4.5, which amplifies the difference of two f32 model outputs by 2·4.5 + 1.
+//!   scale 4.5, which amplifies the difference of two f32 model outputs by 2·4.5 + 1;
+//! - VAE encoder 1e-4 (`tools/make_vae_encode_fixture.py`): the latent distribution's
+//!   mean and standard deviation;
+//! - T5 in bf16 5e-2, as the transformer's bf16 tolerance (7 mantissa bits through a dozen
+//!   roundings). (The VAE in half precision runs on GPUs only: candle's CPU convolutions
+//!   and its VAE attention's matmul have no bf16 kernel.)
 
 use candle_core::{DType, Device, Tensor};
 use latte::pipeline::PipelineDir;
 use latte::sampling::{sample, SampleOptions};
 use latte::text_encoder::MAX_SEQUENCE_LENGTH;
+use latte::vae_encoder::{LatentDraw, VaeEncoder};
 use remat::meter::NoPhases;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -94,6 +100,49 @@ fn vae_decodes_as_diffusers() {
     let err = rel_diff(&got, &expected["vae.decoded"]);
     println!("vae decode rel err {err:.2e}");
     assert!(err < 1e-5, "{err}");
+}
+
+#[test]
+fn vae_encodes_as_diffusers() {
+    let reference =
+        candle_core::safetensors::load(dir().join("vae_encode.safetensors"), &Device::Cpu).unwrap();
+    let images = &reference["images"];
+    for (dtype, tolerance) in [(DType::F32, 1e-4)] {
+        let encoder = VaeEncoder::open(&dir().join("vae"), dtype, &Device::Cpu).unwrap();
+        let mut means = Vec::new();
+        let mut stds = Vec::new();
+        for i in 0..images.dim(0).unwrap() {
+            let image = images.narrow(0, i, 1).unwrap();
+            let (mean, std) = encoder.distribution(&image).unwrap();
+            means.push(mean.to_dtype(DType::F32).unwrap());
+            stds.push(std.to_dtype(DType::F32).unwrap());
+        }
+        let mean = Tensor::cat(&means, 0).unwrap();
+        let std = Tensor::cat(&stds, 0).unwrap();
+        let (mean_err, std_err) = (
+            rel_diff(&mean, &reference["mean"]),
+            rel_diff(&std, &reference["std"]),
+        );
+        println!("vae encode {dtype:?}: mean rel err {mean_err:.2e}, std {std_err:.2e}");
+        assert!(mean_err < tolerance && std_err < tolerance, "{dtype:?}");
+        // Latents as clips store them: the mean times the scaling factor.
+        let latents = encoder.encode(images, LatentDraw::Mean).unwrap();
+        let scaled = (&reference["mean"] * 0.18215).unwrap();
+        assert!(rel_diff(&latents, &scaled) < tolerance);
+    }
+}
+
+#[test]
+fn t5_in_bf16_stays_within_tolerance() {
+    let pipeline = PipelineDir::open(&dir()).unwrap();
+    let encoder = pipeline.text_encoder(DType::BF16, &Device::Cpu).unwrap();
+    let expected = expected();
+    let meta = meta();
+    let prompt = meta["prompts"][0]["prompt"].as_str().unwrap();
+    let embeds = encoder.encode_prompt(prompt, "").unwrap();
+    let err = rel_diff(&embeds.positive, &expected["embeds.0.positive"]);
+    println!("T5 bf16: rel err {err:.2e}");
+    assert!(err < 5e-2, "{err}");
 }
 
 #[test]
