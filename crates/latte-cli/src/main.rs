@@ -3,6 +3,7 @@
 
 mod budget;
 mod cmd;
+mod ffmpeg;
 mod hub;
 mod options;
 
@@ -41,6 +42,8 @@ enum Command {
     Profile(cmd::profile::Args),
     /// Merge a LoRA adapter (PEFT's format) into a model directory.
     MergeLora(cmd::merge_lora::Args),
+    /// Encode a folder of videos and captions into training clips (needs ffmpeg).
+    Encode(cmd::encode::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => cmd::plan::run(args, &cli.global),
         Command::Profile(args) => cmd::profile::run(args, &cli.global),
         Command::MergeLora(args) => cmd::merge_lora::run(args),
+        Command::Encode(args) => cmd::encode::run(args, &cli.global),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -12,6 +12,7 @@
 use crate::scheduler::{BetaSchedule, DdimConfig, PredictionType, TimestepSpacing};
 use crate::text_encoder::{TextEncoder, TextEncoderError};
 use crate::vae::{Vae, VaeError};
+use crate::vae_encoder::VaeEncoder;
 use crate::weights::{ModelDir, WeightsError};
 use candle_core::{DType, Device};
 use serde_json::{Map, Value};
@@ -173,6 +174,16 @@ impl PipelineDir {
             "vae/config.json and diffusion_pytorch_model.safetensors (an AutoencoderKL)",
         )?;
         Ok(Vae::open(&dir, dtype, device)?)
+    }
+
+    /// The VAE's encoder alone (`vae/`), with weights in `dtype`.
+    pub fn vae_encoder(&self, dtype: DType, device: &Device) -> Result<VaeEncoder, PipelineError> {
+        let dir = self.component(
+            "vae/",
+            "config.json",
+            "vae/config.json and diffusion_pytorch_model.safetensors (an AutoencoderKL)",
+        )?;
+        Ok(VaeEncoder::open(&dir, dtype, device)?)
     }
 
     /// The DDIM configuration of `scheduler/scheduler_config.json`.

@@ -231,6 +231,20 @@ impl TextEncoder {
         self.t5.forward(&ids, &mask)?.to_dtype(DType::F32)
     }
 
+    /// T5's hidden states (n, 120, d_model) of `n` tokenized prompts at once, in f32:
+    /// the padded sequences under their attention masks, as training clips store them.
+    pub fn encode_batch(&self, batch: &[Tokens]) -> candle_core::Result<Tensor> {
+        let l = batch.first().map_or(0, |t| t.ids.len());
+        if batch.iter().any(|t| t.ids.len() != l) {
+            candle_core::bail!("text encoder: a batch of token sequences of different lengths");
+        }
+        let ids: Vec<u32> = batch.iter().flat_map(|t| t.ids.iter().copied()).collect();
+        let mask: Vec<u32> = batch.iter().flat_map(|t| t.mask.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, (batch.len(), l), &self.device)?;
+        let mask = Tensor::from_vec(mask, (batch.len(), l), &self.device)?;
+        self.t5.forward(&ids, &mask)?.to_dtype(DType::F32)
+    }
+
     /// `encode_prompt(prompt, negative_prompt, mask_feature=True)`: both prompts encoded
     /// with their masks, then cut to the positive prompt's real tokens.
     pub fn encode_prompt(

@@ -1,6 +1,7 @@
 //! One module per subcommand, each with `Args` and `run`.
 
 pub mod bench;
+pub mod encode;
 pub mod forward;
 pub mod inspect;
 pub mod merge_lora;

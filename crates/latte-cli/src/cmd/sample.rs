@@ -5,16 +5,16 @@
 //! (`latte::pipeline`, which also encodes `--prompt`).
 
 use crate::budget::{parse_budget, BudgetChoice};
-use crate::cmd::video_out::write_video;
+use crate::cmd::video_out::{write_video, Written};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
+use latte::config::LatteConfig;
 use latte::data::synthetic::{Scene, SyntheticVideos, COLOURS, DIRECTIONS, SHAPES};
 use latte::data::ClipShape;
 use latte::guide::parse_objective;
 use latte::lora::Adapter;
-use latte::model::Latte;
 use latte::pipeline::PipelineDir;
 use latte::plan::{plan_run, AnalyticCosts, RunMemory, Setting};
 use latte::sampling::{guide_workload, initial_noise, sample, Guidance, SampleOptions};
@@ -100,6 +100,19 @@ pub struct Args {
     /// Scale of the adapter's update (PEFT's set_scale; 1 as trained).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     lora_scale: f64,
+    /// Precision of the text encoder (T5-XXL is 19 GB in f32, 9.5 GB in bf16); it is loaded
+    /// for the prompts only and freed before the transformer loads.
+    #[arg(long, value_enum, default_value = "f32")]
+    text_encoder_precision: crate::options::Precision,
+    /// Precision of the VAE decoding the latents after sampling (bf16/f16 need a GPU).
+    #[arg(long, value_enum, default_value = "f32")]
+    vae_precision: crate::options::Precision,
+    /// Frames per second of the MP4 written beside the GIF (H.264, yuv420p; needs ffmpeg).
+    #[arg(long, default_value_t = 8.0)]
+    fps: f64,
+    /// Do not write the MP4.
+    #[arg(long)]
+    no_mp4: bool,
     /// Initial noise (safetensors, one tensor (1, C, F, H, W)) instead of drawing it.
     #[arg(long, value_name = "FILE")]
     init_noise: Option<PathBuf>,
@@ -243,6 +256,7 @@ fn encode_prompt(
     negative_prompt: &str,
     pipeline: Option<&PipelineDir>,
     model_dir: &Path,
+    dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let Some(pipeline) = pipeline else {
@@ -258,8 +272,18 @@ fn encode_prompt(
             missing.join(", ")
         );
     };
-    let encoder = pipeline.text_encoder(DType::F32, device)?;
+    // The text encoder lives for this phase only: it is freed before the transformer loads.
+    let meter = meter_for(device)?;
+    let before = meter.live_bytes();
+    meter.reset_peak();
+    let encoder = pipeline.text_encoder(dtype, device)?;
     let embeds = encoder.encode_prompt(prompt, negative_prompt)?;
+    drop(encoder);
+    println!(
+        "text encoder ({dtype:?}): peak {}, {} kept after it was freed (the embeddings)",
+        format_bytes(meter.peak_bytes().saturating_sub(before)),
+        format_bytes(meter.live_bytes().saturating_sub(before))
+    );
     for (which, cut) in [
         ("prompt", &embeds.truncated),
         ("negative prompt", &embeds.negative_truncated),
@@ -280,13 +304,14 @@ fn conditioning(
     args: &Args,
     pipeline: Option<&PipelineDir>,
     model_dir: &Path,
-    model: &Latte,
+    config: &LatteConfig,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let d = model.config().caption_channels;
+    let d = config.caption_channels;
     if let Some(prompt) = &args.prompt {
         let negative = args.negative_prompt.as_deref().unwrap_or("");
-        return encode_prompt(prompt, negative, pipeline, model_dir, device);
+        let dtype = args.text_encoder_precision.dtype();
+        return encode_prompt(prompt, negative, pipeline, model_dir, dtype, device);
     }
     let scene = match (&args.caption, args.synthetic_caption) {
         (Some(words), _) => Some(scene_from_words(words)?),
@@ -304,7 +329,7 @@ fn conditioning(
         _ => None,
     };
     if let Some(scene) = scene {
-        let cfg = model.config();
+        let cfg = config;
         let shape = ClipShape {
             channels: cfg.in_channels,
             frames: cfg.video_length,
@@ -378,6 +403,21 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     }
     let opened = ModelDir::open(&dir)
         .with_context(|| format!("cannot load model directory {}", dir.display()))?;
+    let pipeline = if PipelineDir::is_pipeline(&location) {
+        Some(PipelineDir::open(&location)?)
+    } else {
+        None
+    };
+    if device.is_cpu() && args.vae_precision.dtype() != DType::F32 {
+        bail!(
+            "--vae-precision {:?} needs a GPU: candle's CPU convolutions compute in f32 only",
+            args.vae_precision
+        );
+    }
+    // Phase 1, the prompts: the text encoder is loaded, used and freed before the
+    // transformer exists.
+    let (negative, positive) =
+        conditioning(&args, pipeline.as_ref(), &dir, opened.config(), &device)?;
     // The plan counts the weights: memory is measured from before they are loaded.
     let live_before_model = meter_for(&device)?.live_bytes();
     let adapter_dir = match &args.lora {
@@ -402,12 +442,6 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         }
     };
     let cfg = model.config().clone();
-    let pipeline = if PipelineDir::is_pipeline(&location) {
-        Some(PipelineDir::open(&location)?)
-    } else {
-        None
-    };
-    let (negative, positive) = conditioning(&args, pipeline.as_ref(), &dir, &model, &device)?;
     // Latent models of a pipeline decode through its VAE (required with --prompt), loaded
     // once sampling is done and the transformer is freed: the sampling steps hold only
     // what the plan counts.
@@ -581,7 +615,10 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     let mut out = HashMap::new();
     out.insert("latents".to_string(), latents.clone());
     let video = match decoder {
-        Some(p) => Some(p.vae(DType::F32, &device)?.decode_video(&latents)?),
+        Some(p) => Some(
+            p.vae(args.vae_precision.dtype(), &device)?
+                .decode_video(&latents)?,
+        ),
         None => None,
     };
     if let Some(video) = &video {
@@ -589,16 +626,23 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     }
     latte::io::save_safetensors(&out, &args.out)?;
     println!("wrote latents to {}", args.out.display());
+    let mp4_fps = (!args.no_mp4).then_some(args.fps);
+    let report = |written: Written, how: &str| {
+        println!("wrote {}{how}", written.gif.display());
+        match written.mp4 {
+            Some(mp4) => println!("wrote {}", mp4.display()),
+            None if mp4_fps.is_some() => {
+                println!("no MP4: ffmpeg was not found (install it to get one)")
+            }
+            None => {}
+        }
+    };
     if let Some(video) = &video {
         // The VAE's video is in [0, 1]; write_video takes [-1, 1].
-        let written = write_video(&((video * 2.0)? - 1.0)?, &args.out)?;
-        println!(
-            "wrote {} (decoded by the pipeline's VAE)",
-            written.display()
-        );
+        let written = write_video(&((video * 2.0)? - 1.0)?, &args.out, mp4_fps)?;
+        report(written, " (decoded by the pipeline's VAE)");
     } else if cfg.in_channels == 3 {
-        let written = write_video(&latents, &args.out)?;
-        println!("wrote {}", written.display());
+        report(write_video(&latents, &args.out, mp4_fps)?, "");
     } else {
         println!(
             "latent model ({} channels) without a pipeline vae/ to decode it: the latents are \

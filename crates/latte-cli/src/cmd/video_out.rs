@@ -1,7 +1,7 @@
 //! Writing a pixel-space video `(1, 3, F, H, W)` in [-1, 1] as an animated GIF, PNG
-//! frames and a strip of all frames side by side (for pages that show no animation) next
-//! to a given path, upscaled (nearest neighbour) to at least 128 pixels; each file is
-//! encoded in memory and written atomically.
+//! frames, a strip of all frames side by side (for pages that show no animation) and,
+//! when ffmpeg is present, an H.264 MP4, next to a given path, upscaled (nearest
+//! neighbour) to at least 128 pixels; each file is written atomically.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
@@ -17,9 +17,18 @@ const FRAME_DELAY_CS: u16 = 12;
 /// Width of the mid-grey gap between the frames of the strip, in pixels.
 const STRIP_GAP_PX: usize = 4;
 
-/// Writes `<stem>.gif`, `<stem>-frame-NNN.png` and `<stem>-strip.png` beside `out`;
-/// returns the GIF's path.
-pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
+/// What [`write_video`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The animated GIF.
+    pub gif: PathBuf,
+    /// The MP4, when one was asked for and ffmpeg is present.
+    pub mp4: Option<PathBuf>,
+}
+
+/// Writes `<stem>.gif`, `<stem>-frame-NNN.png`, `<stem>-strip.png` and, with `mp4_fps`
+/// and ffmpeg present, `<stem>.mp4` beside `out`.
+pub fn write_video(video: &Tensor, out: &Path, mp4_fps: Option<f64>) -> Result<Written> {
     let (_, c, f, h, w) = video.dims5()?;
     anyhow::ensure!(
         c == 3,
@@ -74,7 +83,20 @@ pub fn write_video(video: &Tensor, out: &Path) -> Result<PathBuf> {
     let path = beside("-strip.png");
     write_atomically(&path, &png_bytes(&strip, strip_width as u32, hs as u32)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(gif_path)
+    let mp4 = match mp4_fps {
+        Some(fps) if crate::ffmpeg::available() => {
+            let path = beside(".mp4");
+            let frames = crate::ffmpeg::Frames {
+                width: ws,
+                height: hs,
+                rgb: frames.concat(),
+            };
+            crate::ffmpeg::write_mp4(&frames, fps, &path)?;
+            Some(path)
+        }
+        _ => None,
+    };
+    Ok(Written { gif: gif_path, mp4 })
 }
 
 /// The RGB frames (`width × height` each) side by side, [`STRIP_GAP_PX`] of mid-grey
@@ -114,8 +136,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("latte-video-out-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let video = Tensor::zeros((1, 3, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
-        let gif = write_video(&video, &dir.join("scale-0.3.safetensors")).unwrap();
-        assert_eq!(gif, dir.join("scale-0.3.gif"));
+        let written = write_video(&video, &dir.join("scale-0.3.safetensors"), None).unwrap();
+        assert_eq!(written.gif, dir.join("scale-0.3.gif"));
+        assert_eq!(written.mp4, None);
         for name in [
             "scale-0.3.gif",
             "scale-0.3-frame-000.png",
