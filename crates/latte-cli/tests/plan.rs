@@ -338,3 +338,54 @@ fn profile_of_guided_sampling_keeps_the_prediction() {
     let out = profile_keeps_its_prediction(&args, 12 << 20, "profile-guide");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A pipeline's guided sampling lists its three phases: the text encoder's weights are
+/// its stored tensors at the asked precision, and the sampling phase is the chosen row.
+#[test]
+fn pipeline_plans_list_their_phases() {
+    let pipeline = common::fixtures().join("pipeline");
+    let plan = |precision: &str| {
+        common::plan_json(&[
+            "plan",
+            "--model",
+            pipeline.to_str().unwrap(),
+            "--mode",
+            "guide",
+            "--cfg",
+            "--budget",
+            "64MiB",
+            "--text-encoder-precision",
+            precision,
+        ])
+    };
+    let report = plan("f32");
+    let phases = report["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["text encoder", "sampling", "VAE decode"]);
+    // The fixture's T5 is stored in f32: its weights are the shards' tensor bytes.
+    let shards: u64 = std::fs::read_dir(pipeline.join("text_encoder"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| {
+            let tensors =
+                candle_core::safetensors::load(e.path(), &candle_core::Device::Cpu).unwrap();
+            tensors
+                .values()
+                .map(|t| 4 * t.elem_count() as u64)
+                .sum::<u64>()
+        })
+        .sum();
+    assert_eq!(phases[0]["weights_bytes"].as_u64().unwrap(), shards);
+    let sampling = &phases[1];
+    let chosen = common::chosen(&report);
+    assert_eq!(
+        sampling["weights_bytes"].as_u64().unwrap() + sampling["transient_bytes"].as_u64().unwrap(),
+        chosen["total_peak_bytes"].as_u64().unwrap()
+    );
+    let half = plan("bf16");
+    assert_eq!(
+        2 * half["phases"][0]["weights_bytes"].as_u64().unwrap(),
+        shards
+    );
+}

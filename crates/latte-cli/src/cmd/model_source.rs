@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use latte::config::{InputGeometry, LatteConfig, LatteConfigFile, Preset};
+use latte::pipeline::PipelineDir;
 use latte::weights::ModelDir;
 use std::path::PathBuf;
 
@@ -25,6 +26,9 @@ pub struct ModelSource {
 /// A model source, read and validated.
 pub struct ResolvedSource {
     pub config: LatteConfig,
+    /// The pipeline, when `--model` is a local LattePipeline directory (its
+    /// `transformer/` is the model).
+    pub pipeline: Option<PipelineDir>,
     /// The opened directory, for `--model`.
     pub dir: Option<ModelDir>,
     /// The preset's input geometry, for `--preset`.
@@ -36,13 +40,22 @@ impl ModelSource {
     /// Reads the config (and opens the weights for `--model`).
     pub fn resolve(&self) -> Result<ResolvedSource> {
         if let Some(model) = &self.model {
-            let dir = &crate::hub::resolve(model, crate::hub::Needs::Transformer)?;
+            let pipeline = if PipelineDir::is_pipeline(model) {
+                Some(PipelineDir::open(model)?)
+            } else {
+                None
+            };
+            let dir = &match &pipeline {
+                Some(p) => p.root().join("transformer"),
+                None => crate::hub::resolve(model, crate::hub::Needs::Transformer)?,
+            };
             let opened = ModelDir::open(dir)
                 .with_context(|| format!("cannot load model directory {}", dir.display()))?;
             return Ok(ResolvedSource {
                 config: opened.config().clone(),
                 description: format!("model {}", model.display()),
                 dir: Some(opened),
+                pipeline,
                 geometry: None,
             });
         }
@@ -50,6 +63,7 @@ impl ModelSource {
             let config = LatteConfigFile::from_file(file)?.resolve()?;
             return Ok(ResolvedSource {
                 config,
+                pipeline: None,
                 dir: None,
                 geometry: None,
                 description: format!("config {}", file.display()),
@@ -59,6 +73,7 @@ impl ModelSource {
         let preset = Preset::by_name(name)?;
         Ok(ResolvedSource {
             config: preset.config,
+            pipeline: None,
             dir: None,
             geometry: Some(preset.geometry),
             description: format!("preset {} — {}", preset.name, preset.description),

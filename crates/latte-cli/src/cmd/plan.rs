@@ -15,6 +15,7 @@ use clap::{Args as ClapArgs, ValueEnum};
 use latte::config::{InputGeometry, LatteConfig};
 use latte::costs::{check_geometry, Kernels, Memory};
 use latte::plan::measured::MeasuredCosts;
+use latte::plan::phases::{text_encoder_phase, vae_decode_phase, PhaseMemory};
 use latte::plan::{
     describe_parts, search, AnalyticCosts, BatchChoice, Candidate, CostModel, Plan, Search, Task,
     Workload,
@@ -93,6 +94,13 @@ pub struct PlanRequest {
     /// of the analytic model; results are cached per configuration.
     #[arg(long)]
     pub measure: bool,
+    /// Precision of the pipeline's text encoder (--model a pipeline directory, --mode
+    /// guide: its phase is listed).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub text_encoder_precision: Precision,
+    /// Precision of the pipeline's VAE decoding the latents.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub vae_precision: Precision,
 }
 
 /// Arguments of `latte plan`.
@@ -128,6 +136,10 @@ pub struct PlanOutcome {
     /// The candidates and the choice.
     #[serde(flatten)]
     pub plan: Plan,
+    /// For a pipeline: the text encoder's, the chosen sampling row's and the VAE decode's
+    /// peaks, in the order `latte sample` runs them, each with only its model loaded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseMemory>,
 }
 
 impl PlanOutcome {
@@ -141,6 +153,8 @@ impl PlanOutcome {
 pub struct RequestWorkload {
     /// What the library plans.
     pub workload: Workload,
+    /// The phases around the sampling steps, for a pipeline's guided sampling.
+    pub phases: Option<(PhaseMemory, PhaseMemory)>,
     /// The model, in words.
     pub model: String,
     /// The `--device` text.
@@ -262,7 +276,15 @@ impl PlanRequest {
             }
             ModeArg::Guide => Task::Guide { cfg: self.cfg },
         };
+        let phases = match (&resolved.pipeline, task) {
+            (Some(pipeline), Task::Guide { .. }) => Some((
+                text_encoder_phase(pipeline, self.text_encoder_precision.dtype())?,
+                vae_decode_phase(pipeline, self.vae_precision.dtype(), frames, height, width)?,
+            )),
+            _ => None,
+        };
         Ok(RequestWorkload {
+            phases,
             workload: Workload {
                 config,
                 geometry,
@@ -322,11 +344,24 @@ pub fn make_plan(
         },
         costs,
     )?;
+    let phases = match (&workload.phases, plan.chosen()) {
+        (Some((text, decode)), Some(chosen)) => vec![
+            *text,
+            PhaseMemory {
+                name: "sampling",
+                weights_bytes: chosen.account.weights_bytes,
+                transient_bytes: chosen.total_peak_bytes - chosen.account.weights_bytes,
+            },
+            *decode,
+        ],
+        _ => Vec::new(),
+    };
     let outcome = PlanOutcome {
         model: workload.model.clone(),
         workload: workload.describe(),
         budget_source,
         plan,
+        phases,
     };
     Ok((workload, outcome))
 }
@@ -395,6 +430,29 @@ pub fn render_table(outcome: &PlanOutcome) -> String {
             format_seconds(c.step_s),
             c.overhead_pct,
             if c.fits { "yes" } else { "no" }
+        ));
+    }
+    if !outcome.phases.is_empty() {
+        out.push_str(
+            "
+pipeline phases (each with only its model loaded):
+",
+        );
+        for phase in &outcome.phases {
+            out.push_str(&format!(
+                "  {:<14} {:>12} = weights {} + {}
+",
+                phase.name,
+                format_bytes(phase.peak_bytes()),
+                format_bytes(phase.weights_bytes),
+                format_bytes(phase.transient_bytes)
+            ));
+        }
+        let peak = outcome.phases.iter().map(PhaseMemory::peak_bytes).max();
+        out.push_str(&format!(
+            "  the pipeline's peak: {}
+",
+            format_bytes(peak.unwrap_or(0))
         ));
     }
     out

@@ -7,6 +7,7 @@
 
 mod account;
 pub mod measured;
+pub mod phases;
 mod search;
 mod workload;
 
