@@ -229,6 +229,23 @@ fn captions_come_from_jsonl_or_text_files() {
     .unwrap();
     let (files, _) = run(Some(&jsonl), "jsonl");
     assert_eq!(files, ["a.mp4.safetensors", "b.mp4.safetensors"]);
+    // A budget below T5's weights and one caption's activations is refused up front.
+    let (ok, text) = latte_text(&[
+        "encode",
+        "--model",
+        pipeline.to_str().unwrap(),
+        "--videos",
+        videos.to_str().unwrap(),
+        "--out",
+        dir.join("budget").to_str().unwrap(),
+        "--budget",
+        "100KiB",
+    ]);
+    assert!(
+        !ok && text.contains("the text encoder needs about"),
+        "{text}"
+    );
+    assert!(!dir.join("budget").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

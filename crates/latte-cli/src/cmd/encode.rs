@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use latte::pipeline::PipelineDir;
+use latte::plan::phases::{text_encoder_batch_phase, vae_encode_phase};
 use latte::vae_encoder::LatentDraw;
+use remat::meter::format_bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -67,9 +69,15 @@ pub struct Args {
     /// f32 only).
     #[arg(long, value_enum, default_value = "f32")]
     vae_precision: Precision,
-    /// Captions encoded per T5 batch.
+    /// Captions encoded per T5 batch (at most; a --budget may lower it).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     caption_batch: u64,
+    /// Memory for the encoders, e.g. 24GiB, or `auto` (the device's available memory minus
+    /// 10 %): the caption batch is the largest that fits beside T5's weights, and each
+    /// phase is checked before it starts (estimates from the models' shapes,
+    /// `latte::plan::phases`).
+    #[arg(long, value_name = "SIZE|auto", value_parser = crate::budget::parse_budget)]
+    budget: Option<crate::budget::BudgetChoice>,
 }
 
 /// Which latent a frame is stored as.
@@ -125,6 +133,29 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
             config.patch_size
         );
     }
+    let budget = match args.budget {
+        Some(choice) => Some(
+            choice
+                .resolve(|| Ok(remat::meter::meter_for(&device)?))?
+                .bytes,
+        ),
+        None => None,
+    };
+    let text_dtype = args.text_encoder_precision.dtype();
+    let caption_batch = caption_batch(&pipeline, args.caption_batch as usize, budget, text_dtype)?;
+    if let Some(budget) = budget {
+        let phase = vae_encode_phase(&pipeline, vae_dtype, height, width)?;
+        if phase.peak_bytes() > budget {
+            bail!(
+                "--budget {}: the VAE encoder needs about {} (weights {} + one frame {}) at \
+                 {width}x{height} px; give more memory or smaller frames",
+                format_bytes(budget),
+                format_bytes(phase.peak_bytes()),
+                format_bytes(phase.weights_bytes),
+                format_bytes(phase.transient_bytes)
+            );
+        }
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
 
@@ -160,10 +191,10 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
 
     // Phase 1: the captions, with only T5 in memory.
     let embeddings = {
-        let encoder = pipeline.text_encoder(args.text_encoder_precision.dtype(), &device)?;
+        let encoder = pipeline.text_encoder(text_dtype, &device)?;
         let bar = progress(todo_with_captions.len(), "captions");
         let mut embeddings = Vec::with_capacity(todo_with_captions.len());
-        for chunk in todo_with_captions.chunks(args.caption_batch as usize) {
+        for chunk in todo_with_captions.chunks(caption_batch) {
             let tokens = chunk
                 .iter()
                 .map(|(_, caption)| encoder.tokenizer().tokenize(caption))
@@ -234,6 +265,34 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
         bail!("no clip could be encoded");
     }
     Ok(())
+}
+
+/// The caption batch: `--caption-batch`, or less so that T5's phase fits `--budget`.
+fn caption_batch(
+    pipeline: &PipelineDir,
+    most: usize,
+    budget: Option<u64>,
+    dtype: DType,
+) -> Result<usize> {
+    let Some(budget) = budget else {
+        return Ok(most);
+    };
+    let fits = |batch| -> Result<bool> {
+        Ok(text_encoder_batch_phase(pipeline, dtype, batch)?.peak_bytes() <= budget)
+    };
+    match (1..=most).rev().find(|&b| fits(b).unwrap_or(false)) {
+        Some(batch) => Ok(batch),
+        None => {
+            let one = text_encoder_batch_phase(pipeline, dtype, 1)?;
+            bail!(
+                "--budget {}: the text encoder needs about {} for one caption (weights {}); \
+                 give more memory or --text-encoder-precision bf16",
+                format_bytes(budget),
+                format_bytes(one.peak_bytes()),
+                format_bytes(one.weights_bytes)
+            )
+        }
+    }
 }
 
 /// The VAE's downsampling factor, from `vae/config.json`'s blocks.

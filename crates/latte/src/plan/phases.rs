@@ -43,6 +43,16 @@ pub fn text_encoder_phase(
     pipeline: &PipelineDir,
     dtype: DType,
 ) -> Result<PhaseMemory, PipelineError> {
+    text_encoder_batch_phase(pipeline, dtype, 2)
+}
+
+/// [`text_encoder_phase`] for `batch` sequences encoded at once (`latte encode`'s caption
+/// batches): the layer's transient per sequence, and the f32 outputs of the batch.
+pub fn text_encoder_batch_phase(
+    pipeline: &PipelineDir,
+    dtype: DType,
+    batch: usize,
+) -> Result<PhaseMemory, PipelineError> {
     let dir = pipeline.root().join("text_encoder");
     let config: T5ConfigFile = read_config(&dir)?;
     let elements = stored_elements(&dir, "model.safetensors", "model.safetensors.index.json")?;
@@ -52,11 +62,12 @@ pub fn text_encoder_phase(
     let inner = heads * config.d_kv as u64;
     let attention = 2 * l * d + 4 * l * inner + 3 * heads * l * l;
     let feed_forward = 2 * l * d + 3 * l * config.d_ff as u64 + heads * l * l;
-    let outputs = 2 * 4 * l * d;
+    let batch = batch as u64;
+    let outputs = batch * 4 * l * d;
     Ok(PhaseMemory {
         name: "text encoder",
         weights_bytes: elements * elem,
-        transient_bytes: attention.max(feed_forward) * elem + outputs,
+        transient_bytes: batch * attention.max(feed_forward) * elem + outputs,
     })
 }
 
@@ -101,6 +112,48 @@ pub fn vae_decode_phase(
         name: "VAE decode",
         weights_bytes: elements * elem,
         transient_bytes: largest * elem + video,
+    })
+}
+
+/// The VAE encoder's phase for frames of `height × width` pixels: the encoder's weights
+/// (`encoder.*`, `quant_conv.*`) in `dtype`, and one frame's largest level (a resnet's four
+/// feature maps, or a downsampling's input and output; the mid block's attention scores
+/// at the latent size), encoded one at a time.
+pub fn vae_encode_phase(
+    pipeline: &PipelineDir,
+    dtype: DType,
+    height: usize,
+    width: usize,
+) -> Result<PhaseMemory, PipelineError> {
+    let dir = pipeline.root().join("vae");
+    let config: VaeConfigFile = read_config(&dir)?;
+    let (files, _) = crate::weights::weight_files(
+        &dir,
+        crate::weights::WEIGHTS_FILE,
+        crate::weights::WEIGHTS_INDEX_FILE,
+    )?;
+    let tensors = crate::weights::map_files(&files)?;
+    let elements: u64 = tensors
+        .tensors()
+        .iter()
+        .filter(|(name, _)| name.starts_with("encoder.") || name.starts_with("quant_conv."))
+        .map(|(_, view)| view.shape().iter().product::<usize>() as u64)
+        .sum();
+    let elem = dtype.size_in_bytes() as u64;
+    let pixels = (height * width) as u64;
+    let mut largest = 0;
+    for (level, &c) in config.block_out_channels.iter().enumerate() {
+        let at_level = pixels >> (2 * level);
+        largest = largest.max(4 * c as u64 * at_level);
+    }
+    let levels = config.block_out_channels.len().saturating_sub(1);
+    let latent_pixels = pixels >> (2 * levels);
+    let last = *config.block_out_channels.last().unwrap_or(&1) as u64;
+    largest = largest.max(2 * latent_pixels * latent_pixels + 4 * last * latent_pixels);
+    Ok(PhaseMemory {
+        name: "VAE encode",
+        weights_bytes: elements * elem,
+        transient_bytes: largest * elem + 4 * 3 * pixels,
     })
 }
 
