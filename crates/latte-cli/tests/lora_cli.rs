@@ -208,7 +208,10 @@ fn bad_adapters_and_flags_fail_clearly() {
         ];
         assert_fails(&args, needles);
     };
-    forward_fails(&dir.join("none"), &["adapter_config.json"]);
+    forward_fails(&dir.join("none"), &["none", "no such file or directory"]);
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    forward_fails(&empty, &["adapter_config.json"]);
     // A truncated weights file, and a rank the factors do not have.
     let source = fixtures().join("lora/adapter");
     let (config_file, weights_file) = ("adapter_config.json", "adapter_model.safetensors");
