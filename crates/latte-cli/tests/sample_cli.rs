@@ -107,16 +107,22 @@ fn bad_inputs_are_clear_errors() {
         let (ok, text) = latte_text(&args);
         assert!(!ok && text.contains(expected), "{extra:?}: {text}");
     }
-    let (ok, text) = latte_text(&[
-        "sample",
-        "--model",
-        "/nonexistent",
-        "--synthetic-caption",
-        "0",
-        "--out",
-        out,
-    ]);
-    assert!(!ok && text.contains("is not a model"), "{text}");
+    let not_a_model = |model: &str, expected: &str| {
+        let args = [
+            "sample",
+            "--model",
+            model,
+            "--synthetic-caption",
+            "0",
+            "--out",
+            out,
+        ];
+        let (ok, text) = latte_text(&args);
+        assert!(!ok && text.contains(expected), "{text}");
+    };
+    not_a_model("/nonexistent", "no such file or directory");
+    let empty = scratch("not-a-model");
+    not_a_model(empty.to_str().unwrap(), "is not a model");
 }
 
 /// The scheduler config beside a transformer (a `latte train` checkpoint's
