@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// How to get ffmpeg, for error messages.
@@ -94,7 +94,7 @@ pub fn decode(path: &Path, width: usize, height: usize, max_frames: usize) -> Re
 /// Writes `frames` as H.264 MP4 (yuv420p, `fps` frames a second) at `path`, through a
 /// temporary file renamed over it. Odd sizes are padded by one pixel (yuv420p needs even).
 pub fn write_mp4(frames: &Frames, fps: f64, path: &Path) -> Result<()> {
-    let tmp = temporary(path);
+    let tmp = latte::io::temporary_path(path);
     let mut child = Command::new("ffmpeg")
         .args([
             "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
@@ -127,13 +127,4 @@ pub fn write_mp4(frames: &Frames, fps: f64, path: &Path) -> Result<()> {
         );
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// `dir/.name.tmp.mp4` beside `path` (ffmpeg picks the muxer from `-f`).
-fn temporary(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
 }

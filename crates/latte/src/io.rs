@@ -5,8 +5,8 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// The temporary sibling of `path` (`dir/.name.tmp`).
-fn temporary_path(path: &Path) -> PathBuf {
+/// The temporary sibling of `path` (`dir/.name.tmp`) that atomic writes rename.
+pub fn temporary_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

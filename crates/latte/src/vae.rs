@@ -88,7 +88,7 @@ impl Default for VaeConfigFile {
 
 impl VaeConfigFile {
     /// Checks the keys the candle VAE fixes, and returns its config.
-    pub(crate) fn resolve(&self, path: &Path) -> Result<AutoEncoderKLConfig, VaeError> {
+    fn resolve(&self, path: &Path) -> Result<AutoEncoderKLConfig, VaeError> {
         let unsupported = |key, value: String, supported| VaeError::Unsupported {
             path: path.display().to_string(),
             key,
@@ -155,9 +155,29 @@ impl VaeConfigFile {
     }
 }
 
+/// The VAE in `dir`: its config file, the config the candle blocks take (checked), and
+/// its mapped weights in `dtype` on `device`.
+pub(crate) fn open_weights(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VaeConfigFile, AutoEncoderKLConfig, VarBuilder<'static>), VaeError> {
+    let path = dir.join("config.json");
+    let config: VaeConfigFile =
+        crate::io::read_json(&path).map_err(|message| VaeError::Config {
+            path: path.display().to_string(),
+            message,
+        })?;
+    let resolved = config.resolve(&path)?;
+    let (files, _) = crate::weights::weight_files(dir, VAE_WEIGHTS_FILE, VAE_WEIGHTS_INDEX_FILE)?;
+    let tensors = crate::weights::map_files(&files)?;
+    let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
+    Ok((config, resolved, vb))
+}
+
 /// File names of diffusers' single-file and sharded weights.
-pub(crate) const VAE_WEIGHTS_FILE: &str = crate::weights::WEIGHTS_FILE;
-pub(crate) const VAE_WEIGHTS_INDEX_FILE: &str = crate::weights::WEIGHTS_INDEX_FILE;
+const VAE_WEIGHTS_FILE: &str = crate::weights::WEIGHTS_FILE;
+const VAE_WEIGHTS_INDEX_FILE: &str = crate::weights::WEIGHTS_INDEX_FILE;
 
 /// The pipeline's VAE.
 pub struct Vae {
@@ -170,17 +190,7 @@ pub struct Vae {
 impl Vae {
     /// Opens `dir` (`config.json` + diffusers weights), with weights in `dtype`.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, VaeError> {
-        let path = dir.join("config.json");
-        let config_err = |message: String| VaeError::Config {
-            path: path.display().to_string(),
-            message,
-        };
-        let config: VaeConfigFile = crate::io::read_json(&path).map_err(config_err)?;
-        let resolved = config.resolve(&path)?;
-        let (files, _) =
-            crate::weights::weight_files(dir, VAE_WEIGHTS_FILE, VAE_WEIGHTS_INDEX_FILE)?;
-        let tensors = crate::weights::map_files(&files)?;
-        let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
+        let (config, resolved, vb) = open_weights(dir, dtype, device)?;
         let dir = dir.display().to_string();
         let model = AutoEncoderKL::new(vb, config.in_channels, config.out_channels, resolved)
             .map_err(|source| VaeError::Candle {

@@ -9,9 +9,8 @@
 //! Images are encoded one at a time (the mid block's attention is wrong for batches
 //! above 1 in candle-transformers 0.11.1; see [`crate::vae`]).
 
-use crate::vae::{VaeConfigFile, VaeError, VAE_WEIGHTS_FILE, VAE_WEIGHTS_INDEX_FILE};
+use crate::vae::VaeError;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
     DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
 };
@@ -48,17 +47,7 @@ impl VaeEncoder {
     /// Opens the encoder of the VAE in `dir` (`config.json` + diffusers weights; the
     /// decoder's weights are not read), with weights in `dtype`.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, VaeError> {
-        let path = dir.join("config.json");
-        let config: VaeConfigFile =
-            crate::io::read_json(&path).map_err(|message| VaeError::Config {
-                path: path.display().to_string(),
-                message,
-            })?;
-        let resolved = config.resolve(&path)?;
-        let (files, _) =
-            crate::weights::weight_files(dir, VAE_WEIGHTS_FILE, VAE_WEIGHTS_INDEX_FILE)?;
-        let tensors = crate::weights::map_files(&files)?;
-        let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
+        let (config, resolved, vb) = crate::vae::open_weights(dir, dtype, device)?;
         let name = dir.display().to_string();
         let candle = |source| VaeError::Candle {
             dir: name.clone(),

@@ -55,7 +55,12 @@ pub fn text_encoder_batch_phase(
 ) -> Result<PhaseMemory, PipelineError> {
     let dir = pipeline.root().join("text_encoder");
     let config: T5ConfigFile = read_config(&dir)?;
-    let elements = stored_elements(&dir, "model.safetensors", "model.safetensors.index.json")?;
+    let elements = stored_elements(
+        &dir,
+        "model.safetensors",
+        "model.safetensors.index.json",
+        |_| true,
+    )?;
     let elem = dtype.size_in_bytes() as u64;
     let l = MAX_SEQUENCE_LENGTH as u64;
     let (d, heads) = (config.d_model as u64, config.num_heads as u64);
@@ -85,11 +90,7 @@ pub fn vae_decode_phase(
 ) -> Result<PhaseMemory, PipelineError> {
     let dir = pipeline.root().join("vae");
     let config: VaeConfigFile = read_config(&dir)?;
-    let elements = stored_elements(
-        &dir,
-        crate::weights::WEIGHTS_FILE,
-        crate::weights::WEIGHTS_INDEX_FILE,
-    )?;
+    let elements = vae_elements(&dir, |_| true)?;
     let elem = dtype.size_in_bytes() as u64;
     let latent_pixels = (height * width) as u64;
     let channels: Vec<u64> = config
@@ -127,18 +128,9 @@ pub fn vae_encode_phase(
 ) -> Result<PhaseMemory, PipelineError> {
     let dir = pipeline.root().join("vae");
     let config: VaeConfigFile = read_config(&dir)?;
-    let (files, _) = crate::weights::weight_files(
-        &dir,
-        crate::weights::WEIGHTS_FILE,
-        crate::weights::WEIGHTS_INDEX_FILE,
-    )?;
-    let tensors = crate::weights::map_files(&files)?;
-    let elements: u64 = tensors
-        .tensors()
-        .iter()
-        .filter(|(name, _)| name.starts_with("encoder.") || name.starts_with("quant_conv."))
-        .map(|(_, view)| view.shape().iter().product::<usize>() as u64)
-        .sum();
+    let elements = vae_elements(&dir, |name| {
+        name.starts_with("encoder.") || name.starts_with("quant_conv.")
+    })?;
     let elem = dtype.size_in_bytes() as u64;
     let pixels = (height * width) as u64;
     let mut largest = 0;
@@ -165,13 +157,30 @@ fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, Pipeline
     })
 }
 
-/// Elements of every tensor in a component's weights (single file or shards).
-fn stored_elements(dir: &Path, single: &str, index: &str) -> Result<u64, PipelineError> {
+/// Elements of the tensors `wanted` by name in a component's weights (single file or
+/// shards).
+fn stored_elements(
+    dir: &Path,
+    single: &str,
+    index: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<u64, PipelineError> {
     let (files, _) = crate::weights::weight_files(dir, single, index)?;
     let tensors = crate::weights::map_files(&files)?;
     Ok(tensors
         .tensors()
         .iter()
+        .filter(|(name, _)| wanted(name))
         .map(|(_, view)| view.shape().iter().product::<usize>() as u64)
         .sum())
+}
+
+/// [`stored_elements`] of the VAE in `dir`.
+fn vae_elements(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<u64, PipelineError> {
+    stored_elements(
+        dir,
+        crate::weights::WEIGHTS_FILE,
+        crate::weights::WEIGHTS_INDEX_FILE,
+        wanted,
+    )
 }
