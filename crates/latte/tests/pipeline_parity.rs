@@ -14,9 +14,8 @@
 //!   scale 4.5, which amplifies the difference of two f32 model outputs by 2·4.5 + 1;
 //! - VAE encoder 1e-4 (`tools/make_vae_encode_fixture.py`): the latent distribution's
 //!   mean and standard deviation;
-//! - T5 in bf16 5e-2, as the transformer's bf16 tolerance (7 mantissa bits through a dozen
-//!   roundings). (The VAE in half precision runs on GPUs only: candle's CPU convolutions
-//!   and its VAE attention's matmul have no bf16 kernel.)
+//! - T5 and the VAE (encoder and decoder) in bf16 5e-2 and in f16 1e-2, as the
+//!   transformer's (7 and 10 mantissa bits through a dozen roundings).
 
 use candle_core::{DType, Device, Tensor};
 use latte::pipeline::PipelineDir;
@@ -125,6 +124,29 @@ fn vae_encodes_as_diffusers() {
     let latents = encoder.encode(images, LatentDraw::Mean).unwrap();
     let scaled = (&reference["mean"] * 0.18215).unwrap();
     assert!(rel_diff(&latents, &scaled) < 1e-4);
+}
+
+#[test]
+fn vae_in_half_precision_stays_within_tolerance() {
+    let reference =
+        candle_core::safetensors::load(dir().join("vae_encode.safetensors"), &Device::Cpu).unwrap();
+    let expected = expected();
+    let pipeline = PipelineDir::open(&dir()).unwrap();
+    for (dtype, tolerance) in [(DType::BF16, 5e-2), (DType::F16, 1e-2)] {
+        let encoder = pipeline.vae_encoder(dtype, &Device::Cpu).unwrap();
+        let image = reference["images"].narrow(0, 0, 1).unwrap();
+        let (mean, _) = encoder.distribution(&image).unwrap();
+        let mean = mean.to_dtype(DType::F32).unwrap();
+        let encode_err = rel_diff(&mean, &reference["mean"].narrow(0, 0, 1).unwrap());
+        let vae = pipeline.vae(dtype, &Device::Cpu).unwrap();
+        let decoded = vae.decode(&expected["vae.latent"]).unwrap();
+        let decode_err = rel_diff(&decoded, &expected["vae.decoded"]);
+        println!("VAE {dtype:?}: encode rel err {encode_err:.2e}, decode {decode_err:.2e}");
+        assert!(
+            encode_err < tolerance && decode_err < tolerance,
+            "{dtype:?}"
+        );
+    }
 }
 
 #[test]

@@ -65,8 +65,7 @@ pub struct Args {
     /// Precision of the text encoder (T5-XXL is 19 GB in f32, 9.5 GB in bf16).
     #[arg(long, value_enum, default_value = "f32")]
     text_encoder_precision: Precision,
-    /// Precision of the VAE encoder (bf16/f16 need a GPU: candle's CPU convolutions run in
-    /// f32 only).
+    /// Precision of the VAE encoder.
     #[arg(long, value_enum, default_value = "f32")]
     vae_precision: Precision,
     /// Captions encoded per T5 batch (at most; a --budget may lower it).
@@ -111,12 +110,6 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     let transformer = pipeline.transformer()?;
     let config = transformer.config().clone();
     let vae_dtype = args.vae_precision.dtype();
-    if device.is_cpu() && vae_dtype != DType::F32 {
-        bail!(
-            "--vae-precision {:?} needs a GPU: candle's CPU convolutions compute in f32 only",
-            args.vae_precision
-        );
-    }
     let frames = args.frames.unwrap_or(config.video_length);
     let stride = args.frame_stride as usize;
     let vae_factor = vae_factor(&root)?;

@@ -104,7 +104,7 @@ pub struct Args {
     /// for the prompts only and freed before the transformer loads.
     #[arg(long, value_enum, default_value = "f32")]
     text_encoder_precision: crate::options::Precision,
-    /// Precision of the VAE decoding the latents after sampling (bf16/f16 need a GPU).
+    /// Precision of the VAE decoding the latents after sampling.
     #[arg(long, value_enum, default_value = "f32")]
     vae_precision: crate::options::Precision,
     /// Frames per second of the MP4 written beside the GIF (H.264, yuv420p; needs ffmpeg).
@@ -408,12 +408,6 @@ pub fn run(args: Args, global: &crate::options::GlobalOptions) -> Result<()> {
     } else {
         None
     };
-    if device.is_cpu() && args.vae_precision.dtype() != DType::F32 {
-        bail!(
-            "--vae-precision {:?} needs a GPU: candle's CPU convolutions compute in f32 only",
-            args.vae_precision
-        );
-    }
     // Phase 1, the prompts: the text encoder is loaded, used and freed before the
     // transformer exists.
     let (negative, positive) =

@@ -2988,6 +2988,15 @@ impl BackendStorage for CpuStorage {
         kernel_l: &Layout,
         params: &crate::conv::ParamsConv2D,
     ) -> Result<Self> {
+        // no bf16 gemm kernel for the convolution's products either (latte-rs patch 9):
+        // widen to f32, convolve, narrow back
+        if let (Self::BF16(x), Self::BF16(k)) = (self, kernel) {
+            let (x32, k32) = (Self::F32(x.to_f32_vec()), Self::F32(k.to_f32_vec()));
+            let Self::F32(out) = Conv2D(params).map(&x32, l, &k32, kernel_l)? else {
+                crate::bail!("conv2d dtype mismatch")
+            };
+            return Ok(Self::BF16(Vec::from_f32_slice(&out)));
+        }
         Conv2D(params).map(self, l, kernel, kernel_l)
     }
 
