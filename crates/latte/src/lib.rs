@@ -11,7 +11,8 @@
 //! - [`nn`]: the building blocks; [`model`]: the transformer as a remat chain.
 //! - [`diffusion`]: the noise schedule and the training loss; [`optim`]: AdamW, clipping,
 //!   loss scaling, EMA; [`data`]: synthetic videos and pre-encoded clips; [`train`]: the
-//!   training loop under a memory plan, with exact resume.
+//!   training loop under a memory plan, with exact resume; [`dist`]: data parallelism's
+//!   collectives.
 //! - [`plan`]: one account of a step's memory and the choice of precision, batch and
 //!   checkpoint schedule for a budget, shared by every command.
 //! - [`scheduler`]: diffusers-compatible DDIM and DDPM samplers; [`guide`]: objectives on
@@ -24,6 +25,7 @@ pub mod config;
 pub mod costs;
 pub mod data;
 pub mod diffusion;
+pub mod dist;
 pub mod guide;
 pub mod init;
 pub mod io;

@@ -17,9 +17,19 @@
 //! no optimiser state, no master copy), and AdamW, clipping, accumulation and the EMA
 //! apply to the factors.
 //!
-//! Because every random draw is a function of `(seed, step, micro-batch)` and the data
-//! order a function of `(seed, position)`, a run resumed from a checkpoint continues
+//! Because every random draw is a function of `(seed, step, micro-batch, clip)` and the
+//! data order a function of `(seed, position)`, a run resumed from a checkpoint continues
 //! bitwise as if it had never stopped (CPU f32).
+//!
+//! # Data parallelism
+//!
+//! With a [`Collective`] of `N` ranks ([`Trainer::new_distributed`]), every rank runs the
+//! same step on its part of a global batch of `N × batch_size` clips (rank `r` reads clips
+//! `r·batch_size …` of it, and draws their timesteps, noise and caption dropout by their
+//! place in the global batch), scales its loss gradient by `1/N`, and the parameter
+//! gradients are summed over the ranks in buckets before clipping: the step is that of one
+//! process with the global batch, and AdamW and the EMA run identically everywhere. Rank 0
+//! writes the metrics and the checkpoints.
 //!
 //! The memory plan comes from [`crate::plan`], the account every command shares: with
 //! [`MemoryPlan::Budget`], the budget covers the whole step — weights, optimiser state
@@ -43,8 +53,9 @@ use crate::config::{InputGeometry, LatteConfig, LatteConfigFile};
 use crate::costs::{Kernels, Memory};
 use crate::data::shards::ShardDirectory;
 use crate::data::synthetic::SyntheticVideos;
-use crate::data::{Batch, ClipShape, DataError, Dataset, Loader};
+use crate::data::{Batch, ClipShape, DataError, Dataset, Loader, Shard};
 use crate::diffusion::{LossTarget, NoiseSchedule};
+use crate::dist::{Collective, DistError, SingleProcess};
 use crate::init::Initialisation;
 use crate::lora::{AdaptedLayer, Adapter, LoraConfig, LoraError};
 use crate::model::{Latte, LatteInputs};
@@ -84,6 +95,8 @@ pub const ADAPTER_DIR: &str = "adapter";
 const STATE_FORMAT: u32 = 1;
 /// Batches the background loader reads ahead (shard data).
 const PREFETCH_BATCHES: usize = 2;
+/// Gradient elements summed over the ranks per collective call (16 MiB of f32).
+const GRADIENT_BUCKET_ELEMENTS: usize = 4 << 20;
 
 /// Errors that stop training.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +123,9 @@ pub enum TrainError {
     /// be costed).
     #[error("memory plan: {0}")]
     Memory(#[from] PlanningError),
+    /// The data-parallel group failed.
+    #[error("data parallelism: {0}")]
+    Dist(#[from] DistError),
     /// The loss is NaN or infinite; the weights were not updated.
     #[error(
         "non-finite loss ({loss}) at step {step} (samples: {samples}); training stopped \
@@ -498,10 +514,13 @@ pub struct Trainer {
     meter: Arc<dyn MemoryMeter>,
     steps_done: u64,
     out_dir: PathBuf,
-    metrics: std::fs::File,
+    /// `metrics.jsonl` (rank 0 only).
+    metrics: Option<std::fs::File>,
     last_checkpoint: Option<PathBuf>,
     /// The frozen base and the adapter's layout of a LoRA run.
     lora: Option<LoraRun>,
+    /// The data-parallel group (one process by default).
+    collective: Arc<dyn Collective>,
 }
 
 /// What a LoRA run trains on: its base model and the adapter's configuration and layers
@@ -685,6 +704,26 @@ impl Trainer {
         out_dir: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
+        Self::new_distributed(
+            model,
+            data,
+            config,
+            out_dir,
+            device,
+            Arc::new(SingleProcess),
+        )
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel group (see the module doc): every
+    /// rank calls it with the same arguments.
+    pub fn new_distributed(
+        model: ModelSource,
+        data: DataSource,
+        config: TrainConfig,
+        out_dir: &Path,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self, TrainError> {
         config.validate()?;
         // A LoRA checkpoint names its base: by absolute path, to resume from anywhere.
         let model = match model {
@@ -714,6 +753,7 @@ impl Trainer {
             },
             out_dir,
             device,
+            collective,
         )
     }
 
@@ -727,6 +767,17 @@ impl Trainer {
         out_dir: &Path,
         device: &Device,
         adjust: impl FnOnce(&mut TrainConfig, &mut DataSource),
+    ) -> Result<Self, TrainError> {
+        Self::resume_distributed(checkpoint, out_dir, device, adjust, Arc::new(SingleProcess))
+    }
+
+    /// [`Trainer::resume`] for one rank of a data-parallel group of the size the run had.
+    pub fn resume_distributed(
+        checkpoint: &Path,
+        out_dir: &Path,
+        device: &Device,
+        adjust: impl FnOnce(&mut TrainConfig, &mut DataSource),
+        collective: Arc<dyn Collective>,
     ) -> Result<Self, TrainError> {
         let dir = find_checkpoint(checkpoint)?;
         let fail = |message: String| TrainError::Resume {
@@ -801,10 +852,16 @@ impl Trainer {
             },
             out_dir,
             device,
+            collective,
         )
     }
 
-    fn assemble(start: Start, out_dir: &Path, device: &Device) -> Result<Self, TrainError> {
+    fn assemble(
+        start: Start,
+        out_dir: &Path,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self, TrainError> {
         let Start {
             weights,
             config_file,
@@ -891,13 +948,20 @@ impl Trainer {
         );
         // Only now that the model, the data and the plan are good is the metrics file
         // touched.
-        let metrics = open_metrics(out_dir, steps_done, resumed.is_some())?;
-        let loader = Loader::new(
+        let first = collective.rank() == 0;
+        let metrics = first
+            .then(|| open_metrics(out_dir, steps_done, resumed.is_some()))
+            .transpose()?;
+        let loader = Loader::sharded(
             dataset.clone(),
             config.seed,
             config.batch_size,
             samples_seen,
             data.prefetch(),
+            Shard {
+                rank: collective.rank(),
+                world: collective.size(),
+            },
         );
         let trainer = Self {
             model_config,
@@ -920,6 +984,7 @@ impl Trainer {
             last_checkpoint,
             config,
             lora,
+            collective,
         };
         trainer.check_data_fits(dataset.as_ref())?;
         Ok(trainer)
@@ -952,17 +1017,18 @@ impl Trainer {
     fn prepare(&self, batch: &Batch, step: u64, micro: usize) -> Result<Prepared, TrainError> {
         let shape = batch.shape;
         let b = batch.len();
-        let mut rng = rng_for(
-            self.config.seed,
-            &format!("train/step-{step}/micro-{micro}"),
-        );
-        let timesteps: Vec<usize> = (0..b)
-            .map(|_| rng.random_range(0..self.noise_schedule.num_timesteps()))
-            .collect();
-        let dropped: Vec<bool> = (0..b)
-            .map(|_| rng.random::<f64>() < self.config.caption_dropout)
-            .collect();
-        let noise = normal_values(&mut rng, b * shape.video_len());
+        // Every clip's draws come from its place in the global batch.
+        let first = self.collective.rank() * b;
+        let (mut timesteps, mut dropped, mut noise) = (Vec::new(), Vec::new(), Vec::new());
+        for clip in first..first + b {
+            let mut rng = rng_for(
+                self.config.seed,
+                &format!("train/step-{step}/micro-{micro}/clip-{clip}"),
+            );
+            timesteps.push(rng.random_range(0..self.noise_schedule.num_timesteps()));
+            dropped.push(rng.random::<f64>() < self.config.caption_dropout);
+            noise.extend(normal_values(&mut rng, shape.video_len()));
+        }
         let video_dims = (b, shape.channels, shape.frames, shape.height, shape.width);
         let dev = &self.device;
         let x0 = Tensor::from_slice(&batch.videos, video_dims, dev)?;
@@ -1017,7 +1083,8 @@ impl Trainer {
         let mut recorder = Recorder::start(self.meter.clone());
         let step = self.steps_done;
         let accum = self.config.grad_accum;
-        let grad_scale = self.scaler.scale / accum as f64;
+        let world = self.collective.size();
+        let grad_scale = self.scaler.scale / (accum * world) as f64;
         let chain = self.model.chain(self.config.temporal);
         let mut accumulator = GradAccumulator::new();
         let (mut loss_sum, mut mse_sum, mut vb_sum) = (0.0, 0.0, None::<f64>);
@@ -1035,7 +1102,10 @@ impl Trainer {
             let loss =
                 self.noise_schedule
                     .training_loss(tape.output(), &prepared.target(), grad_scale)?;
-            if !loss.loss.is_finite() {
+            // Every rank stops together when any rank's loss is not finite.
+            let mut non_finite = [f64::from(u8::from(!loss.loss.is_finite()))];
+            self.collective.all_reduce_sum_f64(&mut non_finite)?;
+            if non_finite[0] > 0.0 {
                 return Err(TrainError::NonFiniteLoss {
                     step: step + 1,
                     loss: loss.loss,
@@ -1054,6 +1124,15 @@ impl Trainer {
         }
         recorder.phase("update");
         let mut grads = accumulator.finish(&self.params)?;
+        if world > 1 {
+            sum_over_ranks(self.collective.as_ref(), &mut grads)?;
+            let vb_count = f64::from(u8::from(vb_sum.is_some()));
+            let mut sums = [loss_sum, mse_sum, vb_sum.unwrap_or(0.0), vb_count];
+            self.collective.all_reduce_sum_f64(&mut sums)?;
+            let w = world as f64;
+            (loss_sum, mse_sum) = (sums[0] / w, sums[1] / w);
+            vb_sum = (sums[3] > 0.0).then_some(sums[2] / w);
+        }
         if self.scaler.scale != 1.0 {
             let unscale = 1.0 / self.scaler.scale;
             for g in grads.iter_mut() {
@@ -1098,14 +1177,16 @@ impl Trainer {
             step_s: started.elapsed().as_secs_f64(),
             samples_seen: self.loader.position(),
         };
-        let mut line = serde_json::to_string(&report)
-            .map_err(|e| TrainError::Config(format!("cannot encode metrics: {e}")))?;
-        line.push('\n');
-        let path = self.out_dir.join(METRICS_FILE);
-        self.metrics
-            .write_all(line.as_bytes())
-            .and_then(|()| self.metrics.flush())
-            .map_err(output_error(&path))?;
+        if let Some(metrics) = &mut self.metrics {
+            let mut line = serde_json::to_string(&report)
+                .map_err(|e| TrainError::Config(format!("cannot encode metrics: {e}")))?;
+            line.push('\n');
+            let path = self.out_dir.join(METRICS_FILE);
+            metrics
+                .write_all(line.as_bytes())
+                .and_then(|()| metrics.flush())
+                .map_err(output_error(&path))?;
+        }
         Ok((report, memory))
     }
 
@@ -1151,6 +1232,12 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
         let name = checkpoint_name(self.steps_done);
         let target = self.out_dir.join(&name);
+        if self.collective.rank() != 0 {
+            // Rank 0 writes it; the others wait until it is there.
+            self.collective.barrier()?;
+            self.last_checkpoint = Some(target.clone());
+            return Ok(target);
+        }
         let tmp = self.out_dir.join(format!(".{name}.tmp"));
         let result = self.write_checkpoint(&tmp).and_then(|()| {
             if target.exists() {
@@ -1160,10 +1247,12 @@ impl Trainer {
             crate::io::write_atomically(&self.out_dir.join(LATEST_FILE), name.as_bytes())
                 .map_err(output_error(&self.out_dir))
         });
-        if let Err(e) = result {
+        if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
         }
+        // The other ranks wait here whether or not it was written.
+        self.collective.barrier()?;
+        result?;
         tracing::info!(checkpoint = %target.display(), "checkpoint written");
         self.last_checkpoint = Some(target.clone());
         Ok(target)
@@ -1293,6 +1382,36 @@ impl Trainer {
     pub fn out_dir(&self) -> &Path {
         &self.out_dir
     }
+}
+
+/// Sums every rank's gradients in place, in buckets of [`GRADIENT_BUCKET_ELEMENTS`]
+/// consecutive values (whole tensors, in parameter order).
+fn sum_over_ranks(collective: &dyn Collective, grads: &mut [Tensor]) -> Result<(), TrainError> {
+    let mut start = 0;
+    while start < grads.len() {
+        let mut end = start;
+        let mut elements = 0;
+        while end < grads.len()
+            && (end == start || elements + grads[end].elem_count() <= GRADIENT_BUCKET_ELEMENTS)
+        {
+            elements += grads[end].elem_count();
+            end += 1;
+        }
+        let mut bucket = Vec::with_capacity(elements);
+        for g in &grads[start..end] {
+            bucket.extend(g.flatten_all()?.to_vec1::<f32>()?);
+        }
+        collective.all_reduce_sum(&mut bucket)?;
+        let mut offset = 0;
+        for g in &mut grads[start..end] {
+            let n = g.elem_count();
+            let summed = Tensor::from_slice(&bucket[offset..offset + n], g.shape(), g.device())?;
+            *g = summed;
+            offset += n;
+        }
+        start = end;
+    }
+    Ok(())
 }
 
 /// `checkpoint-<step>`.

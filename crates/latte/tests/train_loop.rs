@@ -291,3 +291,92 @@ fn lora_runs_resume_bitwise() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Data parallelism: two ranks (threads of one process) with batch 1 take the steps of one
+/// process with batch 2 — the same losses and weights within 1e-6 (the gradients are summed
+/// over the ranks instead of over the batch's rows, a different rounding) — and the ranks'
+/// weights are bitwise identical after every step. AdamW's ε is 1e-3 here, so that the
+/// update is a smooth function of the gradient: with 1e-8, an element whose gradient
+/// cancels to rounding noise moves by ±lr whichever sign the noise has, in any two
+/// summation orders.
+#[test]
+fn two_ranks_of_batch_one_equal_one_process_of_batch_two() {
+    use latte::dist::{Collective, ThreadGroup};
+    use std::sync::Arc;
+    let config = |batch| TrainConfig {
+        batch_size: batch,
+        warmup_steps: 0,
+        optimizer: latte::optim::AdamWConfig {
+            lr: 1e-3,
+            eps: 1e-3,
+            ..TrainConfig::default().optimizer
+        },
+        ..train_config(3)
+    };
+    let single_dir = out_dir("dp-single");
+    let mut single = fresh(config(2), &single_dir);
+    let single_reports = run(&mut single);
+    let single_weights = single.weights_f32().unwrap();
+
+    let dp_dir = out_dir("dp-ranks");
+    /// A rank's step reports and final weights.
+    type RankRun = (Vec<StepReport>, Vec<(String, candle_core::Tensor)>);
+    let results: Vec<RankRun> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|member| {
+                let dir = dp_dir.clone();
+                scope.spawn(move || {
+                    let collective: Arc<dyn Collective> = Arc::new(member);
+                    let mut trainer = Trainer::new_distributed(
+                        ModelSource::Fresh {
+                            config: small_config(),
+                            seed: 1,
+                        },
+                        synthetic(),
+                        config(1),
+                        &dir,
+                        &Device::Cpu,
+                        collective,
+                    )
+                    .unwrap();
+                    let reports = run(&mut trainer);
+                    (reports, trainer.weights_f32().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let relative = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+    for (single, rank0) in single_reports.iter().zip(&results[0].0) {
+        assert!(
+            relative(rank0.loss, single.loss) < 1e-6,
+            "{} vs {}",
+            rank0.loss,
+            single.loss
+        );
+        assert_eq!(rank0.samples_seen, single.samples_seen);
+    }
+    for ((name, a), (_, b)) in results[0].1.iter().zip(&results[1].1) {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(a == b, "{name}: the ranks' weights differ");
+    }
+    // Relative to the model's largest weight: some tensors' gradients are rounding noise
+    // around zero (a key bias shifts every logit of a query alike, which the softmax
+    // ignores), so their own scale is noise too.
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for ((_, dp), (_, one)) in results[0].1.iter().zip(&single_weights) {
+        diff = diff.max(common::max_abs(&(dp - one).unwrap()));
+        scale = scale.max(common::max_abs(one));
+    }
+    assert!(diff / scale < 1e-6, "weights: {:e}", diff / scale);
+    // Rank 0 alone wrote the run's files.
+    let metrics = std::fs::read_to_string(dp_dir.join(METRICS_FILE)).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    assert!(dp_dir.join("checkpoint-3").is_dir());
+    std::fs::remove_dir_all(&single_dir).unwrap();
+    std::fs::remove_dir_all(&dp_dir).unwrap();
+}

@@ -234,9 +234,36 @@ pub struct Loader {
     dataset: Arc<dyn Dataset>,
     seed: u64,
     batch_size: usize,
-    /// Draw position of the next batch handed out.
+    /// Draw position of the next global batch (all ranks' clips).
     position: u64,
+    shard: Shard,
     background: Option<Background>,
+}
+
+/// Which part of every global batch a data-parallel rank reads: `world` ranks of
+/// `batch_size` clips each make a global batch, and rank `r` reads its clips
+/// `r·batch_size …` of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in the group.
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole batch (one process).
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// Draw position of this rank's first clip in the global batch at `position`.
+    fn first(self, position: u64, batch_size: usize) -> u64 {
+        position + (self.rank * batch_size) as u64
+    }
+
+    /// Clips per global batch.
+    fn global(self, batch_size: usize) -> u64 {
+        (self.world * batch_size) as u64
+    }
 }
 
 struct Background {
@@ -267,6 +294,20 @@ impl Loader {
         position: u64,
         prefetch: usize,
     ) -> Self {
+        Self::sharded(dataset, seed, batch_size, position, prefetch, Shard::WHOLE)
+    }
+
+    /// [`Loader::new`] for one rank of a data-parallel group: every batch is this rank's
+    /// part of the global batch at the loader's position, which advances by the global
+    /// batch ([`Shard`]).
+    pub fn sharded(
+        dataset: Arc<dyn Dataset>,
+        seed: u64,
+        batch_size: usize,
+        position: u64,
+        prefetch: usize,
+        shard: Shard,
+    ) -> Self {
         let background = (prefetch > 0).then(|| {
             let (sender, receiver) = sync_channel(prefetch);
             let dataset = dataset.clone();
@@ -275,12 +316,13 @@ impl Loader {
                 .spawn(move || {
                     let mut next = position;
                     loop {
-                        let batch = read_batch(dataset.as_ref(), seed, batch_size, next);
+                        let first = shard.first(next, batch_size);
+                        let batch = read_batch(dataset.as_ref(), seed, batch_size, first);
                         let failed = batch.is_err();
                         if sender.send(batch).is_err() || failed {
                             return;
                         }
-                        next += batch_size as u64;
+                        next += shard.global(batch_size);
                     }
                 })
                 .ok();
@@ -291,11 +333,12 @@ impl Loader {
             seed,
             batch_size,
             position,
+            shard,
             background,
         }
     }
 
-    /// Draw position of the next batch.
+    /// Draw position of the next (global) batch.
     pub fn position(&self) -> u64 {
         self.position
     }
@@ -315,10 +358,10 @@ impl Loader {
                 self.dataset.as_ref(),
                 self.seed,
                 self.batch_size,
-                self.position,
+                self.shard.first(self.position, self.batch_size),
             )?,
         };
-        self.position += self.batch_size as u64;
+        self.position += self.shard.global(self.batch_size);
         Ok(batch)
     }
 }

@@ -1,0 +1,199 @@
+//! Data-parallel training's communication: a group of ranks exchanging buffers.
+//!
+//! [`Collective`] is what [`crate::train::Trainer`] needs from the group: its rank and
+//! size, a sum of f32 buffers (the gradients, in buckets) and of f64 scalars (losses,
+//! counts) that leaves every rank with the same bits, and a barrier. [`SingleProcess`] is
+//! the default (every call is the identity); [`ThreadGroup`] runs ranks as threads of one
+//! process, summing in rank order, so that tests can run data parallelism without a
+//! launcher.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+/// Why a collective call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// A rank left the group (its thread or process ended).
+    #[error("rank {rank} of {size}: {message}")]
+    Broken {
+        rank: usize,
+        size: usize,
+        message: String,
+    },
+}
+
+/// A group of ranks that run the same training step on different data.
+pub trait Collective: Send + Sync {
+    /// This rank, `0..size`.
+    fn rank(&self) -> usize;
+
+    /// Ranks in the group.
+    fn size(&self) -> usize;
+
+    /// Sums `buffer` over the ranks in place; every rank ends with the same values.
+    ///
+    /// # Errors
+    /// When the group is broken.
+    fn all_reduce_sum(&self, buffer: &mut [f32]) -> Result<(), DistError>;
+
+    /// [`Collective::all_reduce_sum`] of f64 scalars.
+    ///
+    /// # Errors
+    /// When the group is broken.
+    fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), DistError>;
+
+    /// Returns when every rank has called it.
+    ///
+    /// # Errors
+    /// When the group is broken.
+    fn barrier(&self) -> Result<(), DistError>;
+}
+
+/// One process, no communication.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&self, _: &mut [f32]) -> Result<(), DistError> {
+        Ok(())
+    }
+
+    fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<(), DistError> {
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), DistError> {
+        Ok(())
+    }
+}
+
+/// Ranks as threads of one process: each contributes its buffer to a shared table, and
+/// every rank sums the table in rank order (so the result is the same bits everywhere).
+pub struct ThreadGroup {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    size: usize,
+    barrier: Barrier,
+    f32_slots: Mutex<Vec<Vec<f32>>>,
+    f64_slots: Mutex<Vec<Vec<f64>>>,
+}
+
+impl ThreadGroup {
+    /// The `size` members of a new group, one per thread to run.
+    pub fn new(size: usize) -> Vec<ThreadGroup> {
+        let shared = Arc::new(Shared {
+            size,
+            barrier: Barrier::new(size),
+            f32_slots: Mutex::new(vec![Vec::new(); size]),
+            f64_slots: Mutex::new(vec![Vec::new(); size]),
+        });
+        (0..size)
+            .map(|rank| ThreadGroup {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    fn broken(&self, message: &str) -> DistError {
+        DistError::Broken {
+            rank: self.rank,
+            size: self.shared.size,
+            message: message.to_string(),
+        }
+    }
+
+    /// Puts `values` in this rank's slot, waits for all, sums the slots in rank order
+    /// into `values`, and waits again before the slots are reused.
+    fn reduce<T: Copy + Default + std::ops::AddAssign>(
+        &self,
+        slots: &Mutex<Vec<Vec<T>>>,
+        values: &mut [T],
+    ) -> Result<(), DistError> {
+        {
+            let mut slots = slots.lock().map_err(|_| self.broken("a rank panicked"))?;
+            slots[self.rank] = values.to_vec();
+        }
+        self.shared.barrier.wait();
+        {
+            let slots = slots.lock().map_err(|_| self.broken("a rank panicked"))?;
+            if slots.iter().any(|s| s.len() != values.len()) {
+                return Err(self.broken("ranks reduced buffers of different lengths"));
+            }
+            for (i, v) in values.iter_mut().enumerate() {
+                let mut sum = T::default();
+                for slot in slots.iter() {
+                    sum += slot[i];
+                }
+                *v = sum;
+            }
+        }
+        self.shared.barrier.wait();
+        Ok(())
+    }
+}
+
+impl Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    fn all_reduce_sum(&self, buffer: &mut [f32]) -> Result<(), DistError> {
+        self.reduce(&self.shared.f32_slots, buffer)
+    }
+
+    fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), DistError> {
+        self.reduce(&self.shared.f64_slots, values)
+    }
+
+    fn barrier(&self) -> Result<(), DistError> {
+        self.shared.barrier.wait();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_groups_sum_in_rank_order_everywhere() {
+        let members = ThreadGroup::new(3);
+        let results: Vec<Vec<f32>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = members
+                .iter()
+                .map(|member| {
+                    scope.spawn(move || {
+                        let r = member.rank() as f32;
+                        let mut values = vec![r, 1e8, -1e8 + r];
+                        member.all_reduce_sum(&mut values).unwrap();
+                        let mut count = [1.0f64];
+                        member.all_reduce_sum_f64(&mut count).unwrap();
+                        assert_eq!(count, [3.0]);
+                        values
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            results[0],
+            vec![3.0, 3e8, (-1e8f32 + 0.0) + (-1e8 + 1.0) + (-1e8 + 2.0)]
+        );
+        assert!(results.iter().all(|r| r == &results[0]));
+    }
+}
