@@ -5,6 +5,8 @@ mod budget;
 mod cmd;
 mod ffmpeg;
 mod hub;
+#[cfg(feature = "mpi")]
+mod mpi_group;
 mod options;
 
 use clap::{Parser, Subcommand};

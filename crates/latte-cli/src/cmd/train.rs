@@ -10,6 +10,7 @@ use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use latte::config::Preset;
 use latte::data::ClipShape;
+use latte::dist::{Collective, SingleProcess};
 use latte::train::{
     DataSource, MemoryPlan, ModelSource, RunOutcome, StepReport, TrainConfig, Trainer, METRICS_FILE,
 };
@@ -195,15 +196,25 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
              --lora (and start a new run to train another adapter)"
         );
     }
+    let group = data_parallel_group();
+    let leader = group.rank() == 0;
+    if group.size() > 1 && leader {
+        eprintln!(
+            "data parallel: {} ranks × batch per rank (the global batch is their sum)",
+            group.size()
+        );
+    }
     let mut trainer = if let Some(resume) = &args.resume {
         let mut changed = Vec::new();
-        let trainer = Trainer::resume(resume, &args.out, &device, |config, data| {
+        let adjust = |config: &mut TrainConfig, data: &mut DataSource| {
             changed = args.apply(config, budget);
             if let Some(dir) = &args.data {
                 *data = DataSource::Shards(dir.clone());
             }
-        })
-        .with_context(|| format!("cannot resume from {}", resume.display()))?;
+        };
+        let trainer =
+            Trainer::resume_distributed(resume, &args.out, &device, adjust, group.clone())
+                .with_context(|| format!("cannot resume from {}", resume.display()))?;
         if !changed.is_empty() {
             eprintln!(
                 "warning: {} differ from the checkpoint's settings: the run no longer \
@@ -213,9 +224,11 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         }
         trainer
     } else {
-        new_trainer(&args, global, &device, budget)?
+        new_trainer(&args, global, &device, budget, group.clone())?
     };
-    describe(&trainer);
+    if leader {
+        describe(&trainer);
+    }
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -231,7 +244,11 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     }
 
     let total = trainer.config().steps;
-    let bar = ProgressBar::new(total);
+    let bar = if leader {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} {msg}",
@@ -248,7 +265,9 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
             report.loss,
             format_bytes(report.resident_bytes + report.step_peak_bytes)
         ));
-        if interrupted.load(Ordering::SeqCst) {
+        // Every rank stops at the same step when any of them was interrupted.
+        let mut stop = [f64::from(u8::from(interrupted.load(Ordering::SeqCst)))];
+        if group.all_reduce_sum_f64(&mut stop).is_err() || stop[0] > 0.0 {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
@@ -256,6 +275,9 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     });
     bar.finish_and_clear();
     let outcome = outcome?;
+    if !leader {
+        return Ok(());
+    }
     summary.print();
     match outcome {
         RunOutcome::Finished { step, checkpoint } => {
@@ -279,6 +301,7 @@ fn new_trainer(
     global: &GlobalOptions,
     device: &Device,
     budget: Option<u64>,
+    group: Arc<dyn Collective>,
 ) -> Result<Trainer> {
     let mut config = TrainConfig {
         seed: global.seed,
@@ -330,7 +353,19 @@ fn new_trainer(
             },
         }),
     };
-    Ok(Trainer::new(model, data, config, &args.out, device)?)
+    Ok(Trainer::new_distributed(
+        model, data, config, &args.out, device, group,
+    )?)
+}
+
+/// The data-parallel group this process belongs to: the MPI job's ranks under `mpirun`
+/// (feature `mpi`), else one process.
+fn data_parallel_group() -> Arc<dyn Collective> {
+    #[cfg(feature = "mpi")]
+    if let Some(group) = crate::mpi_group::MpiGroup::init() {
+        return Arc::new(group);
+    }
+    Arc::new(SingleProcess)
 }
 
 /// Prints what is trained, on what, and the memory plan.

@@ -1,0 +1,93 @@
+//! Data parallelism over MPI (feature `mpi`): `mpirun -n N latte train …` makes every
+//! process a rank of [`latte::dist::Collective`]. Sums go to rank 0 and are broadcast
+//! back, so every rank holds the same bits (an all-reduce may sum in a different order on
+//! each rank).
+
+use latte::dist::{Collective, DistError};
+use mpi::collective::SystemOperation;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use std::sync::Mutex;
+
+/// The MPI world, initialised for the whole run.
+pub struct MpiGroup {
+    /// Finalises MPI when dropped.
+    _universe: mpi::environment::Universe,
+    world: Mutex<SimpleCommunicator>,
+    rank: usize,
+    size: usize,
+}
+
+// SAFETY: the communicator is used from one thread at a time (behind the mutex), and MPI
+// is initialised with at least `Threading::Serialized`, which allows that.
+unsafe impl Send for MpiGroup {}
+// SAFETY: as above.
+unsafe impl Sync for MpiGroup {}
+
+impl MpiGroup {
+    /// Initialises MPI; `None` when this process is not part of a multi-rank job.
+    pub fn init() -> Option<Self> {
+        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)?;
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        (size > 1).then(|| Self {
+            _universe: universe,
+            world: Mutex::new(world),
+            rank,
+            size,
+        })
+    }
+
+    fn broken(&self, message: &str) -> DistError {
+        DistError::Broken {
+            rank: self.rank,
+            size: self.size,
+            message: message.to_string(),
+        }
+    }
+
+    /// Reduces `values` to rank 0 and broadcasts the sum.
+    fn sum<T: Equivalence + Copy + Default>(&self, values: &mut [T]) -> Result<(), DistError> {
+        let world = self
+            .world
+            .lock()
+            .map_err(|_| self.broken("a thread panicked"))?;
+        let root = world.process_at_rank(0);
+        if self.rank == 0 {
+            let mut total = vec![T::default(); values.len()];
+            root.reduce_into_root(&*values, &mut total[..], SystemOperation::sum());
+            values.copy_from_slice(&total);
+        } else {
+            root.reduce_into(&*values, SystemOperation::sum());
+        }
+        root.broadcast_into(values);
+        Ok(())
+    }
+}
+
+impl Collective for MpiGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, buffer: &mut [f32]) -> Result<(), DistError> {
+        self.sum(buffer)
+    }
+
+    fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), DistError> {
+        self.sum(values)
+    }
+
+    fn barrier(&self) -> Result<(), DistError> {
+        let world = self
+            .world
+            .lock()
+            .map_err(|_| self.broken("a thread panicked"))?;
+        world.barrier();
+        Ok(())
+    }
+}
