@@ -135,3 +135,76 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The processes whose command line holds `needle` (from /proc).
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && !cmdline.contains("mpirun") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// A rank killed mid-run ends the whole run with an error within 60 s: no rank waits
+/// forever for the dead one.
+#[test]
+fn a_killed_rank_ends_the_run() {
+    if !mpirun_present() {
+        return;
+    }
+    let dir = scratch("mpi-kill");
+    let out = dir.join("run-that-loses-a-rank");
+    let mut child = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2"])
+        .arg(env!("CARGO_BIN_EXE_latte"))
+        .args([
+            "train", "--preset", "tiny", "--batch", "1", "--steps", "100000",
+        ])
+        .args(["--save-every", "0", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the ranks train, then kill one.
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(true, |m| m.is_empty()) {
+        assert!(started.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let needle = out.to_string_lossy().into_owned();
+    let ranks = processes_with(&needle);
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    let killed = Command::new("kill")
+        .args(["-9", &ranks[1].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let killed_at = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            killed_at.elapsed().as_secs() < 60,
+            "the run still runs 60 s after a rank died"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("rank 1"), "{stderr}");
+    assert!(
+        processes_with(&needle).is_empty(),
+        "a rank outlived the run"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
