@@ -92,13 +92,9 @@ fn latte_offline(home: &Path, args: &[&str]) -> (bool, String) {
         .env_remove("HF_TOKEN")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text) = common::outcome(&out);
     assert!(!text.contains("panicked"), "{args:?} panicked: {text}");
-    (out.status.success(), text)
+    (ok, text)
 }
 
 /// The `total` line of `latte inspect`.

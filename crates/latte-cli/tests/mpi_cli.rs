@@ -38,12 +38,7 @@ fn mpirun(ranks: usize, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    common::outcome(&out)
 }
 
 fn losses(run: &Path) -> Vec<f64> {

@@ -22,7 +22,11 @@ pub fn latte(args: &[&str]) -> Output {
 
 /// Runs `latte` with `args`: whether it succeeded, and its stdout and stderr together.
 pub fn latte_text(args: &[&str]) -> (bool, String) {
-    let out = latte(args);
+    outcome(&latte(args))
+}
+
+/// Whether a finished command succeeded, and its stdout and stderr together.
+pub fn outcome(out: &Output) -> (bool, String) {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
