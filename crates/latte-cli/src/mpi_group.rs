@@ -82,6 +82,15 @@ impl Collective for MpiGroup {
         self.sum(values)
     }
 
+    fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<(), DistError> {
+        let world = self
+            .world
+            .lock()
+            .map_err(|_| self.broken("a thread panicked"))?;
+        world.process_at_rank(root as i32).broadcast_into(buffer);
+        Ok(())
+    }
+
     fn barrier(&self) -> Result<(), DistError> {
         let world = self
             .world

@@ -114,6 +114,17 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
     }
     let error = weight_error(&ranks.join("checkpoint-3"), &single.join("checkpoint-3"));
     assert!(error < 1e-6, "weights: {error:e}");
+    // ZeRO 1 shards AdamW's state over the ranks and changes nothing else.
+    let sharded = dir.join("zero1");
+    let mut zero = train("1", "3", &sharded);
+    zero.extend(["--zero".to_string(), "1".to_string()]);
+    let (ok, text) = mpirun(2, &as_str(&zero));
+    assert!(ok, "{text}");
+    assert_eq!(losses(&sharded), losses(&ranks));
+    assert_eq!(
+        weight_error(&sharded.join("checkpoint-3"), &ranks.join("checkpoint-3")),
+        0.0
+    );
 
     // Stopped after 2 steps and resumed on 2 ranks: the same losses and weights, bitwise.
     let split = dir.join("split");

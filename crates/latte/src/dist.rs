@@ -41,6 +41,12 @@ pub trait Collective: Send + Sync {
     /// When the group is broken.
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), DistError>;
 
+    /// Copies `root`'s `buffer` into every rank's.
+    ///
+    /// # Errors
+    /// When the group is broken.
+    fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<(), DistError>;
+
     /// Returns when every rank has called it.
     ///
     /// # Errors
@@ -66,6 +72,10 @@ impl Collective for SingleProcess {
     }
 
     fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<(), DistError> {
+        Ok(())
+    }
+
+    fn broadcast(&self, _: &mut [f32], _: usize) -> Result<(), DistError> {
         Ok(())
     }
 
@@ -158,6 +168,31 @@ impl Collective for ThreadGroup {
 
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), DistError> {
         self.reduce(&self.shared.f64_slots, values)
+    }
+
+    fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<(), DistError> {
+        if self.rank == root {
+            let mut slots = self
+                .shared
+                .f32_slots
+                .lock()
+                .map_err(|_| self.broken("a rank panicked"))?;
+            slots[root] = buffer.to_vec();
+        }
+        self.shared.barrier.wait();
+        if self.rank != root {
+            let slots = self
+                .shared
+                .f32_slots
+                .lock()
+                .map_err(|_| self.broken("a rank panicked"))?;
+            if slots[root].len() != buffer.len() {
+                return Err(self.broken("ranks broadcast buffers of different lengths"));
+            }
+            buffer.copy_from_slice(&slots[root]);
+        }
+        self.shared.barrier.wait();
+        Ok(())
     }
 
     fn barrier(&self) -> Result<(), DistError> {

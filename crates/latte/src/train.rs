@@ -29,7 +29,10 @@
 //! place in the global batch), scales its loss gradient by `1/N`, and the parameter
 //! gradients are summed over the ranks in buckets before clipping: the step is that of one
 //! process with the global batch, and AdamW and the EMA run identically everywhere. Rank 0
-//! writes the metrics and the checkpoints.
+//! writes the metrics and the checkpoints. With ZeRO stage 1 ([`TrainConfig::zero`]) the
+//! parameters are split into `N` contiguous shares of about equal size; each rank keeps
+//! AdamW's moments (and master weights) of its share only, updates it, and broadcasts the
+//! updated weights to the others.
 //!
 //! The memory plan comes from [`crate::plan`], the account every command shares: with
 //! [`MemoryPlan::Budget`], the budget covers the whole step — weights, optimiser state
@@ -237,6 +240,10 @@ pub struct TrainConfig {
     /// Train low-rank adapters of this configuration instead of the weights (LoRA).
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// ZeRO stage of data parallelism: 0, every rank holds the optimizer state; 1, each
+    /// rank holds (and updates) the state of its share of the parameters.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 impl Default for TrainConfig {
@@ -261,6 +268,7 @@ impl Default for TrainConfig {
             temporal: true,
             initial_loss_scale: None,
             lora: None,
+            zero: 0,
         }
     }
 }
@@ -305,6 +313,12 @@ impl TrainConfig {
                     "loss scale {scale} must be a power of two, at least 1"
                 ));
             }
+        }
+        if self.zero > 1 {
+            return fail(format!(
+                "ZeRO stage {}: stages 0 and 1 are built (stage 2, sharded gradients, is not)",
+                self.zero
+            ));
         }
         if let Some(lora) = &self.lora {
             lora.validate()
@@ -521,6 +535,9 @@ pub struct Trainer {
     lora: Option<LoraRun>,
     /// The data-parallel group (one process by default).
     collective: Arc<dyn Collective>,
+    /// The rank holding each parameter's optimizer state (ZeRO 1; all this rank's
+    /// otherwise).
+    owners: Vec<usize>,
 }
 
 /// What a LoRA run trains on: its base model and the adapter's configuration and layers
@@ -897,8 +914,19 @@ impl Trainer {
         let params = sorted_params(&varmap)?;
         // Adapters are f32 variables: no master copy.
         let masters = config.precision.uses_master_weights() && lora.is_none();
+        let owners = if config.zero >= 1 {
+            shares(&params, collective.size())
+        } else {
+            vec![collective.rank(); params.len()]
+        };
+        let owned: Vec<(String, Var)> = params
+            .iter()
+            .zip(&owners)
+            .filter(|(_, owner)| **owner == collective.rank())
+            .map(|(p, _)| p.clone())
+            .collect();
         let mut optimizer = AdamW::new(
-            &params,
+            &owned,
             config.optimizer,
             masters.then_some(weights.as_slice()),
         )?;
@@ -985,6 +1013,7 @@ impl Trainer {
             config,
             lora,
             collective,
+            owners,
         };
         trainer.check_data_fits(dataset.as_ref())?;
         Ok(trainer)
@@ -1155,9 +1184,17 @@ impl Trainer {
         let stepped = self.scaler.update(overflow);
         let lr = warmup_lr(self.config.optimizer.lr, step, self.config.warmup_steps);
         if stepped {
-            self.optimizer.step(&grads, lr)?;
-            drop(grads);
-            self.ema.update(&self.optimizer.weights_f32()?)?;
+            let rank = self.collective.rank();
+            let owned: Vec<Tensor> = grads
+                .into_iter()
+                .zip(&self.owners)
+                .filter(|(_, owner)| **owner == rank)
+                .map(|(g, _)| g)
+                .collect();
+            self.optimizer.step(&owned, lr)?;
+            drop(owned);
+            let weights = self.shared_weights(true)?;
+            self.ema.update(&weights)?;
         } else {
             drop(grads);
         }
@@ -1232,6 +1269,7 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
         let name = checkpoint_name(self.steps_done);
         let target = self.out_dir.join(&name);
+        let optimizer_state = self.shared_optimizer_state()?;
         if self.collective.rank() != 0 {
             // Rank 0 writes it; the others wait until it is there.
             self.collective.barrier()?;
@@ -1239,14 +1277,16 @@ impl Trainer {
             return Ok(target);
         }
         let tmp = self.out_dir.join(format!(".{name}.tmp"));
-        let result = self.write_checkpoint(&tmp).and_then(|()| {
-            if target.exists() {
-                std::fs::remove_dir_all(&target).map_err(output_error(&target))?;
-            }
-            std::fs::rename(&tmp, &target).map_err(output_error(&target))?;
-            crate::io::write_atomically(&self.out_dir.join(LATEST_FILE), name.as_bytes())
-                .map_err(output_error(&self.out_dir))
-        });
+        let result = self
+            .write_checkpoint(&tmp, &optimizer_state)
+            .and_then(|()| {
+                if target.exists() {
+                    std::fs::remove_dir_all(&target).map_err(output_error(&target))?;
+                }
+                std::fs::rename(&tmp, &target).map_err(output_error(&target))?;
+                crate::io::write_atomically(&self.out_dir.join(LATEST_FILE), name.as_bytes())
+                    .map_err(output_error(&self.out_dir))
+            });
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
@@ -1258,7 +1298,73 @@ impl Trainer {
         Ok(target)
     }
 
-    fn write_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
+    /// Every parameter's f32 weights, by name: the optimizer's own, and with ZeRO 1 the
+    /// other ranks' shares, broadcast by their owners (a collective call: every rank makes
+    /// it); with `set_variables`, the model's variables of the other shares are set too.
+    fn shared_weights(&self, set_variables: bool) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let own = self.optimizer.weights_f32()?;
+        if self.collective.size() == 1 || self.config.zero == 0 {
+            return Ok(own);
+        }
+        let rank = self.collective.rank();
+        let mut own = own.into_iter();
+        let mut all = Vec::with_capacity(self.params.len());
+        for ((name, var), &owner) in self.params.iter().zip(&self.owners) {
+            let tensor = if owner == rank {
+                let (_, w) = own.next().ok_or(TrainError::Config(
+                    "the optimizer holds fewer parameters than this rank owns".into(),
+                ))?;
+                let mut values = w.flatten_all()?.to_vec1::<f32>()?;
+                self.collective.broadcast(&mut values, owner)?;
+                w
+            } else {
+                let mut values = vec![0f32; var.elem_count()];
+                self.collective.broadcast(&mut values, owner)?;
+                let w = Tensor::from_vec(values, var.shape(), var.device())?;
+                if set_variables {
+                    var.set(&w.to_dtype(var.dtype())?)?;
+                }
+                w
+            };
+            all.push((name.clone(), tensor));
+        }
+        Ok(all)
+    }
+
+    /// The optimizer's state of every parameter (with ZeRO 1, gathered from the owners:
+    /// a collective call).
+    fn shared_optimizer_state(&self) -> Result<HashMap<String, Tensor>, TrainError> {
+        let mut state = self.optimizer.state_tensors();
+        if self.collective.size() == 1 || self.config.zero == 0 {
+            return Ok(state);
+        }
+        let rank = self.collective.rank();
+        let kinds: &[&str] = if self.config.precision.uses_master_weights() && self.lora.is_none() {
+            &["exp_avg", "exp_avg_sq", "master"]
+        } else {
+            &["exp_avg", "exp_avg_sq"]
+        };
+        for ((name, var), &owner) in self.params.iter().zip(&self.owners) {
+            for kind in kinds {
+                let key = format!("{kind}.{name}");
+                let mut values = match state.get(&key) {
+                    Some(t) if owner == rank => t.flatten_all()?.to_vec1::<f32>()?,
+                    _ => vec![0f32; var.elem_count()],
+                };
+                self.collective.broadcast(&mut values, owner)?;
+                if owner != rank {
+                    state.insert(key, Tensor::from_vec(values, var.shape(), var.device())?);
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    fn write_checkpoint(
+        &self,
+        dir: &Path,
+        optimizer_state: &HashMap<String, Tensor>,
+    ) -> Result<(), TrainError> {
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(output_error(dir))?;
         }
@@ -1292,7 +1398,7 @@ impl Trainer {
         let json = crate::pipeline::ddim_config_to_json(&sampling_scheduler());
         crate::io::write_atomically(&scheduler, format!("{json:#}\n").as_bytes())
             .map_err(output_error(&scheduler))?;
-        crate::io::save_safetensors(&self.optimizer.state_tensors(), &dir.join(OPTIMIZER_FILE))?;
+        crate::io::save_safetensors(optimizer_state, &dir.join(OPTIMIZER_FILE))?;
         let state = TrainState {
             format: STATE_FORMAT,
             step: self.steps_done,
@@ -1347,9 +1453,15 @@ impl Trainer {
         self.steps_done
     }
 
-    /// The f32 weights the optimiser updates, by name (sorted).
+    /// The f32 weights the optimiser updates, by name (sorted). With ZeRO 1 this is a
+    /// collective call (each share comes from its owner): every rank makes it.
     pub fn weights_f32(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
-        Ok(self.optimizer.weights_f32()?)
+        self.shared_weights(false)
+    }
+
+    /// Bytes of the optimizer state this rank holds (moments and master weights).
+    pub fn optimizer_state_bytes(&self) -> u64 {
+        self.optimizer.state_bytes()
     }
 
     /// The EMA weights, by name (sorted).
@@ -1382,6 +1494,22 @@ impl Trainer {
     pub fn out_dir(&self) -> &Path {
         &self.out_dir
     }
+}
+
+/// The rank owning each parameter under ZeRO 1: `ranks` contiguous shares of about equal
+/// element counts, in parameter order.
+fn shares(params: &[(String, Var)], ranks: usize) -> Vec<usize> {
+    let total: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut before = 0;
+    params
+        .iter()
+        .map(|(_, v)| {
+            // The share of the parameter's middle element.
+            let middle = before + v.elem_count() / 2;
+            before += v.elem_count();
+            (middle * ranks / total.max(1)).min(ranks - 1)
+        })
+        .collect()
 }
 
 /// Sums every rank's gradients in place, in buckets of [`GRADIENT_BUCKET_ELEMENTS`]

@@ -292,6 +292,68 @@ fn lora_runs_resume_bitwise() {
     }
 }
 
+/// One rank's run: its step reports, its final weights and the optimizer state it held.
+struct RankRun {
+    reports: Vec<StepReport>,
+    weights: Vec<(String, candle_core::Tensor)>,
+    optimizer_state_bytes: u64,
+}
+
+/// `config` on `ranks` ranks (threads of one process), writing to `dir`.
+fn run_ranks(config: &TrainConfig, ranks: usize, dir: &std::path::Path) -> Vec<RankRun> {
+    run_ranks_with(ranks, |collective| {
+        let model = ModelSource::Fresh {
+            config: small_config(),
+            seed: 1,
+        };
+        Trainer::new_distributed(
+            model,
+            synthetic(),
+            config.clone(),
+            dir,
+            &Device::Cpu,
+            collective,
+        )
+        .unwrap()
+    })
+}
+
+/// Runs the trainer `start` makes for each of `ranks` ranks (threads of one process).
+fn run_ranks_with(
+    ranks: usize,
+    start: impl Fn(std::sync::Arc<dyn latte::dist::Collective>) -> Trainer + Sync,
+) -> Vec<RankRun> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = latte::dist::ThreadGroup::new(ranks)
+            .into_iter()
+            .map(|member| {
+                let start = &start;
+                scope.spawn(move || {
+                    let mut trainer = start(std::sync::Arc::new(member));
+                    let reports = run(&mut trainer);
+                    RankRun {
+                        reports,
+                        weights: trainer.weights_f32().unwrap(),
+                        optimizer_state_bytes: trainer.optimizer_state_bytes(),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The weights of a run, bitwise.
+fn bits(weights: &[(String, candle_core::Tensor)]) -> Vec<Vec<u32>> {
+    weights
+        .iter()
+        .map(|(_, t)| {
+            let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            values.into_iter().map(f32::to_bits).collect()
+        })
+        .collect()
+}
+
 /// Data parallelism: two ranks (threads of one process) with batch 1 take the steps of one
 /// process with batch 2 — the same losses and weights within 1e-6 (the gradients are summed
 /// over the ranks instead of over the batch's rows, a different rounding) — and the ranks'
@@ -301,8 +363,6 @@ fn lora_runs_resume_bitwise() {
 /// summation orders.
 #[test]
 fn two_ranks_of_batch_one_equal_one_process_of_batch_two() {
-    use latte::dist::{Collective, ThreadGroup};
-    use std::sync::Arc;
     let config = |batch| TrainConfig {
         batch_size: batch,
         warmup_steps: 0,
@@ -319,36 +379,9 @@ fn two_ranks_of_batch_one_equal_one_process_of_batch_two() {
     let single_weights = single.weights_f32().unwrap();
 
     let dp_dir = out_dir("dp-ranks");
-    /// A rank's step reports and final weights.
-    type RankRun = (Vec<StepReport>, Vec<(String, candle_core::Tensor)>);
-    let results: Vec<RankRun> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ThreadGroup::new(2)
-            .into_iter()
-            .map(|member| {
-                let dir = dp_dir.clone();
-                scope.spawn(move || {
-                    let collective: Arc<dyn Collective> = Arc::new(member);
-                    let mut trainer = Trainer::new_distributed(
-                        ModelSource::Fresh {
-                            config: small_config(),
-                            seed: 1,
-                        },
-                        synthetic(),
-                        config(1),
-                        &dir,
-                        &Device::Cpu,
-                        collective,
-                    )
-                    .unwrap();
-                    let reports = run(&mut trainer);
-                    (reports, trainer.weights_f32().unwrap())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results = run_ranks(&config(1), 2, &dp_dir);
     let relative = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
-    for (single, rank0) in single_reports.iter().zip(&results[0].0) {
+    for (single, rank0) in single_reports.iter().zip(&results[0].reports) {
         assert!(
             relative(rank0.loss, single.loss) < 1e-6,
             "{} vs {}",
@@ -357,18 +390,16 @@ fn two_ranks_of_batch_one_equal_one_process_of_batch_two() {
         );
         assert_eq!(rank0.samples_seen, single.samples_seen);
     }
-    for ((name, a), (_, b)) in results[0].1.iter().zip(&results[1].1) {
-        let (a, b) = (
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        assert!(a == b, "{name}: the ranks' weights differ");
-    }
+    assert_eq!(
+        bits(&results[0].weights),
+        bits(&results[1].weights),
+        "ranks differ"
+    );
     // Relative to the model's largest weight: some tensors' gradients are rounding noise
     // around zero (a key bias shifts every logit of a query alike, which the softmax
     // ignores), so their own scale is noise too.
     let (mut diff, mut scale) = (0f32, 0f32);
-    for ((_, dp), (_, one)) in results[0].1.iter().zip(&single_weights) {
+    for ((_, dp), (_, one)) in results[0].weights.iter().zip(&single_weights) {
         diff = diff.max(common::max_abs(&(dp - one).unwrap()));
         scale = scale.max(common::max_abs(one));
     }
@@ -379,4 +410,73 @@ fn two_ranks_of_batch_one_equal_one_process_of_batch_two() {
     assert!(dp_dir.join("checkpoint-3").is_dir());
     std::fs::remove_dir_all(&single_dir).unwrap();
     std::fs::remove_dir_all(&dp_dir).unwrap();
+}
+
+/// ZeRO 1: each of two ranks holds half the optimizer state (±5 %), in f32 and with bf16's
+/// master weights, and the run equals ZeRO 0's bitwise (the same arithmetic per
+/// parameter, on one rank instead of all); its checkpoint resumes exactly.
+#[test]
+fn zero_one_shards_the_optimizer_state_and_changes_nothing_else() {
+    for precision in [Precision::F32, Precision::Bf16] {
+        let config = |zero| TrainConfig {
+            batch_size: 1,
+            precision,
+            zero,
+            ..train_config(3)
+        };
+        let replicated_dir = out_dir(&format!("zero0-{precision:?}"));
+        let replicated = run_ranks(&config(0), 2, &replicated_dir);
+        let sharded_dir = out_dir(&format!("zero1-{precision:?}"));
+        let sharded = run_ranks(&config(1), 2, &sharded_dir);
+        let losses = |r: &RankRun| {
+            r.reports
+                .iter()
+                .map(|r| r.loss.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(losses(&sharded[0]), losses(&replicated[0]), "{precision:?}");
+        assert_eq!(
+            bits(&sharded[0].weights),
+            bits(&replicated[0].weights),
+            "{precision:?}"
+        );
+        assert_eq!(
+            bits(&sharded[1].weights),
+            bits(&replicated[0].weights),
+            "{precision:?}"
+        );
+        let whole = replicated[0].optimizer_state_bytes as f64;
+        for rank in &sharded {
+            let share = rank.optimizer_state_bytes as f64 / whole;
+            assert!(
+                (share - 0.5).abs() <= 0.05 * 0.5,
+                "{precision:?}: share {share}"
+            );
+        }
+        // The checkpoint holds every parameter's state: resuming from step 2 on 2 ranks
+        // continues exactly.
+        let split_dir = out_dir(&format!("zero1-split-{precision:?}"));
+        run_ranks(
+            &TrainConfig {
+                steps: 2,
+                save_every: 2,
+                ..config(1)
+            },
+            2,
+            &split_dir,
+        );
+        let resumed = run_ranks_with(2, |collective| {
+            let more = |c: &mut TrainConfig, _: &mut DataSource| c.steps = 3;
+            Trainer::resume_distributed(&split_dir, &split_dir, &Device::Cpu, more, collective)
+                .unwrap()
+        });
+        assert_eq!(
+            bits(&resumed[0].weights),
+            bits(&sharded[0].weights),
+            "{precision:?} resume"
+        );
+        for dir in [replicated_dir, sharded_dir, split_dir] {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
 }

@@ -99,6 +99,10 @@ pub struct Args {
     loss_scale: Option<f64>,
     #[command(flatten)]
     lora: LoraArgs,
+    /// ZeRO stage under mpirun: 0, every rank holds AdamW's state; 1, each rank holds and
+    /// updates its share of the parameters' state (1/N of it) [default: 0].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=1))]
+    zero: Option<u8>,
 }
 
 impl Args {
@@ -166,6 +170,10 @@ impl Args {
         if let Some(v) = self.loss_scale {
             set("--loss-scale", config.initial_loss_scale != Some(v));
             config.initial_loss_scale = Some(v);
+        }
+        // How the optimizer state is spread over the ranks changes no result.
+        if let Some(zero) = self.zero {
+            config.zero = zero;
         }
         if self.no_temporal {
             set("--no-temporal", config.temporal);
