@@ -451,6 +451,10 @@ pub struct StepReport {
     pub resident_bytes: u64,
     /// Wall-clock seconds of the step.
     pub step_s: f64,
+    /// Of which summing the gradients over the ranks and sharing ZeRO's updated weights
+    /// (0 in one process).
+    #[serde(default)]
+    pub communication_s: f64,
     /// Clips drawn so far.
     pub samples_seen: u64,
 }
@@ -1153,8 +1157,11 @@ impl Trainer {
         }
         recorder.phase("update");
         let mut grads = accumulator.finish(&self.params)?;
+        let mut communication_s = 0.0;
         if world > 1 {
+            let summing = Instant::now();
             sum_over_ranks(self.collective.as_ref(), &mut grads)?;
+            communication_s += summing.elapsed().as_secs_f64();
             let vb_count = f64::from(u8::from(vb_sum.is_some()));
             let mut sums = [loss_sum, mse_sum, vb_sum.unwrap_or(0.0), vb_count];
             self.collective.all_reduce_sum_f64(&mut sums)?;
@@ -1193,7 +1200,11 @@ impl Trainer {
                 .collect();
             self.optimizer.step(&owned, lr)?;
             drop(owned);
+            let sharing = Instant::now();
             let weights = self.shared_weights(true)?;
+            if self.config.zero >= 1 && world > 1 {
+                communication_s += sharing.elapsed().as_secs_f64();
+            }
             self.ema.update(&weights)?;
         } else {
             drop(grads);
@@ -1212,6 +1223,7 @@ impl Trainer {
             step_peak_bytes: memory.peak_bytes,
             resident_bytes: self.plan.account.resident_bytes(),
             step_s: started.elapsed().as_secs_f64(),
+            communication_s,
             samples_seen: self.loader.position(),
         };
         if let Some(metrics) = &mut self.metrics {
