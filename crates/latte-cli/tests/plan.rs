@@ -389,3 +389,48 @@ fn pipeline_plans_list_their_phases() {
         shards
     );
 }
+
+/// `--ranks N --zero 1` plans one rank: an N-th of AdamW's moments and master weights, the
+/// same weights and EMA, and data parallelism's transients listed.
+#[test]
+fn ranks_and_zero_plan_one_rank() {
+    let plan = |ranks: &str, zero: &str| {
+        let report = plan_json(&[
+            "--device",
+            "cuda",
+            "plan",
+            "--preset",
+            "latte-1",
+            "--mode",
+            "train",
+            "--precision",
+            "bf16",
+            "--budget",
+            "80GiB",
+            "--ranks",
+            ranks,
+            "--zero",
+            zero,
+        ]);
+        chosen(&report)["account"].clone()
+    };
+    let (one, sharded) = (plan("1", "0"), plan("8", "1"));
+    let bytes = |a: &Value, key: &str| a[key].as_u64().unwrap();
+    assert_eq!(
+        bytes(&sharded, "optimizer_moments_bytes"),
+        bytes(&one, "optimizer_moments_bytes").div_ceil(8)
+    );
+    assert_eq!(
+        bytes(&sharded, "master_weights_bytes"),
+        bytes(&one, "master_weights_bytes").div_ceil(8)
+    );
+    assert_eq!(bytes(&sharded, "ema_bytes"), bytes(&one, "ema_bytes"));
+    assert_eq!(bytes(&one, "communication_bytes"), 0);
+    assert!(bytes(&sharded, "communication_bytes") > 0);
+    assert_fails(
+        &[
+            "plan", "--preset", "tiny", "--mode", "guide", "--ranks", "2", "--budget", "1GiB",
+        ],
+        &["--ranks", "--mode train"],
+    );
+}

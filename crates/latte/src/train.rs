@@ -469,13 +469,15 @@ pub enum RunOutcome {
 }
 
 /// The workload of a training run for [`crate::plan`]: the model, one clip's geometry,
-/// the micro-batches per step, the loader's prefetch, and the kernels this thread runs on `device`.
+/// the micro-batches per step, the loader's prefetch, the kernels this thread runs on
+/// `device`, and the data-parallel ranks (one rank's memory is planned).
 pub fn train_workload(
     model_config: &LatteConfig,
     config: &TrainConfig,
     data: &DataSource,
     shape: ClipShape,
     device: &Device,
+    ranks: usize,
 ) -> Workload {
     Workload {
         config: model_config.clone(),
@@ -489,6 +491,8 @@ pub fn train_workload(
         task: Task::Train {
             grad_accum: config.grad_accum,
             prefetch_batches: data.prefetch(),
+            ranks,
+            zero: config.zero,
         },
         kernels: Kernels::active(device),
         memory: Memory::of(device),
@@ -959,7 +963,14 @@ impl Trainer {
         }
 
         let dataset = data.open(&model_config, config.temporal, config.seed)?;
-        let workload = train_workload(&model_config, &config, &data, dataset.shape(), device);
+        let workload = train_workload(
+            &model_config,
+            &config,
+            &data,
+            dataset.shape(),
+            device,
+            collective.size(),
+        );
         let plan = plan_run(
             &workload,
             Setting {

@@ -194,6 +194,7 @@ fn run_training(case: Case) {
         &data,
         shape,
         &Device::Cpu,
+        1,
     );
     for budget in budgets(&workload, setting) {
         let expected = chosen(&workload, setting, budget);

@@ -77,6 +77,13 @@ pub struct PlanRequest {
     /// Skip the temporal blocks, as `latte train --no-temporal`.
     #[arg(long)]
     pub no_temporal: bool,
+    /// Data-parallel ranks (`mpirun -n N latte train`): the plan is one rank's, --batch
+    /// and --budget are per rank.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ranks: u64,
+    /// ZeRO stage under --ranks, as `latte train --zero`.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub zero: u8,
     #[command(flatten)]
     pub lora: LoraArgs,
     /// Videos per step, or `auto`: the largest batch that fits.
@@ -259,6 +266,8 @@ impl PlanRequest {
                  with --mode guide"
             ),
             ModeArg::Train => Task::Train {
+                ranks: self.ranks as usize,
+                zero: self.zero,
                 grad_accum: self.grad_accum as usize,
                 prefetch_batches: if self.data_files {
                     latte::train::DataSource::Shards(Default::default()).prefetch()
@@ -267,11 +276,16 @@ impl PlanRequest {
                 },
             },
             ModeArg::Guide
-                if self.grad_accum > 1 || self.data_files || self.lora.lora.is_some() =>
+                if self.grad_accum > 1
+                    || self.data_files
+                    || self.lora.lora.is_some()
+                    || self.ranks > 1
+                    || self.zero > 0 =>
             {
                 bail!(
-                    "--grad-accum, --data-files and --lora describe training: use them with \
-                     --mode train (sampling with an adapter merges it into the weights)"
+                    "--grad-accum, --data-files, --lora, --ranks and --zero describe training: \
+                     use them with --mode train (sampling with an adapter merges it into the \
+                     weights)"
                 )
             }
             ModeArg::Guide => Task::Guide { cfg: self.cfg },

@@ -99,6 +99,9 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let report = match workload.task {
+        Task::Train { ranks, .. } if ranks > 1 => {
+            bail!("latte profile runs one process: plan several ranks with `latte plan --ranks`")
+        }
         Task::Train { grad_accum, .. } => {
             record_training(workload, chosen, grad_accum, args.steps, global, &args.out)?
         }

@@ -30,6 +30,9 @@ const OPTIMIZER_TEMPORARIES: u64 = 6;
 /// to the f32 sums (the converted gradient and the new sum).
 const ACCUMULATE_TEMPORARIES: u64 = 2;
 
+/// Gradient elements summed over data-parallel ranks at once (`train`'s bucket).
+const GRADIENT_BUCKET_ELEMENTS: u64 = 4 << 20;
+
 /// Latent-sized f32 tensors (one video, `in_channels`) that a guided step holds through
 /// the backward: ε̂ and ∂L/∂x̂₀ (`sampling::guided_eval`).
 const GUIDANCE_LATENT_TENSORS: u64 = 2;
@@ -86,6 +89,11 @@ pub struct MemoryAccount {
     /// Temporaries of accumulating, clipping and AdamW's update (the largest parameter's
     /// f32 copies).
     pub update_transient_bytes: u64,
+    /// Data parallelism's transients after the chain: a bucket of gradients being summed
+    /// over the ranks (its values and their new tensors), and with ZeRO 1 the other
+    /// ranks' shares of the f32 weights, received for the EMA (counted together: an upper
+    /// bound, they belong to successive phases).
+    pub communication_bytes: u64,
     /// The CPU matrix kernel's packing buffers: gemm packs up to a weight matrix (`kc × nc`
     /// of the right operand, in f32) per worker thread running a product, and products on
     /// several threads may hold theirs at once — a transient the chain's analytic costs do
@@ -122,6 +130,8 @@ impl MemoryAccount {
             Task::Train {
                 grad_accum,
                 prefetch_batches,
+                ranks,
+                zero,
             } => {
                 let low_precision = setting.precision != Precision::F32;
                 let trained = match workload.adapted_layers() {
@@ -164,7 +174,27 @@ impl MemoryAccount {
                     + 8 * sizes.outputs
                     + 4 * sizes.outputs;
                 let n = trained.count;
+                let ranks = ranks.max(1) as u64;
+                // ZeRO 1: this rank's share of AdamW's state (equal element counts).
+                let share = |bytes: u64| {
+                    if zero >= 1 {
+                        bytes.div_ceil(ranks)
+                    } else {
+                        bytes
+                    }
+                };
+                let communication_bytes = if ranks > 1 {
+                    8 * n.min(GRADIENT_BUCKET_ELEMENTS)
+                        + if zero >= 1 {
+                            4 * n * (ranks - 1) / ranks
+                        } else {
+                            0
+                        }
+                } else {
+                    0
+                };
                 MemoryAccount {
+                    communication_bytes,
                     parameter_count: count,
                     trained_parameter_count: n,
                     weights_bytes: if lora {
@@ -172,8 +202,8 @@ impl MemoryAccount {
                     } else {
                         weights_bytes
                     },
-                    master_weights_bytes: if low_precision && !lora { 4 * n } else { 0 },
-                    optimizer_moments_bytes: 8 * n,
+                    master_weights_bytes: share(if low_precision && !lora { 4 * n } else { 0 }),
+                    optimizer_moments_bytes: share(8 * n),
                     ema_bytes: 4 * n,
                     handles_bytes: host
                         * (trained.tensors * trained_handles
@@ -256,7 +286,10 @@ impl MemoryAccount {
             + self.update_transient_bytes / OPTIMIZER_TEMPORARIES * ACCUMULATE_TEMPORARIES;
         let f32_grads = self.grad_buffer_bytes.max(self.param_grad_bytes);
         let update = f32_grads + self.update_transient_bytes;
-        self.resident_bytes() + self.prefetch_bytes + accumulate.max(update)
+        self.resident_bytes()
+            + self.prefetch_bytes
+            + accumulate.max(update)
+            + self.communication_bytes
     }
 
     /// The whole step's peak when the chain's own peak is `chain_peak_bytes`.
@@ -310,6 +343,7 @@ impl MemoryAccount {
                 self.output_transient_bytes,
             ),
             ("gradient sums", self.grad_buffer_bytes),
+            ("data-parallel transients", self.communication_bytes),
             ("kernel workspace", self.kernel_workspace_bytes),
         ]
         .into_iter()
@@ -448,6 +482,8 @@ mod tests {
         let train = Task::Train {
             grad_accum: 1,
             prefetch_batches: 0,
+            ranks: 1,
+            zero: 0,
         };
         let train = MemoryAccount::of(&latte_1_workload(train), bf16(1)).unwrap();
         // Two f32 moments, an f32 master copy, an f32 EMA and f32 gradient sums.
@@ -458,5 +494,22 @@ mod tests {
         assert_eq!(train.param_grad_bytes, 2 * params);
         assert!(train.head_param_grad_bytes > 0 && train.head_param_grad_bytes < 2 * params);
         assert!(train.after_chain_bytes() > train.resident_bytes() + 4 * params);
+        assert_eq!(train.communication_bytes, 0);
+        // ZeRO 1 on 8 ranks: an eighth of the moments and master weights per rank, and the
+        // gradient bucket and the other shares' weights after the chain.
+        let sharded = Task::Train {
+            grad_accum: 1,
+            prefetch_batches: 0,
+            ranks: 8,
+            zero: 1,
+        };
+        let sharded = MemoryAccount::of(&latte_1_workload(sharded), bf16(1)).unwrap();
+        assert_eq!(sharded.optimizer_moments_bytes, params);
+        assert_eq!(sharded.master_weights_bytes, (4 * params).div_ceil(8));
+        assert_eq!(sharded.ema_bytes, 4 * params);
+        assert_eq!(
+            sharded.communication_bytes,
+            8 * (4 << 20) + 4 * params * 7 / 8
+        );
     }
 }

@@ -19,6 +19,11 @@ pub enum Task {
         grad_accum: usize,
         /// Batches the loader holds ahead of the step (0 for the built-in videos).
         prefetch_batches: usize,
+        /// Data-parallel ranks (1: one process); the account is one rank's, at the
+        /// setting's batch per rank.
+        ranks: usize,
+        /// ZeRO stage (1: each rank holds AdamW's state of its share of the parameters).
+        zero: u8,
     },
     /// One guided DDIM step of [`crate::sampling::sample`]: frozen weights, gradients for
     /// the latents only; with classifier-free guidance the model sees every video twice.
@@ -107,8 +112,13 @@ impl fmt::Display for Workload {
             Task::Train {
                 grad_accum,
                 prefetch_batches,
+                ranks,
+                zero,
             } => {
                 write!(f, "train")?;
+                if ranks > 1 {
+                    write!(f, " on {ranks} ranks (ZeRO {zero}, per rank)")?;
+                }
                 if let Some(lora) = &self.lora {
                     write!(f, " LoRA rank {} on {}", lora.r, lora.target_modules)?;
                 }
