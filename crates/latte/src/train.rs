@@ -274,6 +274,12 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Whether the optimizer keeps f32 master weights: below f32, for every weight (LoRA's
+    /// factors are f32 variables themselves).
+    pub fn keeps_master_weights(&self) -> bool {
+        self.precision.uses_master_weights() && self.lora.is_none()
+    }
+
     /// Checks the ranges of the settings.
     pub fn validate(&self) -> Result<(), TrainError> {
         let fail = |m: String| Err(TrainError::Config(m));
@@ -686,8 +692,12 @@ fn source_weights(
         }
         ModelSource::Directory(dir) => {
             let opened = ModelDir::open(dir)?;
-            let (_, varmap) = opened.load_trainable(DType::F32, device)?;
-            (named_tensors(&varmap)?, opened.config_file().clone())
+            let mut weights: NamedTensors = opened
+                .frozen_tensors(DType::F32, device)?
+                .into_iter()
+                .collect();
+            weights.sort_by(|a, b| a.0.cmp(&b.0));
+            (weights, opened.config_file().clone())
         }
     })
 }
@@ -823,9 +833,8 @@ impl Trainer {
             .map_err(|e| fail(format!("{OPTIMIZER_FILE}: {e}")))?;
         let (weights, config_file, ema, lora) = match &state.config.lora {
             None => {
-                let transformer = ModelDir::open(&dir.join("transformer"))?;
-                let (_, varmap) = transformer.load_trainable(DType::F32, device)?;
-                let mut weights = named_tensors(&varmap)?;
+                let transformer = ModelSource::Directory(dir.join("transformer"));
+                let (mut weights, config_file) = source_weights(&transformer, false, device)?;
                 // Master weights are the exact f32 values of a low-precision run.
                 for (name, w) in &mut weights {
                     if let Some(master) = optimizer.get(&format!("master.{name}")) {
@@ -835,7 +844,7 @@ impl Trainer {
                 let ema_file = dir.join("ema").join(crate::weights::WEIGHTS_FILE);
                 let ema = candle_core::safetensors::load(&ema_file, device)
                     .map_err(|e| fail(format!("{}: {e}", ema_file.display())))?;
-                (weights, transformer.config_file().clone(), ema, None)
+                (weights, config_file, ema, None)
             }
             Some(_) => {
                 let base = state.base_model.clone().ok_or_else(|| {
@@ -920,8 +929,7 @@ impl Trainer {
             }
         };
         let params = sorted_params(&varmap)?;
-        // Adapters are f32 variables: no master copy.
-        let masters = config.precision.uses_master_weights() && lora.is_none();
+        let masters = config.keeps_master_weights();
         let owners = if config.zero >= 1 {
             shares(&params, collective.size())
         } else {
@@ -1333,25 +1341,41 @@ impl Trainer {
         let mut own = own.into_iter();
         let mut all = Vec::with_capacity(self.params.len());
         for ((name, var), &owner) in self.params.iter().zip(&self.owners) {
-            let tensor = if owner == rank {
+            let mine = if owner == rank {
                 let (_, w) = own.next().ok_or(TrainError::Config(
                     "the optimizer holds fewer parameters than this rank owns".into(),
                 ))?;
-                let mut values = w.flatten_all()?.to_vec1::<f32>()?;
-                self.collective.broadcast(&mut values, owner)?;
-                w
+                Some(w)
             } else {
-                let mut values = vec![0f32; var.elem_count()];
-                self.collective.broadcast(&mut values, owner)?;
-                let w = Tensor::from_vec(values, var.shape(), var.device())?;
-                if set_variables {
-                    var.set(&w.to_dtype(var.dtype())?)?;
-                }
-                w
+                None
             };
+            let tensor = self.broadcast_from(owner, var, mine.as_ref())?;
+            if set_variables && owner != rank {
+                var.set(&tensor.to_dtype(var.dtype())?)?;
+            }
             all.push((name.clone(), tensor));
         }
         Ok(all)
+    }
+
+    /// `owner`'s f32 tensor shaped like `like`, broadcast to every rank (a collective
+    /// call): `mine` on the owner, which every other rank receives.
+    fn broadcast_from(
+        &self,
+        owner: usize,
+        like: &Var,
+        mine: Option<&Tensor>,
+    ) -> Result<Tensor, TrainError> {
+        let owned = mine.filter(|_| owner == self.collective.rank());
+        let mut values = match owned {
+            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; like.elem_count()],
+        };
+        self.collective.broadcast(&mut values, owner)?;
+        Ok(match owned {
+            Some(t) => t.clone(),
+            None => Tensor::from_vec(values, like.shape(), like.device())?,
+        })
     }
 
     /// The optimizer's state of every parameter (with ZeRO 1, gathered from the owners:
@@ -1362,7 +1386,7 @@ impl Trainer {
             return Ok(state);
         }
         let rank = self.collective.rank();
-        let kinds: &[&str] = if self.config.precision.uses_master_weights() && self.lora.is_none() {
+        let kinds: &[&str] = if self.config.keeps_master_weights() {
             &["exp_avg", "exp_avg_sq", "master"]
         } else {
             &["exp_avg", "exp_avg_sq"]
@@ -1370,13 +1394,9 @@ impl Trainer {
         for ((name, var), &owner) in self.params.iter().zip(&self.owners) {
             for kind in kinds {
                 let key = format!("{kind}.{name}");
-                let mut values = match state.get(&key) {
-                    Some(t) if owner == rank => t.flatten_all()?.to_vec1::<f32>()?,
-                    _ => vec![0f32; var.elem_count()],
-                };
-                self.collective.broadcast(&mut values, owner)?;
+                let tensor = self.broadcast_from(owner, var, state.get(&key))?;
                 if owner != rank {
-                    state.insert(key, Tensor::from_vec(values, var.shape(), var.device())?);
+                    state.insert(key, tensor);
                 }
             }
         }
