@@ -106,23 +106,27 @@ pub fn resolve(argument: &Path, needs: Needs) -> Result<PathBuf> {
 
 /// The cache's root directory, as huggingface_hub finds it.
 pub fn cache_dir() -> PathBuf {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = var("HF_HUB_CACHE") {
-        return PathBuf::from(dir);
+    match env_path("HF_HUB_CACHE") {
+        Some(dir) => dir,
+        None => hf_home().join("hub"),
     }
-    hf_home().join("hub")
 }
 
 fn hf_home() -> PathBuf {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(home) = var("HF_HOME") {
-        return PathBuf::from(home);
+    if let Some(home) = env_path("HF_HOME") {
+        return home;
     }
-    let base = var("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))
+    let base = env_path("XDG_CACHE_HOME")
+        .or_else(|| env_path("HOME").map(|home| home.join(".cache")))
         .unwrap_or_else(|| PathBuf::from(".cache"));
     base.join("huggingface")
+}
+
+/// The path an environment variable holds, unless it is unset or empty.
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 fn offline() -> bool {

@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use latte::pipeline::PipelineDir;
 use latte::plan::phases::{text_encoder_batch_phase, vae_encode_phase};
 use latte::vae_encoder::LatentDraw;
+use rand::Rng;
 use remat::meter::format_bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -426,9 +427,7 @@ fn to_tensor(
 
 /// A seed for one file's latent draw: the run's seed and the file's name.
 fn seed_of(seed: u64, name: &str) -> u64 {
-    name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    latte::random::rng_for(seed, &format!("encode/{name}")).random()
 }
 
 fn progress(len: usize, what: &'static str) -> ProgressBar {

@@ -94,45 +94,31 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
             Ok(Adapter::load(&dir, &resolved.config, &device)?)
         })
         .transpose()?;
-    let (model, varmap) = match &adapter {
-        Some(adapter) => {
-            let mut model = match &resolved.dir {
-                Some(dir) => dir.load_frozen(dtype, &device)?,
-                None => {
-                    let (_, varmap) = latte::weights::fresh_trainable(
-                        &resolved.config,
-                        global.seed,
-                        dtype,
-                        &device,
-                    )?;
-                    latte::weights::frozen(&resolved.config, &varmap)?
-                }
-            };
-            let varmap = if args.vjp {
-                Some(adapter.attach_trainable_scaled(&mut model, args.lora_scale)?)
-            } else {
-                adapter.attach(&mut model, args.lora_scale)?;
-                None
-            };
-            (model, varmap)
+    // With an adapter the base stays frozen and the gradients are the adapter's.
+    let train_base = args.vjp && adapter.is_none();
+    let (mut model, mut varmap) = match (&resolved.dir, train_base) {
+        (Some(dir), true) => {
+            let (model, varmap) = dir.load_trainable(dtype, &device)?;
+            (model, Some(varmap))
         }
-        None => match (&resolved.dir, args.vjp) {
-            (Some(dir), true) => {
-                let (model, varmap) = dir.load_trainable(dtype, &device)?;
+        (Some(dir), false) => (dir.load_frozen(dtype, &device)?, None),
+        (None, train_base) => {
+            let (model, varmap) =
+                latte::weights::fresh_trainable(&resolved.config, global.seed, dtype, &device)?;
+            if train_base {
                 (model, Some(varmap))
+            } else {
+                (latte::weights::frozen(&resolved.config, &varmap)?, None)
             }
-            (Some(dir), false) => (dir.load_frozen(dtype, &device)?, None),
-            (None, vjp) => {
-                let (model, varmap) =
-                    latte::weights::fresh_trainable(&resolved.config, global.seed, dtype, &device)?;
-                if vjp {
-                    (model, Some(varmap))
-                } else {
-                    (latte::weights::frozen(&resolved.config, &varmap)?, None)
-                }
-            }
-        },
+        }
     };
+    if let Some(adapter) = &adapter {
+        if args.vjp {
+            varmap = Some(adapter.attach_trainable_scaled(&mut model, args.lora_scale)?);
+        } else {
+            adapter.attach(&mut model, args.lora_scale)?;
+        }
+    }
     model.check_inputs(&inputs, temporal)?;
     if let Some(g) = &grad_sample {
         let expected = expected_output_dims(&model, &inputs);

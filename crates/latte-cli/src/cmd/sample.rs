@@ -160,7 +160,6 @@ struct SamplingMemory<'a> {
     timeline: &'a remat::meter::MemoryReport,
 }
 
-/// Finds the transformer directory of `dir`.
 /// What `--model` names: the transformer to load, the LoRA adapter of a `latte train
 /// --lora` output, and the directory beside which `scheduler/` configures sampling.
 struct ModelPaths {
@@ -169,6 +168,7 @@ struct ModelPaths {
     beside: PathBuf,
 }
 
+/// Reads what `dir` names (see [`ModelPaths`]).
 fn model_paths(dir: &Path) -> Result<ModelPaths> {
     let plain = |transformer: PathBuf| ModelPaths {
         beside: transformer.clone(),
