@@ -168,3 +168,72 @@ fn every_policy_gives_bitwise_identical_gradients_on_the_fixtures() {
         }
     });
 }
+
+/// What a [`grads::GradSink`] was handed: one store per backward op.
+#[derive(Default)]
+struct Parts(Vec<candle_core::backprop::GradStore>);
+
+impl grads::GradSink for Parts {
+    fn take(&mut self, store: candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        self.0.push(store);
+        Ok(())
+    }
+}
+
+/// ZeRO 2 reduces each stage's parameter gradients as its backward op ends: the sink gets
+/// one store per scheduled stage and one for the head, and its parts, added in the order
+/// they came, are bitwise the gradients `backward` returns (a block's modulation table,
+/// read by each of its stages, arrives once per stage).
+#[test]
+fn a_gradient_sink_gets_each_stage_s_parameter_gradients_once() {
+    let common::Workload {
+        config,
+        inputs,
+        grad_sample,
+    } = common::eight_layer_video(8, 12, 7);
+    let (model, varmap) = fresh_trainable(&config, 11, DType::F32, &Device::Cpu).unwrap();
+    let chain = model.chain(true);
+    let n = scheduled_stages(&chain);
+    let wanted = [true, false, true];
+    let schedule = Schedule::sqrt(n);
+    let run = || grads::forward(&chain, &inputs.to_vec(), &wanted, &schedule, &mut NoPhases);
+    let whole = run()
+        .unwrap()
+        .backward(&grad_sample, &mut NoPhases)
+        .unwrap();
+    let mut parts = Parts::default();
+    let input_grads = run()
+        .unwrap()
+        .backward_into(&grad_sample, &mut NoPhases, &mut parts)
+        .unwrap();
+    assert_eq!(parts.0.len(), n + 1, "one store per stage and the head's");
+    assert_eq!(
+        bits(input_grads[0].as_ref().unwrap()),
+        bits(whole.inputs[0].as_ref().unwrap())
+    );
+    let params = latte::optim::sorted_params(&varmap).unwrap();
+    let mut shared = 0;
+    for (name, var) in &params {
+        let mut holders = parts.0.iter().filter_map(|s| s.get(var));
+        let first = holders
+            .next()
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let mut sum = first.clone();
+        for part in holders {
+            sum = (sum + part).unwrap();
+            shared += 1;
+        }
+        assert_eq!(
+            bits(&sum),
+            bits(whole.params.get(var).unwrap()),
+            "grad.{name}"
+        );
+    }
+    assert!(shared > 0, "no parameter is read by several stages");
+    let handed: usize = parts.0.iter().map(|s| s.get_ids().count()).sum();
+    assert_eq!(
+        handed,
+        params.len() + shared,
+        "the sink got only parameter gradients"
+    );
+}

@@ -26,6 +26,27 @@ pub struct Gradients {
     pub params: GradStore,
 }
 
+/// Where [`Tape::backward_into`] hands parameter gradients as the backward pass produces
+/// them: once after each stage's backward op (that stage's parameters), once at the end
+/// (the head's). A parameter that several stages read arrives once per stage, each time
+/// with that stage's part. Data-parallel training reduces each part over its ranks right
+/// there and keeps only its shard (ZeRO stage 2); a [`GradStore`] adds them up.
+pub trait GradSink {
+    /// Takes the parameter gradients of one backward op. `store` holds nothing else (no
+    /// input, activation or context gradient).
+    ///
+    /// # Errors
+    /// Whatever the sink's own work (communication, conversion) fails with; the backward
+    /// pass stops with it.
+    fn take(&mut self, store: GradStore) -> Result<()>;
+}
+
+impl GradSink for GradStore {
+    fn take(&mut self, store: GradStore) -> Result<()> {
+        merge_params(self, store, &[])
+    }
+}
+
 /// A stage whose autograd graph is alive: its leaf input and its output.
 pub(crate) struct StageGraph {
     pub(crate) input: Var,
@@ -260,6 +281,20 @@ impl<M: ChainModel> Tape<'_, M> {
     /// Back-propagates `grad_output` (the gradient of the objective w.r.t. the output),
     /// running the schedule's remaining ops.
     pub fn backward(self, grad_output: &Tensor, phases: &mut dyn PhaseSink) -> Result<Gradients> {
+        let mut params = GradStore::default();
+        let inputs = self.backward_into(grad_output, phases, &mut params)?;
+        Ok(Gradients { inputs, params })
+    }
+
+    /// [`Tape::backward`], handing the parameter gradients to `sink` as each backward op
+    /// finalises them instead of keeping them all to the end. Returns the gradients of the
+    /// requested inputs.
+    pub fn backward_into(
+        self,
+        grad_output: &Tensor,
+        phases: &mut dyn PhaseSink,
+        sink: &mut dyn GradSink,
+    ) -> Result<Vec<Option<Tensor>>> {
         let Tape {
             model,
             schedule,
@@ -276,7 +311,6 @@ impl<M: ChainModel> Tape<'_, M> {
         } = self;
         drop(output);
         let n = scheduled_stages(model);
-        let mut params = GradStore::default();
         let mut context_grads: Vec<Option<Tensor>> = vec![None; context_leaves.len()];
 
         let mut grad = grad_output.clone();
@@ -303,13 +337,10 @@ impl<M: ChainModel> Tape<'_, M> {
                         ))
                     })?;
                     state.acts.remove(&i);
-                    grad = differentiate(
-                        graph,
-                        &grad,
-                        &context_leaves,
-                        &mut context_grads,
-                        &mut params,
-                    )?;
+                    let stage_params;
+                    (grad, stage_params) =
+                        differentiate(graph, &grad, &context_leaves, &mut context_grads)?;
+                    sink.take(stage_params)?;
                     expected = i;
                 }
                 forward_op => {
@@ -344,12 +375,11 @@ impl<M: ChainModel> Tape<'_, M> {
                     input_grads[j] = store.get(x).cloned();
                 }
             }
-            merge_params(&mut params, store, &inputs)?;
+            let mut head_params = GradStore::default();
+            merge_params(&mut head_params, store, &inputs)?;
+            sink.take(head_params)?;
         }
-        Ok(Gradients {
-            inputs: input_grads,
-            params,
-        })
+        Ok(input_grads)
     }
 }
 
@@ -362,16 +392,15 @@ pub fn stage_name<M: ChainModel>(model: &M, i: usize) -> String {
     }
 }
 
-/// Back-propagates `grad` through one live graph: returns the gradient of its input,
-/// accumulates context gradients (in stage order, so the sums are reproducible) and moves
-/// parameter gradients into `params`.
+/// Back-propagates `grad` through one live graph: returns the gradient of its input and
+/// those of the parameters it read, and accumulates context gradients (in stage order, so
+/// the sums are reproducible).
 pub(crate) fn differentiate(
     graph: StageGraph,
     grad: &Tensor,
     context_leaves: &[Option<Var>],
     context_grads: &mut [Option<Tensor>],
-    params: &mut GradStore,
-) -> Result<Tensor> {
+) -> Result<(Tensor, GradStore)> {
     let StageGraph { input, output } = graph;
     let mut store = inject(&output, grad)?.backward()?;
     drop(output);
@@ -387,8 +416,7 @@ pub(crate) fn differentiate(
             });
         }
     }
-    merge_params(params, store, &[])?;
-    Ok(input_grad)
+    Ok((input_grad, store))
 }
 
 /// Moves every gradient of `store` into `params` (adding where present), except those of

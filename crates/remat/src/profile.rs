@@ -4,7 +4,7 @@
 
 use crate::chain::ChainModel;
 use crate::costs::{ChainCosts, StageCosts};
-use crate::grads::{self, StageGraph};
+use crate::grads::{self, GradSink, StageGraph};
 use crate::meter::MemoryMeter;
 use crate::planner::{self, Plan, PlanError};
 use crate::policy::Policy;
@@ -112,13 +112,13 @@ fn measure_stage<M: ChainModel>(
     let before = meter.live_bytes();
     meter.reset_peak();
     let started = Instant::now();
-    let grad_input = grads::differentiate(
+    let (grad_input, stage_params) = grads::differentiate(
         StageGraph { input, output },
         &grad_output,
         &head.context_leaves,
         context_grads,
-        params,
     )?;
+    params.take(stage_params)?;
     let bwd_s = started.elapsed().as_secs_f64();
     let new_param_bytes = store_bytes(params).saturating_sub(params_before);
     let bwd_tmp_bytes = meter
