@@ -1,7 +1,8 @@
 //! Data parallelism over MPI (feature `mpi`): `mpirun -n N latte train …` makes every
 //! process a rank of [`latte::dist::Collective`]. Sums go to rank 0 and are broadcast
 //! back, so every rank holds the same bits (an all-reduce may sum in a different order on
-//! each rank).
+//! each rank); ZeRO's reduce-scatter and all-gather are MPI's own (a block's sum lives on
+//! one rank only, so its order cannot differ between ranks).
 
 use latte::dist::{Collective, DistError};
 use mpi::collective::SystemOperation;
@@ -48,10 +49,7 @@ impl MpiGroup {
 
     /// Reduces `values` to rank 0 and broadcasts the sum.
     fn sum<T: Equivalence + Copy + Default>(&self, values: &mut [T]) -> Result<(), DistError> {
-        let world = self
-            .world
-            .lock()
-            .map_err(|_| self.broken("a thread panicked"))?;
+        let world = self.world()?;
         let root = world.process_at_rank(0);
         if self.rank == 0 {
             let mut total = vec![T::default(); values.len()];
@@ -62,6 +60,12 @@ impl MpiGroup {
         }
         root.broadcast_into(values);
         Ok(())
+    }
+
+    fn world(&self) -> Result<std::sync::MutexGuard<'_, SimpleCommunicator>, DistError> {
+        self.world
+            .lock()
+            .map_err(|_| self.broken("a thread panicked"))
     }
 }
 
@@ -82,21 +86,32 @@ impl Collective for MpiGroup {
         self.sum(values)
     }
 
+    fn reduce_scatter_sum(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError> {
+        if send.len() != received.len() * self.size {
+            return Err(self.broken("a reduce-scatter's buffers do not hold one block per rank"));
+        }
+        self.world()?
+            .reduce_scatter_block_into(send, received, SystemOperation::sum());
+        Ok(())
+    }
+
+    fn all_gather(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError> {
+        if received.len() != send.len() * self.size {
+            return Err(self.broken("an all-gather's buffers do not hold one block per rank"));
+        }
+        self.world()?.all_gather_into(send, received);
+        Ok(())
+    }
+
     fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<(), DistError> {
-        let world = self
-            .world
-            .lock()
-            .map_err(|_| self.broken("a thread panicked"))?;
-        world.process_at_rank(root as i32).broadcast_into(buffer);
+        self.world()?
+            .process_at_rank(root as i32)
+            .broadcast_into(buffer);
         Ok(())
     }
 
     fn barrier(&self) -> Result<(), DistError> {
-        let world = self
-            .world
-            .lock()
-            .map_err(|_| self.broken("a thread panicked"))?;
-        world.barrier();
+        self.world()?.barrier();
         Ok(())
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! [`Collective`] is what [`crate::train::Trainer`] needs from the group: its rank and
 //! size, a sum of f32 buffers (the gradients, in buckets) and of f64 scalars (losses,
-//! counts) that leaves every rank with the same bits, and a barrier. [`SingleProcess`] is
+//! counts) that leaves every rank with the same bits, ZeRO's reduce-scatter and
+//! all-gather (each rank's block of a buffer), a broadcast and a barrier. [`SingleProcess`] is
 //! the default (every call is the identity); [`ThreadGroup`] runs ranks as threads of one
 //! process, summing in rank order, so that tests can run data parallelism without a
 //! launcher.
@@ -41,6 +42,19 @@ pub trait Collective: Send + Sync {
     /// When the group is broken.
     fn all_reduce_sum_f64(&self, values: &mut [f64]) -> Result<(), DistError>;
 
+    /// Sums `send` over the ranks and leaves this rank block `rank` of the sum: `send` is
+    /// `size` blocks of `received.len()` values.
+    ///
+    /// # Errors
+    /// When the group is broken or the lengths disagree.
+    fn reduce_scatter_sum(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError>;
+
+    /// Every rank's `send`, in rank order, in `received` (`size` blocks of `send.len()`).
+    ///
+    /// # Errors
+    /// When the group is broken or the lengths disagree.
+    fn all_gather(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError>;
+
     /// Copies `root`'s `buffer` into every rank's.
     ///
     /// # Errors
@@ -72,6 +86,26 @@ impl Collective for SingleProcess {
     }
 
     fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<(), DistError> {
+        Ok(())
+    }
+
+    fn reduce_scatter_sum(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError> {
+        self.all_gather(send, received)
+    }
+
+    fn all_gather(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError> {
+        if send.len() != received.len() {
+            return Err(DistError::Broken {
+                rank: 0,
+                size: 1,
+                message: format!(
+                    "{} values sent for {} to receive",
+                    send.len(),
+                    received.len()
+                ),
+            });
+        }
+        received.copy_from_slice(send);
         Ok(())
     }
 
@@ -170,6 +204,48 @@ impl Collective for ThreadGroup {
         self.reduce(&self.shared.f64_slots, values)
     }
 
+    fn reduce_scatter_sum(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError> {
+        let block = received.len();
+        if send.len() != block * self.shared.size {
+            return Err(self.broken("a reduce-scatter's buffers do not hold one block per rank"));
+        }
+        let mut sum = send.to_vec();
+        self.reduce(&self.shared.f32_slots, &mut sum)?;
+        received.copy_from_slice(&sum[self.rank * block..(self.rank + 1) * block]);
+        Ok(())
+    }
+
+    fn all_gather(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError> {
+        let block = send.len();
+        if received.len() != block * self.shared.size {
+            return Err(self.broken("an all-gather's buffers do not hold one block per rank"));
+        }
+        {
+            let mut slots = self
+                .shared
+                .f32_slots
+                .lock()
+                .map_err(|_| self.broken("a rank panicked"))?;
+            slots[self.rank] = send.to_vec();
+        }
+        self.shared.barrier.wait();
+        {
+            let slots = self
+                .shared
+                .f32_slots
+                .lock()
+                .map_err(|_| self.broken("a rank panicked"))?;
+            if slots.iter().any(|s| s.len() != block) {
+                return Err(self.broken("ranks gathered blocks of different lengths"));
+            }
+            for (slot, out) in slots.iter().zip(received.chunks_mut(block.max(1))) {
+                out.copy_from_slice(slot);
+            }
+        }
+        self.shared.barrier.wait();
+        Ok(())
+    }
+
     fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<(), DistError> {
         if self.rank == root {
             let mut slots = self
@@ -230,5 +306,35 @@ mod tests {
             vec![3.0, 3e8, (-1e8f32 + 0.0) + (-1e8 + 1.0) + (-1e8 + 2.0)]
         );
         assert!(results.iter().all(|r| r == &results[0]));
+    }
+
+    #[test]
+    fn thread_groups_reduce_scatter_and_gather_blocks_in_rank_order() {
+        let members = ThreadGroup::new(2);
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = members
+                .iter()
+                .map(|member| {
+                    scope.spawn(move || {
+                        let r = member.rank() as f32;
+                        // Two blocks of two: rank r sends [r, 10 r | 100 r, 1000 r] + 1.
+                        let send = [r + 1.0, 10.0 * r + 1.0, 100.0 * r + 1.0, 1000.0 * r + 1.0];
+                        let mut block = [0f32; 2];
+                        member.reduce_scatter_sum(&send, &mut block).unwrap();
+                        let mut gathered = [0f32; 4];
+                        member.all_gather(&block, &mut gathered).unwrap();
+                        let mut wrong = [0f32; 3];
+                        assert!(member.reduce_scatter_sum(&send, &mut wrong).is_err());
+                        (block.to_vec(), gathered.to_vec())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results[0].0, [3.0, 12.0]);
+        assert_eq!(results[1].0, [102.0, 1002.0]);
+        for (_, gathered) in &results {
+            assert_eq!(gathered, &[3.0, 12.0, 102.0, 1002.0]);
+        }
     }
 }

@@ -45,3 +45,4 @@ pub mod vae;
 pub mod vae_encoder;
 pub mod vjp;
 pub mod weights;
+pub mod zero;

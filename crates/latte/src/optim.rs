@@ -7,11 +7,13 @@
 //! Every state tensor is f32, whatever the precision the model computes in. Parameters
 //! are handled in a fixed order (sorted by name), so sums and saved files are reproducible.
 
-use candle_core::{DType, Result, Tensor, Var};
+use crate::zero::{piece_of, write_piece};
+use candle_core::{DType, Result, Shape, Tensor, Var};
 use candle_nn::VarMap;
 use remat::grads::Gradients;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// The model's trainable parameters, sorted by diffusers name.
 pub fn sorted_params(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
@@ -66,6 +68,8 @@ struct ParamState {
     name: String,
     /// The model's variable, in the compute dtype.
     var: Var,
+    /// The flattened elements of `var` this state covers (ZeRO), or all of it (`None`).
+    piece: Option<Range<usize>>,
     /// f32 master copy when the model computes in a lower precision.
     master: Option<Tensor>,
     /// First and second moments (f32).
@@ -76,9 +80,31 @@ struct ParamState {
 impl ParamState {
     /// The f32 weights the optimiser updates.
     fn weights_f32(&self) -> Result<Tensor> {
-        match &self.master {
-            Some(master) => Ok(master.clone()),
-            None => self.var.as_detached_tensor().to_dtype(DType::F32),
+        match (&self.master, &self.piece) {
+            (Some(master), _) => Ok(master.clone()),
+            (None, None) => self.var.as_detached_tensor().to_dtype(DType::F32),
+            (None, Some(piece)) => piece_of(&self.var.as_detached_tensor(), piece),
+        }
+    }
+
+    /// Sets the weights to `updated` (f32): the master copy, and the variable (or its
+    /// piece, in place) in its dtype.
+    fn set_weights(&mut self, updated: Tensor) -> Result<()> {
+        match &self.piece {
+            None => self.var.set(&updated.to_dtype(self.var.dtype())?)?,
+            Some(piece) => write_piece(&self.var, piece, &updated)?,
+        }
+        if let Some(master) = &mut self.master {
+            *master = updated;
+        }
+        Ok(())
+    }
+
+    /// The shape of the state's tensors: the parameter's, or its piece's length.
+    fn state_shape(&self) -> Shape {
+        match &self.piece {
+            None => self.var.shape().clone(),
+            Some(piece) => Shape::from(piece.len()),
         }
     }
 }
@@ -108,11 +134,30 @@ impl AdamW {
         config: AdamWConfig,
         master_weights: Option<&[(String, Tensor)]>,
     ) -> Result<Self> {
+        let whole = vec![None; params.len()];
+        Self::with_pieces(params, &whole, config, master_weights)
+    }
+
+    /// An optimiser for pieces of `params` (ZeRO, [`crate::zero::Partition`]): the state of
+    /// each parameter covers the flattened elements `pieces[i]` (`None`: all of them), a
+    /// step writes those elements of the variable in place, and the state tensors are
+    /// one-dimensional, the piece's length. `master_weights` are whole parameters; the
+    /// optimiser keeps its pieces.
+    pub fn with_pieces(
+        params: &[(String, Var)],
+        pieces: &[Option<Range<usize>>],
+        config: AdamWConfig,
+        master_weights: Option<&[(String, Tensor)]>,
+    ) -> Result<Self> {
+        if pieces.len() != params.len() {
+            candle_core::bail!("{} pieces for {} parameters", pieces.len(), params.len());
+        }
         let masters: Option<HashMap<&str, &Tensor>> =
             master_weights.map(|m| m.iter().map(|(n, t)| (n.as_str(), t)).collect());
         let params = params
             .iter()
-            .map(|(name, var)| {
+            .zip(pieces)
+            .map(|((name, var), piece)| {
                 let t = var.as_tensor();
                 let master = match &masters {
                     Some(masters) => {
@@ -126,16 +171,25 @@ impl AdamW {
                                 t.dims()
                             );
                         }
-                        Some(m.to_dtype(DType::F32)?.to_device(t.device())?.copy()?)
+                        let m = m.to_device(t.device())?;
+                        Some(match piece {
+                            Some(piece) => piece_of(&m, piece)?,
+                            None => m.to_dtype(DType::F32)?.copy()?,
+                        })
                     }
                     None => None,
+                };
+                let shape = match piece {
+                    Some(piece) => Shape::from(piece.len()),
+                    None => t.shape().clone(),
                 };
                 Ok(ParamState {
                     name: name.clone(),
                     var: var.clone(),
+                    piece: piece.clone(),
                     master,
-                    exp_avg: Tensor::zeros(t.shape(), DType::F32, t.device())?,
-                    exp_avg_sq: Tensor::zeros(t.shape(), DType::F32, t.device())?,
+                    exp_avg: Tensor::zeros(&shape, DType::F32, t.device())?,
+                    exp_avg_sq: Tensor::zeros(&shape, DType::F32, t.device())?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -231,14 +285,7 @@ impl AdamW {
                 (p.exp_avg_sq.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?;
             let denom = (p.exp_avg_sq.sqrt()? / bias_correction2_sqrt)?.affine(1.0, eps)?;
             let updated = (decayed - (p.exp_avg.div(&denom)? * step_size)?)?;
-            let dtype = p.var.dtype();
-            match &mut p.master {
-                Some(master) => {
-                    p.var.set(&updated.to_dtype(dtype)?)?;
-                    *master = updated;
-                }
-                None => p.var.set(&updated)?,
-            }
+            p.set_weights(updated)?;
         }
         Ok(())
     }
@@ -263,7 +310,7 @@ impl AdamW {
     /// missing or mis-shaped tensor.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
         for p in &mut self.params {
-            let shape = p.var.shape().clone();
+            let shape = p.state_shape();
             let device = p.var.device().clone();
             let get = |key: String| -> Result<Tensor> {
                 let t = tensors.get(&key).ok_or_else(|| {
@@ -283,8 +330,7 @@ impl AdamW {
             let master_key = format!("master.{}", p.name);
             if p.master.is_some() && tensors.contains_key(&master_key) {
                 let master = get(master_key)?;
-                p.var.set(&master.to_dtype(p.var.dtype())?)?;
-                p.master = Some(master);
+                p.set_weights(master)?;
             }
         }
         self.steps = steps;
@@ -338,9 +384,9 @@ impl GradAccumulator {
     }
 }
 
-/// The global L2 norm of `grads` (torch's `clip_grad_norm_` norm): the norm of the
-/// per-tensor norms, accumulated in f64.
-pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
+/// The square of the global L2 norm of `grads`: the per-tensor norms (in f32), squared and
+/// added in f64. Data-parallel ranks holding pieces of the gradients add theirs.
+pub fn grad_sum_of_squares(grads: &[Tensor]) -> Result<f64> {
     let mut sum_sq = 0f64;
     for g in grads {
         let norm = f64::from(
@@ -352,7 +398,13 @@ pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
         );
         sum_sq += norm * norm;
     }
-    Ok(sum_sq.sqrt())
+    Ok(sum_sq)
+}
+
+/// The global L2 norm of `grads` (torch's `clip_grad_norm_` norm): the norm of the
+/// per-tensor norms, accumulated in f64.
+pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
+    Ok(grad_sum_of_squares(grads)?.sqrt())
 }
 
 /// `torch.nn.utils.clip_grad_norm_`: scales `grads` by `max_norm / (norm + 1e-6)` when
@@ -360,8 +412,15 @@ pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
 /// unchanged and nothing is scaled).
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let norm = global_grad_norm(grads)?;
+    clip_to_norm(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// [`clip_grad_norm`] with the norm known (computed over every rank's pieces): scales
+/// `grads` by `max_norm / (norm + 1e-6)` when that is below 1 and `norm` is finite.
+pub fn clip_to_norm(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
     if !norm.is_finite() {
-        return Ok(norm);
+        return Ok(());
     }
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
@@ -369,7 +428,7 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
             *g = g.affine(coef, 0.0)?;
         }
     }
-    Ok(norm)
+    Ok(())
 }
 
 /// The learning rate at optimiser step `step` (0-based): linear warm-up from

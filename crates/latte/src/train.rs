@@ -29,10 +29,12 @@
 //! place in the global batch), scales its loss gradient by `1/N`, and the parameter
 //! gradients are summed over the ranks in buckets before clipping: the step is that of one
 //! process with the global batch, and AdamW and the EMA run identically everywhere. Rank 0
-//! writes the metrics and the checkpoints. With ZeRO stage 1 ([`TrainConfig::zero`]) the
-//! parameters are split into `N` contiguous shares of about equal size; each rank keeps
-//! AdamW's moments (and master weights) of its share only, updates it, and broadcasts the
-//! updated weights to the others.
+//! writes the metrics and the checkpoints. With ZeRO ([`TrainConfig::zero`], [`crate::zero`])
+//! every parameter is cut into `N` pieces and each rank keeps AdamW's moments, master
+//! weights and EMA of its pieces only: stage 1 reduce-scatters the summed gradients after
+//! the micro-batches, stage 2 reduce-scatters each stage's gradients as its backward op
+//! ends (keeping an `N`-th of the gradients too); the updated pieces are all-gathered into
+//! every rank's model. Checkpoints hold whole tensors whatever the stage.
 //!
 //! The memory plan comes from [`crate::plan`], the account every command shares: with
 //! [`MemoryPlan::Budget`], the budget covers the whole step — weights, optimiser state
@@ -63,7 +65,7 @@ use crate::init::Initialisation;
 use crate::lora::{AdaptedLayer, Adapter, LoraConfig, LoraError};
 use crate::model::{Latte, LatteInputs};
 use crate::optim::{
-    clip_grad_norm, global_grad_norm, sorted_params, warmup_lr, AdamW, AdamWConfig, Ema,
+    clip_to_norm, grad_sum_of_squares, sorted_params, warmup_lr, AdamW, AdamWConfig, Ema,
     GradAccumulator, LossScaler,
 };
 use crate::plan::{
@@ -71,6 +73,7 @@ use crate::plan::{
 };
 use crate::random::{normal_values, rng_for};
 use crate::weights::{frozen_from, trainable_from, ModelDir, WeightsError};
+use crate::zero::{piece_of, Partition, ShardedGradients};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::Rng;
@@ -241,7 +244,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub lora: Option<LoraConfig>,
     /// ZeRO stage of data parallelism: 0, every rank holds the optimizer state; 1, each
-    /// rank holds (and updates) the state of its share of the parameters.
+    /// rank holds (and updates) the state of its piece of every parameter; 2, also only its
+    /// pieces of the gradients, reduced stage by stage during the backward pass.
     #[serde(default)]
     pub zero: u8,
 }
@@ -320,9 +324,10 @@ impl TrainConfig {
                 ));
             }
         }
-        if self.zero > 1 {
+        if self.zero > 2 {
             return fail(format!(
-                "ZeRO stage {}: stages 0 and 1 are built (stage 2, sharded gradients, is not)",
+                "ZeRO stage {}: the stages are 0 (replicated), 1 (sharded optimizer state) \
+                 and 2 (sharded gradients too)",
                 self.zero
             ));
         }
@@ -549,9 +554,11 @@ pub struct Trainer {
     lora: Option<LoraRun>,
     /// The data-parallel group (one process by default).
     collective: Arc<dyn Collective>,
-    /// The rank holding each parameter's optimizer state (ZeRO 1; all this rank's
-    /// otherwise).
-    owners: Vec<usize>,
+    /// The pieces of every parameter each rank keeps (ZeRO ≥ 1).
+    partition: Option<Partition>,
+    /// The parameters (indices into `params`) the optimizer and the EMA hold, in order:
+    /// all of them, or under ZeRO those this rank keeps a piece of.
+    owned: Vec<usize>,
 }
 
 /// What a LoRA run trains on: its base model and the adapter's configuration and layers
@@ -930,24 +937,32 @@ impl Trainer {
         };
         let params = sorted_params(&varmap)?;
         let masters = config.keeps_master_weights();
-        let owners = if config.zero >= 1 {
-            shares(&params, collective.size())
-        } else {
-            vec![collective.rank(); params.len()]
+        let partition = (config.zero >= 1)
+            .then(|| Partition::new(&params, collective.rank(), collective.size()));
+        let (owned, pieces): (Vec<usize>, Vec<_>) = match &partition {
+            Some(partition) => partition
+                .owned()
+                .into_iter()
+                .map(|p| (p, Some(partition.own(p))))
+                .unzip(),
+            None => (0..params.len()).map(|p| (p, None)).unzip(),
         };
-        let owned: Vec<(String, Var)> = params
-            .iter()
-            .zip(&owners)
-            .filter(|(_, owner)| **owner == collective.rank())
-            .map(|(p, _)| p.clone())
-            .collect();
-        let mut optimizer = AdamW::new(
-            &owned,
+        let owned_params: Vec<(String, Var)> = owned.iter().map(|&p| params[p].clone()).collect();
+        let mut optimizer = AdamW::with_pieces(
+            &owned_params,
+            &pieces,
             config.optimizer,
             masters.then_some(weights.as_slice()),
         )?;
-        let mut ema = Ema::new(&weights, config.ema_decay)?;
-        drop(weights);
+        let ema_start = match &partition {
+            Some(_) => {
+                drop(weights);
+                optimizer.weights_f32()?
+            }
+            None => weights,
+        };
+        let mut ema = Ema::new(&ema_start, config.ema_decay)?;
+        drop(ema_start);
         let mut scaler = if config.precision == Precision::F16 {
             LossScaler {
                 scale: config
@@ -961,8 +976,12 @@ impl Trainer {
         let mut samples_seen = 0;
         let mut last_checkpoint = None;
         if let Some(r) = &resumed {
-            optimizer.load_state(&r.optimizer, r.state.optimizer_steps)?;
-            ema.load(&r.ema, r.state.ema_updates)?;
+            let own_pieces = |tensors: &HashMap<String, Tensor>| match &partition {
+                Some(partition) => pieces_by_name(tensors, &params, &owned, partition),
+                None => Ok(tensors.clone()),
+            };
+            optimizer.load_state(&own_pieces(&r.optimizer)?, r.state.optimizer_steps)?;
+            ema.load(&own_pieces(&r.ema)?, r.state.ema_updates)?;
             if r.state.config.precision == config.precision {
                 scaler = r.state.loss_scaler;
             }
@@ -1036,7 +1055,8 @@ impl Trainer {
             config,
             lora,
             collective,
-            owners,
+            partition,
+            owned,
         };
         trainer.check_data_fits(dataset.as_ref())?;
         Ok(trainer)
@@ -1139,6 +1159,15 @@ impl Trainer {
         let grad_scale = self.scaler.scale / (accum * world) as f64;
         let chain = self.model.chain(self.config.temporal);
         let mut accumulator = GradAccumulator::new();
+        // ZeRO 2: each stage's gradients are reduce-scattered as its backward op ends.
+        let mut sharded = match (&self.partition, self.config.zero) {
+            (Some(partition), 2) => Some(ShardedGradients::new(
+                self.collective.as_ref(),
+                partition,
+                &self.params,
+            )),
+            _ => None,
+        };
         let (mut loss_sum, mut mse_sum, mut vb_sum) = (0.0, 0.0, None::<f64>);
         for micro in 0..accum {
             let batch = self.loader.next_batch()?;
@@ -1170,17 +1199,49 @@ impl Trainer {
             if let Some(vb) = loss.mean_vb() {
                 vb_sum = Some(vb_sum.unwrap_or(0.0) + vb);
             }
-            let grads = tape.backward(&loss.grad_output, &mut recorder)?;
-            drop(loss);
-            accumulator.add(&self.params, &grads)?;
+            match &mut sharded {
+                Some(sink) => {
+                    tape.backward_into(&loss.grad_output, &mut recorder, sink)?;
+                    drop(loss);
+                }
+                None => {
+                    let grads = tape.backward(&loss.grad_output, &mut recorder)?;
+                    drop(loss);
+                    accumulator.add(&self.params, &grads)?;
+                }
+            }
         }
         recorder.phase("update");
-        let mut grads = accumulator.finish(&self.params)?;
         let mut communication_s = 0.0;
+        // The gradients of the parameters the optimizer holds, in its order: all of them
+        // summed over the ranks, or (ZeRO) this rank's pieces of the sums.
+        let mut grads = match (sharded, &self.partition) {
+            (Some(sink), _) => {
+                communication_s += sink.communication_s();
+                sink.finish(&self.owned, &self.device)?
+            }
+            (None, Some(partition)) => {
+                let full = accumulator.finish(&self.params)?;
+                let summing = Instant::now();
+                let pieces = crate::zero::reduce_scatter(
+                    self.collective.as_ref(),
+                    partition,
+                    &full.into_iter().enumerate().collect::<Vec<_>>(),
+                )?;
+                communication_s += summing.elapsed().as_secs_f64();
+                pieces.into_iter().flatten().collect()
+            }
+            (None, None) => {
+                let mut full = accumulator.finish(&self.params)?;
+                if world > 1 {
+                    let summing = Instant::now();
+                    sum_over_ranks(self.collective.as_ref(), &mut full)?;
+                    communication_s += summing.elapsed().as_secs_f64();
+                }
+                full
+            }
+        };
         if world > 1 {
-            let summing = Instant::now();
-            sum_over_ranks(self.collective.as_ref(), &mut grads)?;
-            communication_s += summing.elapsed().as_secs_f64();
             let vb_count = f64::from(u8::from(vb_sum.is_some()));
             let mut sums = [loss_sum, mse_sum, vb_sum.unwrap_or(0.0), vb_count];
             self.collective.all_reduce_sum_f64(&mut sums)?;
@@ -1194,10 +1255,15 @@ impl Trainer {
                 *g = g.affine(unscale, 0.0)?;
             }
         }
-        let grad_norm = match self.config.clip_grad_norm {
-            Some(max_norm) => clip_grad_norm(&mut grads, max_norm)?,
-            None => global_grad_norm(&grads)?,
-        };
+        let mut sum_of_squares = [grad_sum_of_squares(&grads)?];
+        if self.partition.is_some() {
+            // Each rank holds pieces: the norm is that of all of them.
+            self.collective.all_reduce_sum_f64(&mut sum_of_squares)?;
+        }
+        let grad_norm = sum_of_squares[0].sqrt();
+        if let Some(max_norm) = self.config.clip_grad_norm {
+            clip_to_norm(&mut grads, grad_norm, max_norm)?;
+        }
         let overflow = !grad_norm.is_finite();
         if overflow && !self.scaler.dynamic {
             return Err(TrainError::NonFiniteGradients {
@@ -1210,21 +1276,14 @@ impl Trainer {
         let stepped = self.scaler.update(overflow);
         let lr = warmup_lr(self.config.optimizer.lr, step, self.config.warmup_steps);
         if stepped {
-            let rank = self.collective.rank();
-            let owned: Vec<Tensor> = grads
-                .into_iter()
-                .zip(&self.owners)
-                .filter(|(_, owner)| **owner == rank)
-                .map(|(g, _)| g)
-                .collect();
-            self.optimizer.step(&owned, lr)?;
-            drop(owned);
-            let sharing = Instant::now();
-            let weights = self.shared_weights(true)?;
-            if self.config.zero >= 1 && world > 1 {
-                communication_s += sharing.elapsed().as_secs_f64();
+            self.optimizer.step(&grads, lr)?;
+            drop(grads);
+            if self.partition.is_some() {
+                let gathering = Instant::now();
+                self.gather_weights_into_model()?;
+                communication_s += gathering.elapsed().as_secs_f64();
             }
-            self.ema.update(&weights)?;
+            self.ema.update(&self.optimizer.weights_f32()?)?;
         } else {
             drop(grads);
         }
@@ -1300,7 +1359,8 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
         let name = checkpoint_name(self.steps_done);
         let target = self.out_dir.join(&name);
-        let optimizer_state = self.shared_optimizer_state()?;
+        let optimizer_state = self.whole_optimizer_state()?;
+        let ema = self.whole_ema()?;
         if self.collective.rank() != 0 {
             // Rank 0 writes it; the others wait until it is there.
             self.collective.barrier()?;
@@ -1309,7 +1369,7 @@ impl Trainer {
         }
         let tmp = self.out_dir.join(format!(".{name}.tmp"));
         let result = self
-            .write_checkpoint(&tmp, &optimizer_state)
+            .write_checkpoint(&tmp, &optimizer_state, &ema)
             .and_then(|()| {
                 if target.exists() {
                     std::fs::remove_dir_all(&target).map_err(output_error(&target))?;
@@ -1329,84 +1389,110 @@ impl Trainer {
         Ok(target)
     }
 
-    /// Every parameter's f32 weights, by name: the optimizer's own, and with ZeRO 1 the
-    /// other ranks' shares, broadcast by their owners (a collective call: every rank makes
-    /// it); with `set_variables`, the model's variables of the other shares are set too.
-    fn shared_weights(&self, set_variables: bool) -> Result<Vec<(String, Tensor)>, TrainError> {
-        let own = self.optimizer.weights_f32()?;
-        if self.collective.size() == 1 || self.config.zero == 0 {
-            return Ok(own);
-        }
-        let rank = self.collective.rank();
-        let mut own = own.into_iter();
-        let mut all = Vec::with_capacity(self.params.len());
-        for ((name, var), &owner) in self.params.iter().zip(&self.owners) {
-            let mine = if owner == rank {
-                let (_, w) = own.next().ok_or(TrainError::Config(
-                    "the optimizer holds fewer parameters than this rank owns".into(),
-                ))?;
-                Some(w)
-            } else {
-                None
-            };
-            let tensor = self.broadcast_from(owner, var, mine.as_ref())?;
-            if set_variables && owner != rank {
-                var.set(&tensor.to_dtype(var.dtype())?)?;
-            }
-            all.push((name.clone(), tensor));
-        }
-        Ok(all)
-    }
-
-    /// `owner`'s f32 tensor shaped like `like`, broadcast to every rank (a collective
-    /// call): `mine` on the owner, which every other rank receives.
-    fn broadcast_from(
-        &self,
-        owner: usize,
-        like: &Var,
-        mine: Option<&Tensor>,
-    ) -> Result<Tensor, TrainError> {
-        let owned = mine.filter(|_| owner == self.collective.rank());
-        let mut values = match owned {
-            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0f32; like.elem_count()],
+    /// ZeRO: every rank's updated pieces into every rank's model variables (a collective
+    /// call). This rank's own pieces are in place already.
+    fn gather_weights_into_model(&self) -> Result<(), TrainError> {
+        let Some(partition) = &self.partition else {
+            return Ok(());
         };
-        self.collective.broadcast(&mut values, owner)?;
-        Ok(match owned {
-            Some(t) => t.clone(),
-            None => Tensor::from_vec(values, like.shape(), like.device())?,
-        })
-    }
-
-    /// The optimizer's state of every parameter (with ZeRO 1, gathered from the owners:
-    /// a collective call).
-    fn shared_optimizer_state(&self) -> Result<HashMap<String, Tensor>, TrainError> {
-        let mut state = self.optimizer.state_tensors();
-        if self.collective.size() == 1 || self.config.zero == 0 {
-            return Ok(state);
-        }
-        let rank = self.collective.rank();
-        let kinds: &[&str] = if self.config.keeps_master_weights() {
-            &["exp_avg", "exp_avg_sq", "master"]
-        } else {
-            &["exp_avg", "exp_avg_sq"]
-        };
-        for ((name, var), &owner) in self.params.iter().zip(&self.owners) {
-            for kind in kinds {
-                let key = format!("{kind}.{name}");
-                let tensor = self.broadcast_from(owner, var, state.get(&key))?;
-                if owner != rank {
-                    state.insert(key, tensor);
+        let params = &self.params;
+        crate::zero::all_gather(
+            self.collective.as_ref(),
+            partition,
+            &(0..params.len()).collect::<Vec<_>>(),
+            &self.device,
+            |p| {
+                let own = partition.own(p);
+                if own.is_empty() {
+                    return Ok(None);
                 }
-            }
+                piece_of(&params[p].1.as_detached_tensor(), &own).map(Some)
+            },
+            |p, whole| {
+                let var = &params[p].1;
+                var.set(&whole.reshape(var.shape())?.to_dtype(var.dtype())?)
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Whole tensors of a state kept per parameter (`key(name)` names parameter `name`'s
+    /// tensor in `held`): under ZeRO `held` has this rank's pieces, and every parameter's
+    /// pieces are all-gathered (a collective call: every rank makes it).
+    fn gathered(
+        &self,
+        held: HashMap<String, Tensor>,
+        key: impl Fn(&str) -> String,
+    ) -> Result<HashMap<String, Tensor>, TrainError> {
+        let Some(partition) = &self.partition else {
+            return Ok(held);
+        };
+        let mut whole = HashMap::with_capacity(self.params.len());
+        crate::zero::all_gather(
+            self.collective.as_ref(),
+            partition,
+            &(0..self.params.len()).collect::<Vec<_>>(),
+            &self.device,
+            |p| Ok(held.get(&key(&self.params[p].0)).cloned()),
+            |p, values| {
+                let (name, var) = &self.params[p];
+                whole.insert(key(name), values.reshape(var.shape())?);
+                Ok(())
+            },
+        )?;
+        Ok(whole)
+    }
+
+    /// The optimizer's state of every parameter, whole (under ZeRO gathered from the
+    /// ranks: a collective call).
+    fn whole_optimizer_state(&self) -> Result<HashMap<String, Tensor>, TrainError> {
+        let held = self.optimizer.state_tensors();
+        if self.partition.is_none() {
+            return Ok(held);
         }
-        Ok(state)
+        let mut kinds = vec!["exp_avg", "exp_avg_sq"];
+        if self.config.keeps_master_weights() {
+            kinds.push("master");
+        }
+        let mut whole = HashMap::new();
+        for kind in kinds {
+            let prefix = format!("{kind}.");
+            let of_kind: HashMap<String, Tensor> = held
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, t)| (k.clone(), t.clone()))
+                .collect();
+            whole.extend(self.gathered(of_kind, |name| format!("{prefix}{name}"))?);
+        }
+        Ok(whole)
+    }
+
+    /// The EMA of every parameter, whole, by name in order (under ZeRO gathered from the
+    /// ranks: a collective call).
+    fn whole_ema(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
+        if self.partition.is_none() {
+            return Ok(self.ema.weights().to_vec());
+        }
+        let held: HashMap<String, Tensor> = self.ema.weights().iter().cloned().collect();
+        let mut whole = self.gathered(held, str::to_string)?;
+        self.params
+            .iter()
+            .map(|(name, _)| {
+                whole
+                    .remove(name)
+                    .map(|t| (name.clone(), t))
+                    .ok_or_else(|| {
+                        TrainError::Config(format!("the EMA has no weights for `{name}`"))
+                    })
+            })
+            .collect()
     }
 
     fn write_checkpoint(
         &self,
         dir: &Path,
         optimizer_state: &HashMap<String, Tensor>,
+        ema: &[(String, Tensor)],
     ) -> Result<(), TrainError> {
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(output_error(dir))?;
@@ -1424,7 +1510,7 @@ impl Trainer {
                 crate::weights::save_model_dir(
                     &dir.join("ema"),
                     &self.config_file,
-                    self.ema.weights(),
+                    ema,
                     DType::F32,
                 )?;
             }
@@ -1432,8 +1518,7 @@ impl Trainer {
                 let base = lora.base_name();
                 lora.adapter(&weights)?
                     .save(&dir.join(ADAPTER_DIR), base.as_deref())?;
-                lora.adapter(self.ema.weights())?
-                    .save(&dir.join("ema"), base.as_deref())?;
+                lora.adapter(ema)?.save(&dir.join("ema"), base.as_deref())?;
             }
         }
         let scheduler = dir.join(crate::pipeline::SCHEDULER_CONFIG_FILE);
@@ -1496,10 +1581,19 @@ impl Trainer {
         self.steps_done
     }
 
-    /// The f32 weights the optimiser updates, by name (sorted). With ZeRO 1 this is a
-    /// collective call (each share comes from its owner): every rank makes it.
+    /// The f32 weights the optimiser updates, by name (sorted). Under ZeRO this is a
+    /// collective call (the master pieces are gathered): every rank makes it.
     pub fn weights_f32(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
-        self.shared_weights(false)
+        if self.partition.is_none() {
+            return Ok(self.optimizer.weights_f32()?);
+        }
+        let held: HashMap<String, Tensor> = self.optimizer.weights_f32()?.into_iter().collect();
+        let mut whole = self.gathered(held, str::to_string)?;
+        Ok(self
+            .params
+            .iter()
+            .filter_map(|(name, _)| whole.remove(name).map(|t| (name.clone(), t)))
+            .collect())
     }
 
     /// Bytes of the optimizer state this rank holds (moments and master weights).
@@ -1507,9 +1601,10 @@ impl Trainer {
         self.optimizer.state_bytes()
     }
 
-    /// The EMA weights, by name (sorted).
-    pub fn ema_weights(&self) -> &[(String, Tensor)] {
-        self.ema.weights()
+    /// The EMA weights, by name (sorted). Under ZeRO this is a collective call (the
+    /// pieces are gathered): every rank makes it.
+    pub fn ema_weights(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
+        self.whole_ema()
     }
 
     /// The memory plan of a step: its account, policy, schedule and predicted peak (the
@@ -1539,20 +1634,37 @@ impl Trainer {
     }
 }
 
-/// The rank owning each parameter under ZeRO 1: `ranks` contiguous shares of about equal
-/// element counts, in parameter order.
-fn shares(params: &[(String, Var)], ranks: usize) -> Vec<usize> {
-    let total: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut before = 0;
-    params
-        .iter()
-        .map(|(_, v)| {
-            // The share of the parameter's middle element.
-            let middle = before + v.elem_count() / 2;
-            before += v.elem_count();
-            (middle * ranks / total.max(1)).min(ranks - 1)
-        })
-        .collect()
+/// This rank's pieces (ZeRO) of whole saved tensors — optimizer state `<kind>.<name>`,
+/// EMA weights `<name>` — of the parameters `owned`, keyed as saved; errors name a
+/// tensor whose shape is not its parameter's.
+fn pieces_by_name(
+    tensors: &HashMap<String, Tensor>,
+    params: &[(String, Var)],
+    owned: &[usize],
+    partition: &Partition,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    let mut pieces = HashMap::new();
+    for &p in owned {
+        let (name, var) = &params[p];
+        let keys = [
+            name.clone(),
+            format!("exp_avg.{name}"),
+            format!("exp_avg_sq.{name}"),
+            format!("master.{name}"),
+        ];
+        for key in keys {
+            let Some(t) = tensors.get(&key) else { continue };
+            if t.shape() != var.shape() {
+                return Err(TrainError::Config(format!(
+                    "saved `{key}` has shape {:?}, the parameter {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            pieces.insert(key, piece_of(t, &partition.own(p))?);
+        }
+    }
+    Ok(pieces)
 }
 
 /// Sums every rank's gradients in place, in buckets of [`GRADIENT_BUCKET_ELEMENTS`]

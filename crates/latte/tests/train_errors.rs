@@ -306,7 +306,11 @@ fn settings_out_of_range() {
     });
     let mut bad = settings();
     bad.caption_dropout = 1.5;
-    let message = start_err(data, bad, &dir.join("out"));
+    let message = start_err(data.clone(), bad, &dir.join("out"));
     assert_contains(&message, &["caption dropout 1.5"]);
+    let mut bad = settings();
+    bad.zero = 3;
+    let message = start_err(data, bad, &dir.join("out"));
+    assert_contains(&message, &["ZeRO stage 3", "2 (sharded gradients too)"]);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -100,8 +100,10 @@ pub struct Args {
     #[command(flatten)]
     lora: LoraArgs,
     /// ZeRO stage under mpirun: 0, every rank holds AdamW's state; 1, each rank holds and
-    /// updates its share of the parameters' state (1/N of it) [default: 0].
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// updates an N-th of every parameter's state (moments, master weights, EMA); 2, also
+    /// keeps only its N-th of the gradients, reduced stage by stage in the backward pass
+    /// [default: 0].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=2))]
     zero: Option<u8>,
 }
 

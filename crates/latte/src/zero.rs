@@ -1,0 +1,314 @@
+//! ZeRO (Rajbhandari et al., 2020) for data-parallel training: what each rank keeps of
+//! the optimizer's state and of the gradients, and the collectives that move the rest.
+//!
+//! Every trained parameter is cut into `N` contiguous pieces of its flattened elements
+//! ([`Partition`]): rank `r` holds piece `r` of *every* parameter, so each rank's share is
+//! an `N`-th of each stage's parameters, not a run of whole tensors — the shares stay equal
+//! whatever the tensor sizes, and a stage's gradient shrinks to an `N`-th as soon as its
+//! backward op ends.
+//!
+//! * Stage 1: AdamW's moments and f32 master weights (and the EMA) of the rank's pieces.
+//!   After the micro-batches, the summed gradients are reduce-scattered
+//!   ([`reduce_scatter`]): each rank receives the sum over the ranks of its pieces only.
+//! * Stage 2: the same state, and the gradients are reduce-scattered stage by stage while
+//!   the backward pass runs ([`ShardedGradients`], a [`GradSink`]), so a rank never holds
+//!   more than one stage's full gradients and its own pieces of the others.
+//!
+//! After the update each rank's new pieces are all-gathered into every rank's model
+//! ([`all_gather`]), which leaves the same bits everywhere.
+//!
+//! Buffers travel in rank-major blocks: block `r` holds piece `r` of each parameter in the
+//! bucket, each padded to `⌈n/N⌉` elements so that all blocks have one length (MPI's
+//! `Reduce_scatter_block` and `Allgather` take equal blocks).
+
+use crate::dist::Collective;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, TensorId, Var};
+use remat::grads::GradSink;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Instant;
+
+/// Padded elements per bucket of a ZeRO collective (all ranks' blocks together): 16 MiB
+/// of f32 values.
+pub const BUCKET_ELEMENTS: usize = 4 << 20;
+
+/// Which elements of each parameter each rank keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    rank: usize,
+    ranks: usize,
+    /// Elements of each parameter, in the trainer's (sorted) order.
+    lens: Vec<usize>,
+}
+
+impl Partition {
+    /// The partition of `params` over `ranks` ranks, seen from `rank`.
+    pub fn new(params: &[(String, Var)], rank: usize, ranks: usize) -> Self {
+        let ranks = ranks.max(1);
+        Self {
+            rank: rank.min(ranks - 1),
+            ranks,
+            lens: params.iter().map(|(_, v)| v.elem_count()).collect(),
+        }
+    }
+
+    /// Ranks the parameters are cut over.
+    pub fn ranks(&self) -> usize {
+        self.ranks
+    }
+
+    /// Rank `rank`'s piece of parameter `param`: elements `n·r/N … n·(r+1)/N` of its
+    /// flattened values (empty when the parameter has fewer elements than ranks).
+    pub fn piece(&self, param: usize, rank: usize) -> Range<usize> {
+        let n = self.lens[param];
+        n * rank / self.ranks..n * (rank + 1) / self.ranks
+    }
+
+    /// This rank's piece of parameter `param`.
+    pub fn own(&self, param: usize) -> Range<usize> {
+        self.piece(param, self.rank)
+    }
+
+    /// The parameters this rank holds a non-empty piece of, in order.
+    pub fn owned(&self) -> Vec<usize> {
+        (0..self.lens.len())
+            .filter(|&p| !self.own(p).is_empty())
+            .collect()
+    }
+
+    /// Elements of this rank's pieces, over all parameters.
+    pub fn owned_elements(&self) -> usize {
+        (0..self.lens.len()).map(|p| self.own(p).len()).sum()
+    }
+
+    /// The padded length of parameter `param`'s piece in a block: `⌈n/N⌉`.
+    fn padded(&self, param: usize) -> usize {
+        self.lens[param].div_ceil(self.ranks)
+    }
+
+    /// `params` (ascending) cut into buckets of at most [`BUCKET_ELEMENTS`] padded
+    /// elements over all ranks (a larger parameter travels alone).
+    fn buckets(&self, params: &[usize]) -> Vec<Vec<usize>> {
+        let mut buckets: Vec<Vec<usize>> = Vec::new();
+        let mut size = 0;
+        for &p in params {
+            let elements = self.padded(p) * self.ranks;
+            match buckets.last_mut() {
+                Some(bucket) if size + elements <= BUCKET_ELEMENTS => bucket.push(p),
+                _ => {
+                    buckets.push(vec![p]);
+                    size = 0;
+                }
+            }
+            size += elements;
+        }
+        buckets
+    }
+}
+
+/// `t`'s flattened values `range`, as a new f32 tensor.
+pub fn piece_of(t: &Tensor, range: &Range<usize>) -> Result<Tensor> {
+    t.flatten_all()?
+        .narrow(0, range.start, range.len())?
+        .to_dtype(DType::F32)?
+        .copy()
+}
+
+/// Writes `values` (f32, `range.len()` elements) into `var`'s flattened elements `range`,
+/// in place, in the variable's dtype.
+pub fn write_piece(var: &Var, range: &Range<usize>, values: &Tensor) -> Result<()> {
+    let values = values.flatten_all()?.to_dtype(var.dtype())?;
+    var.as_tensor()
+        .flatten_all()?
+        .slice_set(&values, 0, range.start)
+}
+
+/// Sums `grads` (full gradients, `(parameter, gradient)` in ascending parameter order)
+/// over the ranks and returns this rank's pieces of the sums (f32, flattened), in the same
+/// order (`None` where this rank's piece is empty).
+///
+/// # Errors
+/// When the group is broken or a gradient cannot be read.
+pub fn reduce_scatter(
+    collective: &dyn Collective,
+    partition: &Partition,
+    grads: &[(usize, Tensor)],
+) -> Result<Vec<Option<Tensor>>> {
+    let by_param: HashMap<usize, &Tensor> = grads.iter().map(|(p, g)| (*p, g)).collect();
+    let order: Vec<usize> = grads.iter().map(|(p, _)| *p).collect();
+    let mut out = Vec::with_capacity(grads.len());
+    for bucket in partition.buckets(&order) {
+        let block: usize = bucket.iter().map(|&p| partition.padded(p)).sum();
+        let mut send = vec![0f32; block * partition.ranks];
+        let mut flat = Vec::with_capacity(bucket.len());
+        for &p in &bucket {
+            flat.push(
+                by_param[&p]
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        for rank in 0..partition.ranks {
+            let mut at = rank * block;
+            for (&p, values) in bucket.iter().zip(&flat) {
+                let piece = partition.piece(p, rank);
+                send[at..at + piece.len()].copy_from_slice(&values[piece]);
+                at += partition.padded(p);
+            }
+        }
+        drop(flat);
+        let mut received = vec![0f32; block];
+        collective
+            .reduce_scatter_sum(&send, &mut received)
+            .map_err(candle_core::Error::wrap)?;
+        drop(send);
+        let device = by_param[&bucket[0]].device();
+        let mut at = 0;
+        for &p in &bucket {
+            let own = partition.own(p);
+            out.push(if own.is_empty() {
+                None
+            } else {
+                Some(Tensor::from_slice(
+                    &received[at..at + own.len()],
+                    own.len(),
+                    device,
+                )?)
+            });
+            at += partition.padded(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Gathers every rank's pieces of the parameters `params` (ascending): `own(p)` gives this
+/// rank's piece of `p` (f32, flattened; `None` when empty), and `whole(p, values)` receives
+/// each parameter's full flattened f32 values once its bucket has arrived.
+///
+/// # Errors
+/// When the group is broken, or as `own` and `whole` fail.
+pub fn all_gather(
+    collective: &dyn Collective,
+    partition: &Partition,
+    params: &[usize],
+    device: &candle_core::Device,
+    mut own: impl FnMut(usize) -> Result<Option<Tensor>>,
+    mut whole: impl FnMut(usize, Tensor) -> Result<()>,
+) -> Result<()> {
+    for bucket in partition.buckets(params) {
+        let block: usize = bucket.iter().map(|&p| partition.padded(p)).sum();
+        let mut send = vec![0f32; block];
+        let mut at = 0;
+        for &p in &bucket {
+            if let Some(piece) = own(p)? {
+                let values = piece
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+                send[at..at + values.len()].copy_from_slice(&values);
+            }
+            at += partition.padded(p);
+        }
+        let mut received = vec![0f32; block * partition.ranks];
+        collective
+            .all_gather(&send, &mut received)
+            .map_err(candle_core::Error::wrap)?;
+        drop(send);
+        let mut offset = 0;
+        for &p in &bucket {
+            let mut values = Vec::with_capacity(partition.lens[p]);
+            for rank in 0..partition.ranks {
+                let start = rank * block + offset;
+                values.extend_from_slice(&received[start..start + partition.piece(p, rank).len()]);
+            }
+            offset += partition.padded(p);
+            whole(p, Tensor::from_vec(values, partition.lens[p], device)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// ZeRO stage 2's gradient sink: each backward op's parameter gradients are
+/// reduce-scattered as they arrive, and this rank adds its pieces to f32 sums kept across
+/// the micro-batches of a step; the rest is freed at once.
+pub struct ShardedGradients<'a> {
+    collective: &'a dyn Collective,
+    partition: &'a Partition,
+    /// The parameter index of each trained variable.
+    index: HashMap<TensorId, usize>,
+    /// This rank's summed pieces, by parameter (`None` until a gradient arrives).
+    sums: Vec<Option<Tensor>>,
+    /// Seconds spent in the collectives.
+    communication_s: f64,
+}
+
+impl<'a> ShardedGradients<'a> {
+    /// Empty sums for `params` (the trainer's order).
+    pub fn new(
+        collective: &'a dyn Collective,
+        partition: &'a Partition,
+        params: &[(String, Var)],
+    ) -> Self {
+        Self {
+            collective,
+            partition,
+            index: params
+                .iter()
+                .enumerate()
+                .map(|(i, (_, v))| (v.as_tensor().id(), i))
+                .collect(),
+            sums: vec![None; params.len()],
+            communication_s: 0.0,
+        }
+    }
+
+    /// Seconds spent communicating so far.
+    pub fn communication_s(&self) -> f64 {
+        self.communication_s
+    }
+
+    /// This rank's summed pieces of the parameters `owned` (zeros for a parameter no
+    /// micro-batch reached), in that order.
+    pub fn finish(self, owned: &[usize], device: &candle_core::Device) -> Result<Vec<Tensor>> {
+        let mut sums = self.sums;
+        owned
+            .iter()
+            .map(|&p| match sums[p].take() {
+                Some(s) => Ok(s),
+                None => Tensor::zeros(self.partition.own(p).len(), DType::F32, device),
+            })
+            .collect()
+    }
+}
+
+impl GradSink for ShardedGradients<'_> {
+    fn take(&mut self, store: GradStore) -> Result<()> {
+        // Every rank gets the same parameters here in the same op; reduce them in
+        // parameter order (a store's own order differs between processes).
+        let mut grads: Vec<(usize, Tensor)> = store
+            .get_ids()
+            .filter_map(|id| {
+                let p = *self.index.get(id)?;
+                Some((p, store.get_id(*id)?.clone()))
+            })
+            .collect();
+        drop(store);
+        grads.sort_by_key(|(p, _)| *p);
+        let started = Instant::now();
+        let pieces = reduce_scatter(self.collective, self.partition, &grads)?;
+        self.communication_s += started.elapsed().as_secs_f64();
+        let order: Vec<usize> = grads.iter().map(|(p, _)| *p).collect();
+        drop(grads);
+        for (p, piece) in order.into_iter().zip(pieces) {
+            let Some(piece) = piece else { continue };
+            let sum = &mut self.sums[p];
+            *sum = Some(match sum.take() {
+                Some(s) => (s + piece)?,
+                None => piece,
+            });
+        }
+        Ok(())
+    }
+}
