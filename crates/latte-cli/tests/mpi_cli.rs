@@ -53,6 +53,21 @@ fn losses(run: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// The measured memory rank `rank` logged at the end of a run (`latte -v train`): its
+/// `optimizer_bytes`, `ema_bytes` and `gradient_bytes`.
+fn held(log: &str, rank: usize) -> std::collections::HashMap<String, u64> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("memory held (measured)") && l.contains(&format!("rank={rank} ")))
+        .unwrap_or_else(|| panic!("no measured memory of rank {rank} in\n{log}"));
+    line.split_whitespace()
+        .filter_map(|field| {
+            let (key, value) = field.split_once('=')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 fn as_str(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -103,8 +118,10 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
         ]
     };
     let single = dir.join("single");
-    let (ok, text) = latte_text(&as_str(&train("2", "3", &single)));
-    assert!(ok, "{text}");
+    let mut args = vec!["-v".to_string()];
+    args.extend(train("2", "3", &single));
+    let (ok, text_single) = latte_text(&as_str(&args));
+    assert!(ok, "{text_single}");
     let ranks = dir.join("ranks");
     let (ok, text) = mpirun(2, &as_str(&train("1", "3", &ranks)));
     assert!(ok, "{text}");
@@ -114,17 +131,41 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
     }
     let error = weight_error(&ranks.join("checkpoint-3"), &single.join("checkpoint-3"));
     assert!(error < 1e-6, "weights: {error:e}");
-    // ZeRO 1 shards AdamW's state over the ranks and changes nothing else.
-    let sharded = dir.join("zero1");
-    let mut zero = train("1", "3", &sharded);
-    zero.extend(["--zero".to_string(), "1".to_string()]);
-    let (ok, text) = mpirun(2, &as_str(&zero));
-    assert!(ok, "{text}");
-    assert_eq!(losses(&sharded), losses(&ranks));
-    assert_eq!(
-        weight_error(&sharded.join("checkpoint-3"), &ranks.join("checkpoint-3")),
-        0.0
-    );
+    // ZeRO 1 and 2 shard AdamW's state (and the gradients) over the ranks and change the
+    // results by rounding at most (ZeRO 1 by none: the same sums in the same order).
+    let single_held = held(&text_single, 0);
+    for zero in ["1", "2"] {
+        let sharded = dir.join(format!("zero{zero}"));
+        let mut args = vec!["-v".to_string()];
+        args.extend(train("1", "3", &sharded));
+        args.extend(["--zero".to_string(), zero.to_string()]);
+        let (ok, text) = mpirun(2, &as_str(&args));
+        assert!(ok, "{text}");
+        for (a, b) in losses(&sharded).iter().zip(losses(&ranks)) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "ZeRO {zero}: {a} vs {b}");
+        }
+        let error = weight_error(&sharded.join("checkpoint-3"), &ranks.join("checkpoint-3"));
+        assert!(error < 1e-6, "ZeRO {zero}: weights {error:e}");
+        if zero == "1" {
+            assert_eq!(error, 0.0);
+        }
+        // Each rank's state (and with ZeRO 2 its gradients), measured by the counting
+        // allocator: half of one process's, within 5 %.
+        for rank in 0..2 {
+            let rank_held = held(&text, rank);
+            let mut measured = vec!["optimizer_bytes", "ema_bytes"];
+            if zero == "2" {
+                measured.push("gradient_bytes");
+            }
+            for field in measured {
+                let share = rank_held[field] as f64 / single_held[field] as f64;
+                assert!(
+                    (share - 0.5).abs() <= 0.05 * 0.5,
+                    "ZeRO {zero}, rank {rank}: {field} is {share} of one process's\n{text}"
+                );
+            }
+        }
+    }
 
     // Stopped after 2 steps and resumed on 2 ranks: the same losses and weights, bitwise.
     let split = dir.join("split");

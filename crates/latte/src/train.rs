@@ -460,6 +460,11 @@ pub struct StepReport {
     /// Bytes of weights, optimiser state and EMA (live across steps), as the memory
     /// account counts them.
     pub resident_bytes: u64,
+    /// Bytes the step held when its backward passes had ended, above what was live at its
+    /// start, as the meter measured them: the parameter gradients and their f32 sums (under
+    /// ZeRO 2 this rank's pieces only).
+    #[serde(default)]
+    pub gradient_bytes: u64,
     /// Wall-clock seconds of the step.
     pub step_s: f64,
     /// Of which summing the gradients over the ranks and sharing ZeRO's updated weights
@@ -468,6 +473,17 @@ pub struct StepReport {
     pub communication_s: f64,
     /// Clips drawn so far.
     pub samples_seen: u64,
+}
+
+/// The memory of the state a trainer keeps across steps, as its device's meter measured it
+/// when the state was built (the counting allocator on the CPU; 0 where the meter sees
+/// nothing, such as a CPU process without that allocator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct StateMemory {
+    /// AdamW's moments and f32 master weights (under ZeRO, this rank's pieces).
+    pub optimizer_bytes: u64,
+    /// The f32 moving average of the weights (under ZeRO, this rank's pieces).
+    pub ema_bytes: u64,
 }
 
 /// How a call to [`Trainer::run`] ended.
@@ -545,6 +561,8 @@ pub struct Trainer {
     device: Device,
     /// The meter of `device`'s memory: plans budgets and records every step's peak.
     meter: Arc<dyn MemoryMeter>,
+    /// What the optimizer and the EMA took when they were built, as the meter saw it.
+    state_memory: StateMemory,
     steps_done: u64,
     out_dir: PathBuf,
     /// `metrics.jsonl` (rank 0 only).
@@ -948,20 +966,26 @@ impl Trainer {
             None => (0..params.len()).map(|p| (p, None)).unzip(),
         };
         let owned_params: Vec<(String, Var)> = owned.iter().map(|&p| params[p].clone()).collect();
+        let meter: Arc<dyn MemoryMeter> = Arc::from(meter_for(device)?);
+        let live_before = meter.live_bytes();
         let mut optimizer = AdamW::with_pieces(
             &owned_params,
             &pieces,
             config.optimizer,
             masters.then_some(weights.as_slice()),
         )?;
+        let optimizer_bytes = meter.live_bytes().saturating_sub(live_before);
         let ema_start = match &partition {
-            Some(_) => {
-                drop(weights);
-                optimizer.weights_f32()?
-            }
-            None => weights,
+            Some(_) => optimizer.weights_f32()?,
+            None => weights.clone(),
         };
+        drop(weights);
+        let live_before = meter.live_bytes();
         let mut ema = Ema::new(&ema_start, config.ema_decay)?;
+        let state_memory = StateMemory {
+            optimizer_bytes,
+            ema_bytes: meter.live_bytes().saturating_sub(live_before),
+        };
         drop(ema_start);
         let mut scaler = if config.precision == Precision::F16 {
             LossScaler {
@@ -1047,7 +1071,8 @@ impl Trainer {
             data,
             loader,
             device: device.clone(),
-            meter: Arc::from(meter_for(device)?),
+            meter,
+            state_memory,
             steps_done,
             out_dir: out_dir.to_path_buf(),
             metrics,
@@ -1288,6 +1313,11 @@ impl Trainer {
             drop(grads);
         }
         let memory = recorder.finish();
+        let gradient_bytes = memory
+            .timeline
+            .iter()
+            .rfind(|phase| phase.name == "update")
+            .map_or(0, |phase| phase.start_bytes);
         self.steps_done += 1;
         let report = StepReport {
             step: self.steps_done,
@@ -1300,6 +1330,7 @@ impl Trainer {
             skipped: !stepped,
             step_peak_bytes: memory.peak_bytes,
             resident_bytes: self.plan.account.resident_bytes(),
+            gradient_bytes,
             step_s: started.elapsed().as_secs_f64(),
             communication_s,
             samples_seen: self.loader.position(),
@@ -1599,6 +1630,11 @@ impl Trainer {
     /// Bytes of the optimizer state this rank holds (moments and master weights).
     pub fn optimizer_state_bytes(&self) -> u64 {
         self.optimizer.state_bytes()
+    }
+
+    /// The optimizer's and the EMA's memory on this rank, measured as they were built.
+    pub fn state_memory(&self) -> StateMemory {
+        self.state_memory
     }
 
     /// The EMA weights, by name (sorted). Under ZeRO this is a collective call (the

@@ -107,12 +107,13 @@ impl Partition {
     }
 }
 
-/// `t`'s flattened values `range`, as a new f32 tensor.
+/// `t`'s flattened values `range`, as a new f32 tensor of its own (`copy` would keep the
+/// whole storage behind the view).
 pub fn piece_of(t: &Tensor, range: &Range<usize>) -> Result<Tensor> {
     t.flatten_all()?
         .narrow(0, range.start, range.len())?
-        .to_dtype(DType::F32)?
-        .copy()
+        .force_contiguous()?
+        .to_dtype(DType::F32)
 }
 
 /// Writes `values` (f32, `range.len()` elements) into `var`'s flattened elements `range`,

@@ -285,10 +285,31 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
     });
     bar.finish_and_clear();
     let outcome = outcome?;
+    // Each rank says what it holds: under ZeRO an N-th of the state and the gradients.
+    let held = trainer.state_memory();
+    tracing::info!(
+        rank = group.rank(),
+        optimizer_bytes = held.optimizer_bytes,
+        ema_bytes = held.ema_bytes,
+        gradient_bytes = summary.gradient_bytes,
+        "memory held (measured)"
+    );
+    let line = format!(
+        "held (measured): optimizer state {}, EMA {}, gradients after the backward {}",
+        format_bytes(held.optimizer_bytes),
+        format_bytes(held.ema_bytes),
+        format_bytes(summary.gradient_bytes)
+    );
     if !leader {
+        println!("rank {}/{}: {line}", group.rank(), group.size());
         return Ok(());
     }
     summary.print();
+    if group.size() > 1 {
+        println!("rank 0/{}: {line}", group.size());
+    } else {
+        println!("{line}");
+    }
     match outcome {
         RunOutcome::Finished { step, checkpoint } => {
             println!("finished at step {step}: {}", checkpoint.display());
@@ -425,6 +446,7 @@ struct Summary {
     losses: Vec<f64>,
     seconds: f64,
     peak_bytes: u64,
+    gradient_bytes: u64,
     skipped: u64,
 }
 
@@ -433,6 +455,7 @@ impl Summary {
         self.losses.push(r.loss);
         self.seconds += r.step_s;
         self.peak_bytes = self.peak_bytes.max(r.resident_bytes + r.step_peak_bytes);
+        self.gradient_bytes = self.gradient_bytes.max(r.gradient_bytes);
         self.skipped += u64::from(r.skipped);
     }
 
