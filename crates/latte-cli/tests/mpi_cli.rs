@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{latte_text, scratch};
+use common::{chosen, latte_text, plan_json, scratch};
 use std::path::Path;
 use std::process::Command;
 
@@ -150,9 +150,30 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
             assert_eq!(error, 0.0);
         }
         // Each rank's state (and with ZeRO 2 its gradients), measured by the counting
-        // allocator: half of one process's, within 5 %.
+        // allocator: half of one process's, within 5 %; and each rank's step within what
+        // `latte plan --ranks 2 --zero K` predicts for it.
+        let plan = plan_json(&[
+            "plan", "--preset", "tiny", "--mode", "train", "--batch", "1", "--ranks", "2",
+            "--zero", zero, "--budget", "1GiB",
+        ]);
+        let row = chosen(&plan);
+        let resident: u64 = [
+            "weights_bytes",
+            "master_weights_bytes",
+            "optimizer_moments_bytes",
+        ]
+        .iter()
+        .chain(&["ema_bytes", "handles_bytes"])
+        .map(|part| row["account"][part].as_u64().unwrap())
+        .sum();
+        let predicted_step = row["total_peak_bytes"].as_u64().unwrap() - resident;
         for rank in 0..2 {
             let rank_held = held(&text, rank);
+            let step = rank_held["step_peak_bytes"];
+            assert!(
+                step <= predicted_step && step * 5 >= predicted_step * 4,
+                "ZeRO {zero}, rank {rank}: step peak {step} against {predicted_step} planned"
+            );
             let mut measured = vec!["optimizer_bytes", "ema_bytes"];
             if zero == "2" {
                 measured.push("gradient_bytes");

@@ -142,24 +142,19 @@ pub fn reduce_scatter(
     for bucket in partition.buckets(&order) {
         let block: usize = bucket.iter().map(|&p| partition.padded(p)).sum();
         let mut send = vec![0f32; block * partition.ranks];
-        let mut flat = Vec::with_capacity(bucket.len());
+        let mut offset = 0;
         for &p in &bucket {
-            flat.push(
-                by_param[&p]
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        for rank in 0..partition.ranks {
-            let mut at = rank * block;
-            for (&p, values) in bucket.iter().zip(&flat) {
+            let values = by_param[&p]
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            for rank in 0..partition.ranks {
                 let piece = partition.piece(p, rank);
+                let at = rank * block + offset;
                 send[at..at + piece.len()].copy_from_slice(&values[piece]);
-                at += partition.padded(p);
             }
+            offset += partition.padded(p);
         }
-        drop(flat);
         let mut received = vec![0f32; block];
         collective
             .reduce_scatter_sum(&send, &mut received)

@@ -81,8 +81,9 @@ pub struct PlanRequest {
     /// and --budget are per rank.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub ranks: u64,
-    /// ZeRO stage under --ranks, as `latte train --zero`.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// ZeRO stage under --ranks, as `latte train --zero`: 1 shards the optimizer state and
+    /// EMA, 2 the gradients too.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub zero: u8,
     #[command(flatten)]
     pub lora: LoraArgs,

@@ -292,6 +292,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         optimizer_bytes = held.optimizer_bytes,
         ema_bytes = held.ema_bytes,
         gradient_bytes = summary.gradient_bytes,
+        step_peak_bytes = summary.step_peak_bytes,
         "memory held (measured)"
     );
     let line = format!(
@@ -446,6 +447,8 @@ struct Summary {
     losses: Vec<f64>,
     seconds: f64,
     peak_bytes: u64,
+    /// The largest step peak above what was live at the step's start (measured).
+    step_peak_bytes: u64,
     gradient_bytes: u64,
     skipped: u64,
 }
@@ -456,6 +459,7 @@ impl Summary {
         self.seconds += r.step_s;
         self.peak_bytes = self.peak_bytes.max(r.resident_bytes + r.step_peak_bytes);
         self.gradient_bytes = self.gradient_bytes.max(r.gradient_bytes);
+        self.step_peak_bytes = self.step_peak_bytes.max(r.step_peak_bytes);
         self.skipped += u64::from(r.skipped);
     }
 

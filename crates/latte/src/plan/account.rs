@@ -13,6 +13,11 @@
 //! frozen in the compute precision, and the moments, the EMA, the gradients and their
 //! sums are the factors' alone.
 //!
+//! Data parallelism plans one rank ([`crate::zero`]): ZeRO 1 keeps an `N`-th of the
+//! moments, master weights and EMA; ZeRO 2 also an `N`-th of the gradient sums, and each
+//! stage's gradients live only from its backward op to their reduce-scatter
+//! ([`per_rank_chain_costs`]).
+//!
 //! Each part below mirrors what the code of [`crate::train`] and [`crate::sampling`]
 //! allocates; `tests/memory_account.rs` measures whole steps against it.
 
@@ -20,6 +25,7 @@ use super::workload::{Setting, Task, Workload};
 use crate::costs::Memory;
 use crate::train::Precision;
 use crate::weights::parameter_specs;
+use remat::costs::ChainCosts;
 use serde::Serialize;
 
 /// f32 temporaries the size of the largest parameter that AdamW's update holds at once
@@ -30,7 +36,8 @@ const OPTIMIZER_TEMPORARIES: u64 = 6;
 /// to the f32 sums (the converted gradient and the new sum).
 const ACCUMULATE_TEMPORARIES: u64 = 2;
 
-/// Gradient elements summed over data-parallel ranks at once (`train`'s bucket).
+/// Gradient elements summed over data-parallel ranks at once (`train`'s and
+/// [`crate::zero`]'s bucket; a larger tensor travels alone).
 const GRADIENT_BUCKET_ELEMENTS: u64 = 4 << 20;
 
 /// Latent-sized f32 tensors (one video, `in_channels`) that a guided step holds through
@@ -75,14 +82,15 @@ pub struct MemoryAccount {
     /// forward's end: the loss and its gradient (training), or ε̂, x̂₀ and the objective's
     /// gradient (guidance).
     pub output_transient_bytes: u64,
-    /// Parameter gradients in the compute precision (training). The stages' share is
+    /// Parameter gradients in the compute precision held when the chain ends (training;
+    /// none under ZeRO 2, whose stages reduce theirs at once). The stages' share is
     /// allocated inside the chain's backward and counted in its peak.
     pub param_grad_bytes: u64,
     /// Gradients of the parameters before the chain (patch, timestep and caption
     /// embeddings), allocated after the chain's backward (training).
     pub head_param_grad_bytes: u64,
     /// The f32 gradient sums: a buffer of their own when accumulating micro-batches or
-    /// computing below f32 (training).
+    /// computing below f32 (training); under ZeRO 2 this rank's pieces.
     pub grad_buffer_bytes: u64,
     /// Whether the buffer holds sums while later micro-batches run through the chain.
     pub grad_buffer_during_chain: bool,
@@ -90,9 +98,9 @@ pub struct MemoryAccount {
     /// f32 copies).
     pub update_transient_bytes: u64,
     /// Data parallelism's transients after the chain: a bucket of gradients being summed
-    /// over the ranks (its values and their new tensors), and with ZeRO 1 the other
-    /// ranks' shares of the f32 weights, received for the EMA (counted together: an upper
-    /// bound, they belong to successive phases).
+    /// over the ranks (its values and their new tensors); under ZeRO a bucket being
+    /// reduce-scattered or all-gathered and one parameter's values in f32 and in the
+    /// compute precision.
     pub communication_bytes: u64,
     /// The CPU matrix kernel's packing buffers: gemm packs up to a weight matrix (`kc × nc`
     /// of the right operand, in f32) per worker thread running a product, and products on
@@ -175,7 +183,7 @@ impl MemoryAccount {
                     + 4 * sizes.outputs;
                 let n = trained.count;
                 let ranks = ranks.max(1) as u64;
-                // ZeRO 1: this rank's share of AdamW's state (equal element counts).
+                // ZeRO: this rank's piece of every parameter's state (an N-th of each).
                 let share = |bytes: u64| {
                     if zero >= 1 {
                         bytes.div_ceil(ranks)
@@ -183,16 +191,18 @@ impl MemoryAccount {
                         bytes
                     }
                 };
-                let communication_bytes = if ranks > 1 {
-                    8 * n.min(GRADIENT_BUCKET_ELEMENTS)
-                        + if zero >= 1 {
-                            4 * n * (ranks - 1) / ranks
-                        } else {
-                            0
-                        }
-                } else {
-                    0
+                let bucket = n.min(GRADIENT_BUCKET_ELEMENTS.max(trained.largest));
+                let communication_bytes = match (ranks, zero) {
+                    (1, 0) => 0,
+                    (_, 0) => 8 * bucket,
+                    // ZeRO 1 reduce-scatters the whole sums after the chain: this rank's
+                    // pieces arrive beside them.
+                    (_, 1) => 8 * bucket + (4 + elem) * trained.largest + share(4 * n),
+                    _ => 8 * bucket + (4 + elem) * trained.largest,
                 };
+                // ZeRO 2 keeps no whole gradient: each stage's are reduced into this
+                // rank's f32 sums, which live through the chain.
+                let reduced_per_stage = zero >= 2;
                 MemoryAccount {
                     communication_bytes,
                     parameter_count: count,
@@ -204,17 +214,27 @@ impl MemoryAccount {
                     },
                     master_weights_bytes: share(if low_precision && !lora { 4 * n } else { 0 }),
                     optimizer_moments_bytes: share(8 * n),
-                    ema_bytes: 4 * n,
+                    ema_bytes: share(4 * n),
                     handles_bytes: host
                         * (trained.tensors * trained_handles
                             + trained.frozen_tensors * TENSOR_HANDLE_BYTES),
                     prefetch_bytes: prefetch_batches as u64 * sizes.host_batch_bytes(),
                     step_inputs_bytes: sizes.host_batch_bytes() + prepared,
                     output_transient_bytes: loss,
-                    param_grad_bytes: n * trained.grad_elem,
+                    param_grad_bytes: if reduced_per_stage {
+                        0
+                    } else {
+                        n * trained.grad_elem
+                    },
                     head_param_grad_bytes: trained.head_count * trained.grad_elem,
-                    grad_buffer_bytes: if separate_sums { 4 * n } else { 0 },
-                    grad_buffer_during_chain: grad_accum > 1,
+                    grad_buffer_bytes: if reduced_per_stage {
+                        share(4 * n)
+                    } else if separate_sums {
+                        4 * n
+                    } else {
+                        0
+                    },
+                    grad_buffer_during_chain: grad_accum > 1 || reduced_per_stage,
                     update_transient_bytes: 4 * trained.largest * OPTIMIZER_TEMPORARIES,
                     kernel_workspace_bytes,
                 }
@@ -277,7 +297,7 @@ impl MemoryAccount {
     /// Peak of the phases after the chain's backward: the gradients converted and added
     /// to the f32 sums, then clipping and AdamW's update over them.
     pub fn after_chain_bytes(&self) -> u64 {
-        if self.param_grad_bytes == 0 {
+        if self.trained_parameter_count == 0 {
             return 0;
         }
         let accumulate = self.step_inputs_bytes
@@ -335,7 +355,7 @@ impl MemoryAccount {
             ("prefetch", self.prefetch_bytes),
             ("step inputs", self.step_inputs_bytes),
             (
-                if self.param_grad_bytes > 0 {
+                if self.trained_parameter_count > 0 {
                     "loss"
                 } else {
                     "guidance tensors"
@@ -350,6 +370,37 @@ impl MemoryAccount {
         .filter(|(_, bytes)| *bytes > 0)
         .collect()
     }
+}
+
+/// The chain's costs as one data-parallel rank runs them: under ZeRO 2 a stage's parameter
+/// gradients are not kept to the end but reduce-scattered as its backward op ends, so
+/// they join that op's transients together with the collective's buffers (the bucket
+/// being sent, one parameter's f32 values, and this rank's received piece and its new
+/// sum); the kept pieces are the account's gradient sums. Other tasks run the costs as
+/// they are.
+pub fn per_rank_chain_costs(
+    workload: &Workload,
+    setting: Setting,
+    mut costs: ChainCosts,
+) -> ChainCosts {
+    let Task::Train { ranks, zero, .. } = workload.task else {
+        return costs;
+    };
+    if zero < 2 {
+        return costs;
+    }
+    let grad_elem = if workload.lora.is_some() {
+        4
+    } else {
+        setting.precision.dtype().size_in_bytes() as u64
+    };
+    let ranks = ranks.max(1) as u64;
+    for stage in &mut costs.stages {
+        let elements = stage.param_grad_bytes / grad_elem;
+        stage.bwd_tmp_bytes += stage.param_grad_bytes + 8 * elements + 8 * elements.div_ceil(ranks);
+        stage.param_grad_bytes = 0;
+    }
+    costs
 }
 
 /// What the optimiser trains.
@@ -495,21 +546,73 @@ mod tests {
         assert!(train.head_param_grad_bytes > 0 && train.head_param_grad_bytes < 2 * params);
         assert!(train.after_chain_bytes() > train.resident_bytes() + 4 * params);
         assert_eq!(train.communication_bytes, 0);
-        // ZeRO 1 on 8 ranks: an eighth of the moments and master weights per rank, and the
-        // gradient bucket and the other shares' weights after the chain.
-        let sharded = Task::Train {
+        // ZeRO 1 on 8 ranks: an eighth of the moments, master weights and EMA per rank;
+        // after the chain the whole sums, a bucket, one parameter's values and the
+        // received pieces.
+        let on_8 = |zero| Task::Train {
             grad_accum: 1,
             prefetch_batches: 0,
             ranks: 8,
-            zero: 1,
+            zero,
         };
-        let sharded = MemoryAccount::of(&latte_1_workload(sharded), bf16(1)).unwrap();
+        let largest = parameter_specs(&latte_1_workload(on_8(1)).config)
+            .unwrap()
+            .iter()
+            .map(|s| s.numel() as u64)
+            .max()
+            .unwrap();
+        let sharded = MemoryAccount::of(&latte_1_workload(on_8(1)), bf16(1)).unwrap();
         assert_eq!(sharded.optimizer_moments_bytes, params);
         assert_eq!(sharded.master_weights_bytes, (4 * params).div_ceil(8));
-        assert_eq!(sharded.ema_bytes, 4 * params);
+        assert_eq!(sharded.ema_bytes, (4 * params).div_ceil(8));
+        assert_eq!(sharded.grad_buffer_bytes, 4 * params);
+        assert_eq!(sharded.param_grad_bytes, 2 * params);
+        let bucket = (4u64 << 20).max(largest);
         assert_eq!(
             sharded.communication_bytes,
-            8 * (4 << 20) + 4 * params * 7 / 8
+            8 * bucket + 6 * largest + (4 * params).div_ceil(8)
         );
+        // ZeRO 2: no whole gradient is kept; this rank's f32 sums (an eighth) live through
+        // the chain, and after it the step holds far less than ZeRO 1's.
+        let zero2 = MemoryAccount::of(&latte_1_workload(on_8(2)), bf16(1)).unwrap();
+        assert_eq!(zero2.param_grad_bytes, 0);
+        assert_eq!(zero2.grad_buffer_bytes, (4 * params).div_ceil(8));
+        assert!(zero2.grad_buffer_during_chain);
+        assert!(zero2.after_chain_bytes() + 4 * params < sharded.after_chain_bytes());
+    }
+
+    /// ZeRO 2 moves each stage's parameter gradients from the kept bytes into its
+    /// backward's transients, with the reduce-scatter's buffers; other runs keep the costs.
+    #[test]
+    fn zero_two_reduces_each_stage_s_gradients_at_its_backward() {
+        let stage = |param_grad_bytes| remat::costs::StageCosts {
+            fwd_s: 1.0,
+            bwd_s: 2.0,
+            fwd_graph_only_s: None,
+            input_bytes: 100,
+            graph_bytes: 1000,
+            fwd_tmp_bytes: 10,
+            bwd_tmp_bytes: 20,
+            param_grad_bytes,
+        };
+        let costs = ChainCosts::new(vec![stage(800), stage(0)], 100, 0);
+        let task = |zero| Task::Train {
+            grad_accum: 1,
+            prefetch_batches: 0,
+            ranks: 4,
+            zero,
+        };
+        let bf16 = Setting {
+            precision: Precision::Bf16,
+            batch: 1,
+        };
+        let one = per_rank_chain_costs(&latte_1_workload(task(1)), bf16, costs.clone());
+        assert_eq!(one, costs);
+        let two = per_rank_chain_costs(&latte_1_workload(task(2)), bf16, costs);
+        // 400 bf16 elements: the gradients (800 B), the bucket and one parameter's f32
+        // values (8 B each), the received piece and its sum (8 B per 100).
+        assert_eq!(two.stages[0].param_grad_bytes, 0);
+        assert_eq!(two.stages[0].bwd_tmp_bytes, 20 + 800 + 8 * 400 + 8 * 100);
+        assert_eq!(two.stages[1].bwd_tmp_bytes, 20);
     }
 }

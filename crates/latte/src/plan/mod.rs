@@ -11,7 +11,7 @@ pub mod phases;
 mod search;
 mod workload;
 
-pub use account::MemoryAccount;
+pub use account::{per_rank_chain_costs, MemoryAccount};
 pub use search::{
     budget_policy, choose, plan_run, search, BatchChoice, Candidate, Plan, RunMemory, Search,
 };

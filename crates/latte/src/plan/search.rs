@@ -2,7 +2,7 @@
 //! fixed checkpoint policies and the planner's schedule for what the budget leaves the
 //! chain, each with the whole step's predicted peak from the [`MemoryAccount`].
 
-use super::account::MemoryAccount;
+use super::account::{per_rank_chain_costs, MemoryAccount};
 use super::workload::{Setting, Workload};
 use super::{CostModel, PlanningError};
 use crate::train::Precision;
@@ -246,7 +246,7 @@ impl<'a> Rows<'a> {
         Ok(Self {
             workload,
             setting,
-            costs: model.costs(workload, setting)?,
+            costs: per_rank_chain_costs(workload, setting, model.costs(workload, setting)?),
             account: MemoryAccount::of(workload, setting)?,
             source: model.name(),
         })
