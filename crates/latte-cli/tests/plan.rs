@@ -424,9 +424,19 @@ fn ranks_and_zero_plan_one_rank() {
         bytes(&sharded, "master_weights_bytes"),
         bytes(&one, "master_weights_bytes").div_ceil(8)
     );
-    assert_eq!(bytes(&sharded, "ema_bytes"), bytes(&one, "ema_bytes"));
+    assert_eq!(
+        bytes(&sharded, "ema_bytes"),
+        bytes(&one, "ema_bytes").div_ceil(8)
+    );
     assert_eq!(bytes(&one, "communication_bytes"), 0);
     assert!(bytes(&sharded, "communication_bytes") > 0);
+    // ZeRO 2: an eighth of the gradient sums, and no whole gradients after the chain.
+    let zero2 = plan("8", "2");
+    assert_eq!(
+        bytes(&zero2, "grad_buffer_bytes"),
+        bytes(&one, "grad_buffer_bytes").div_ceil(8)
+    );
+    assert_eq!(bytes(&zero2, "param_grad_bytes"), 0);
     assert_fails(
         &[
             "plan", "--preset", "tiny", "--mode", "guide", "--ranks", "2", "--budget", "1GiB",
