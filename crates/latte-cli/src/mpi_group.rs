@@ -103,13 +103,6 @@ impl Collective for MpiGroup {
         Ok(())
     }
 
-    fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<(), DistError> {
-        self.world()?
-            .process_at_rank(root as i32)
-            .broadcast_into(buffer);
-        Ok(())
-    }
-
     fn barrier(&self) -> Result<(), DistError> {
         self.world()?.barrier();
         Ok(())

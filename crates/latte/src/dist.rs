@@ -3,11 +3,14 @@
 //! [`Collective`] is what [`crate::train::Trainer`] needs from the group: its rank and
 //! size, a sum of f32 buffers (the gradients, in buckets) and of f64 scalars (losses,
 //! counts) that leaves every rank with the same bits, ZeRO's reduce-scatter and
-//! all-gather (each rank's block of a buffer), a broadcast and a barrier. [`SingleProcess`] is
-//! the default (every call is the identity); [`ThreadGroup`] runs ranks as threads of one
-//! process, summing in rank order, so that tests can run data parallelism without a
-//! launcher.
+//! all-gather (each rank's block of a buffer), and a barrier. Each buffer operation has a
+//! host form (slices) and a tensor form, which by default goes through the host; a group
+//! whose library reads device memory (NCCL) takes the tensors where they are.
+//! [`SingleProcess`] is the default (every call is the identity); [`ThreadGroup`] runs
+//! ranks as threads of one process, summing in rank order, so that tests can run data
+//! parallelism without a launcher.
 
+use candle_core::{DType, Tensor};
 use std::sync::{Arc, Barrier, Mutex};
 
 /// Why a collective call failed.
@@ -20,6 +23,14 @@ pub enum DistError {
         size: usize,
         message: String,
     },
+    /// A tensor could not be read or made.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// `t`'s values as a host vector of f32.
+fn host_values(t: &Tensor) -> Result<Vec<f32>, DistError> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
 /// A group of ranks that run the same training step on different data.
@@ -55,17 +66,51 @@ pub trait Collective: Send + Sync {
     /// When the group is broken or the lengths disagree.
     fn all_gather(&self, send: &[f32], received: &mut [f32]) -> Result<(), DistError>;
 
-    /// Copies `root`'s `buffer` into every rank's.
-    ///
-    /// # Errors
-    /// When the group is broken.
-    fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<(), DistError>;
-
     /// Returns when every rank has called it.
     ///
     /// # Errors
     /// When the group is broken.
     fn barrier(&self) -> Result<(), DistError>;
+
+    /// [`Collective::all_reduce_sum`] of a tensor's values, as f32 in `t`'s shape, on its
+    /// device.
+    ///
+    /// # Errors
+    /// When the group is broken or the tensor cannot be read.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor, DistError> {
+        let mut values = host_values(t)?;
+        self.all_reduce_sum(&mut values)?;
+        Ok(Tensor::from_vec(values, t.shape(), t.device())?)
+    }
+
+    /// [`Collective::reduce_scatter_sum`] of a one-dimensional tensor of `size` blocks:
+    /// this rank's block of the sum, f32, on `send`'s device.
+    ///
+    /// # Errors
+    /// When the group is broken or the length is not a multiple of the size.
+    fn reduce_scatter_sum_tensor(&self, send: &Tensor) -> Result<Tensor, DistError> {
+        let values = host_values(send)?;
+        let mut block = vec![0f32; values.len() / self.size().max(1)];
+        self.reduce_scatter_sum(&values, &mut block)?;
+        Ok(Tensor::from_vec(
+            block,
+            values.len() / self.size().max(1),
+            send.device(),
+        )?)
+    }
+
+    /// [`Collective::all_gather`] of a one-dimensional tensor: every rank's, in rank order,
+    /// f32, on `send`'s device.
+    ///
+    /// # Errors
+    /// When the group is broken.
+    fn all_gather_tensor(&self, send: &Tensor) -> Result<Tensor, DistError> {
+        let values = host_values(send)?;
+        let mut all = vec![0f32; values.len() * self.size()];
+        self.all_gather(&values, &mut all)?;
+        let n = all.len();
+        Ok(Tensor::from_vec(all, n, send.device())?)
+    }
 }
 
 /// One process, no communication.
@@ -106,10 +151,6 @@ impl Collective for SingleProcess {
             });
         }
         received.copy_from_slice(send);
-        Ok(())
-    }
-
-    fn broadcast(&self, _: &mut [f32], _: usize) -> Result<(), DistError> {
         Ok(())
     }
 
@@ -246,31 +287,6 @@ impl Collective for ThreadGroup {
         Ok(())
     }
 
-    fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<(), DistError> {
-        if self.rank == root {
-            let mut slots = self
-                .shared
-                .f32_slots
-                .lock()
-                .map_err(|_| self.broken("a rank panicked"))?;
-            slots[root] = buffer.to_vec();
-        }
-        self.shared.barrier.wait();
-        if self.rank != root {
-            let slots = self
-                .shared
-                .f32_slots
-                .lock()
-                .map_err(|_| self.broken("a rank panicked"))?;
-            if slots[root].len() != buffer.len() {
-                return Err(self.broken("ranks broadcast buffers of different lengths"));
-            }
-            buffer.copy_from_slice(&slots[root]);
-        }
-        self.shared.barrier.wait();
-        Ok(())
-    }
-
     fn barrier(&self) -> Result<(), DistError> {
         self.shared.barrier.wait();
         Ok(())
@@ -325,6 +341,16 @@ mod tests {
                         member.all_gather(&block, &mut gathered).unwrap();
                         let mut wrong = [0f32; 3];
                         assert!(member.reduce_scatter_sum(&send, &mut wrong).is_err());
+                        // The tensor forms give the same values.
+                        let device = candle_core::Device::Cpu;
+                        let sent = Tensor::new(&send, &device).unwrap();
+                        let own = member.reduce_scatter_sum_tensor(&sent).unwrap();
+                        assert_eq!(own.to_vec1::<f32>().unwrap(), block);
+                        let all = member.all_gather_tensor(&own).unwrap();
+                        assert_eq!(all.to_vec1::<f32>().unwrap(), gathered);
+                        let summed = member.all_reduce_sum_tensor(&sent).unwrap();
+                        let sums = summed.to_vec1::<f32>().unwrap();
+                        assert_eq!(sums, [3.0, 12.0, 102.0, 1002.0]);
                         (block.to_vec(), gathered.to_vec())
                     })
                 })

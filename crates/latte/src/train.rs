@@ -1716,16 +1716,18 @@ fn sum_over_ranks(collective: &dyn Collective, grads: &mut [Tensor]) -> Result<(
             elements += grads[end].elem_count();
             end += 1;
         }
-        let mut bucket = Vec::with_capacity(elements);
-        for g in &grads[start..end] {
-            bucket.extend(g.flatten_all()?.to_vec1::<f32>()?);
-        }
-        collective.all_reduce_sum(&mut bucket)?;
+        let flat = grads[start..end]
+            .iter()
+            .map(|g| g.flatten_all()?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let bucket = Tensor::cat(&flat, 0)?;
+        drop(flat);
+        let summed = collective.all_reduce_sum_tensor(&bucket)?;
+        drop(bucket);
         let mut offset = 0;
         for g in &mut grads[start..end] {
             let n = g.elem_count();
-            let summed = Tensor::from_slice(&bucket[offset..offset + n], g.shape(), g.device())?;
-            *g = summed;
+            *g = summed.narrow(0, offset, n)?.reshape(g.shape())?;
             offset += n;
         }
         start = end;

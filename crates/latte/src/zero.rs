@@ -126,8 +126,8 @@ pub fn write_piece(var: &Var, range: &Range<usize>, values: &Tensor) -> Result<(
 }
 
 /// Sums `grads` (full gradients, `(parameter, gradient)` in ascending parameter order)
-/// over the ranks and returns this rank's pieces of the sums (f32, flattened), in the same
-/// order (`None` where this rank's piece is empty).
+/// over the ranks and returns this rank's pieces of the sums (f32, flattened, on the
+/// gradients' device), in the same order (`None` where this rank's piece is empty).
 ///
 /// # Errors
 /// When the group is broken or a gradient cannot be read.
@@ -140,43 +140,55 @@ pub fn reduce_scatter(
     let order: Vec<usize> = grads.iter().map(|(p, _)| *p).collect();
     let mut out = Vec::with_capacity(grads.len());
     for bucket in partition.buckets(&order) {
-        let block: usize = bucket.iter().map(|&p| partition.padded(p)).sum();
-        let mut send = vec![0f32; block * partition.ranks];
-        let mut offset = 0;
-        for &p in &bucket {
-            let values = by_param[&p]
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            for rank in 0..partition.ranks {
+        let flat = bucket
+            .iter()
+            .map(|p| by_param[p].flatten_all()?.to_dtype(DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        let mut parts = Vec::with_capacity(2 * bucket.len() * partition.ranks);
+        for rank in 0..partition.ranks {
+            for (&p, values) in bucket.iter().zip(&flat) {
                 let piece = partition.piece(p, rank);
-                let at = rank * block + offset;
-                send[at..at + piece.len()].copy_from_slice(&values[piece]);
+                padded_piece(&mut parts, values, &piece, partition.padded(p))?;
             }
-            offset += partition.padded(p);
         }
-        let mut received = vec![0f32; block];
-        collective
-            .reduce_scatter_sum(&send, &mut received)
+        let send = Tensor::cat(&parts, 0)?;
+        drop((parts, flat));
+        let received = collective
+            .reduce_scatter_sum_tensor(&send)
             .map_err(candle_core::Error::wrap)?;
         drop(send);
-        let device = by_param[&bucket[0]].device();
         let mut at = 0;
         for &p in &bucket {
             let own = partition.own(p);
             out.push(if own.is_empty() {
                 None
             } else {
-                Some(Tensor::from_slice(
-                    &received[at..at + own.len()],
-                    own.len(),
-                    device,
-                )?)
+                Some(received.narrow(0, at, own.len())?.force_contiguous()?)
             });
             at += partition.padded(p);
         }
     }
     Ok(out)
+}
+
+/// Pushes `values[piece]` onto `parts`, then zeros up to `padded` elements.
+fn padded_piece(
+    parts: &mut Vec<Tensor>,
+    values: &Tensor,
+    piece: &Range<usize>,
+    padded: usize,
+) -> Result<()> {
+    if !piece.is_empty() {
+        parts.push(values.narrow(0, piece.start, piece.len())?);
+    }
+    if padded > piece.len() {
+        parts.push(Tensor::zeros(
+            padded - piece.len(),
+            DType::F32,
+            values.device(),
+        )?);
+    }
+    Ok(())
 }
 
 /// Gathers every rank's pieces of the parameters `params` (ascending): `own(p)` gives this
@@ -195,32 +207,35 @@ pub fn all_gather(
 ) -> Result<()> {
     for bucket in partition.buckets(params) {
         let block: usize = bucket.iter().map(|&p| partition.padded(p)).sum();
-        let mut send = vec![0f32; block];
-        let mut at = 0;
+        let mut parts = Vec::with_capacity(2 * bucket.len());
         for &p in &bucket {
-            if let Some(piece) = own(p)? {
-                let values = piece
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?;
-                send[at..at + values.len()].copy_from_slice(&values);
-            }
-            at += partition.padded(p);
+            let empty = Tensor::zeros(0, DType::F32, device)?;
+            let piece = own(p)?.unwrap_or(empty);
+            let len = piece.elem_count();
+            padded_piece(
+                &mut parts,
+                &piece.flatten_all()?,
+                &(0..len),
+                partition.padded(p),
+            )?;
         }
-        let mut received = vec![0f32; block * partition.ranks];
-        collective
-            .all_gather(&send, &mut received)
+        let send = Tensor::cat(&parts, 0)?;
+        drop(parts);
+        let received = collective
+            .all_gather_tensor(&send)
             .map_err(candle_core::Error::wrap)?;
         drop(send);
         let mut offset = 0;
         for &p in &bucket {
-            let mut values = Vec::with_capacity(partition.lens[p]);
-            for rank in 0..partition.ranks {
-                let start = rank * block + offset;
-                values.extend_from_slice(&received[start..start + partition.piece(p, rank).len()]);
-            }
+            let pieces = (0..partition.ranks)
+                .filter(|&rank| !partition.piece(p, rank).is_empty())
+                .map(|rank| {
+                    let len = partition.piece(p, rank).len();
+                    received.narrow(0, rank * block + offset, len)
+                })
+                .collect::<Result<Vec<_>>>()?;
             offset += partition.padded(p);
-            whole(p, Tensor::from_vec(values, partition.lens[p], device)?)?;
+            whole(p, Tensor::cat(&pieces, 0)?)?;
         }
     }
     Ok(())
