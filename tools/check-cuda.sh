@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Checks that the CUDA build (`--features cuda`, every target of latte-cli) compiles, on a
+# Checks that the CUDA build (`--features cuda`, and `--features nccl` where OpenMPI is
+# installed; every target of latte-cli) compiles and passes clippy, on a
 # machine with or without a GPU: CI runs it so that no change breaks the GPU build
 # unnoticed. Uses the toolkit of tools/cuda-toolkit.sh and a target directory of its own
 # (target/cuda-check, or $LATTE_CUDA_TARGET_DIR) so that CPU builds stay valid.
@@ -11,7 +12,16 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/cuda-toolkit.sh"
 cd "$repo"
 export CARGO_TARGET_DIR=${LATTE_CUDA_TARGET_DIR:-$repo/target/cuda-check}
-echo "== cargo check --features cuda -p latte-cli --all-targets (target dir $CARGO_TARGET_DIR)"
+echo "== cargo clippy --features cuda -p latte-cli --all-targets (target dir $CARGO_TARGET_DIR)"
 started=$SECONDS
-cargo check --features cuda -p latte-cli --all-targets
+cargo clippy --features cuda -p latte-cli --all-targets -- -D warnings
 echo "== the cuda feature compiles ($((SECONDS - started)) s)"
+# NCCL's data parallelism builds on MPI: check it where OpenMPI's headers are installed.
+if command -v mpicc >/dev/null; then
+    echo "== cargo clippy --features nccl -p latte-cli --all-targets"
+    started=$SECONDS
+    cargo clippy --features nccl -p latte-cli --all-targets -- -D warnings
+    echo "== the nccl feature compiles ($((SECONDS - started)) s)"
+else
+    echo "== no mpicc (OpenMPI's headers): the nccl feature is not checked"
+fi

@@ -7,6 +7,8 @@ mod ffmpeg;
 mod hub;
 #[cfg(feature = "mpi")]
 mod mpi_group;
+#[cfg(feature = "nccl")]
+mod nccl_group;
 mod options;
 
 use clap::{Parser, Subcommand};

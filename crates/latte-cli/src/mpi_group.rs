@@ -62,6 +62,15 @@ impl MpiGroup {
         Ok(())
     }
 
+    /// Copies `root`'s `bytes` into every rank's (NCCL's unique id, in the `nccl` build).
+    #[cfg(feature = "nccl")]
+    pub fn broadcast_bytes(&self, bytes: &mut [u8], root: usize) -> Result<(), DistError> {
+        self.world()?
+            .process_at_rank(root as i32)
+            .broadcast_into(bytes);
+        Ok(())
+    }
+
     fn world(&self) -> Result<std::sync::MutexGuard<'_, SimpleCommunicator>, DistError> {
         self.world
             .lock()

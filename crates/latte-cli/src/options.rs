@@ -9,7 +9,8 @@ use latte::lora::{LoraConfig, TargetModules};
 /// Device, logging and randomness.
 #[derive(Debug, Args)]
 pub struct GlobalOptions {
-    /// Where to compute: `cpu`, `cuda` or `cuda:N`.
+    /// Where to compute: `cpu`, `cuda` (under mpirun or srun, the GPU of the rank's index
+    /// on its machine) or `cuda:N`.
     #[arg(long, global = true, default_value = "cpu")]
     pub device: String,
     /// Seed for weights, inputs and noise that the command generates.
@@ -67,7 +68,8 @@ impl GlobalOptions {
                     Some(n) => n
                         .parse()
                         .with_context(|| format!("--device {spec}: bad GPU index"))?,
-                    None => 0,
+                    // Under a launcher, each rank of a machine takes its own GPU.
+                    None => local_rank().unwrap_or(0),
                 };
                 cuda_device(spec, ordinal)?
             }
@@ -75,6 +77,18 @@ impl GlobalOptions {
         };
         Ok(device)
     }
+}
+
+/// This process's rank among the ranks of its machine, as MPI launchers and SLURM set it.
+fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok()?.parse().ok())
 }
 
 /// Opens GPU `ordinal`, after checking that the CUDA libraries load: cudarc loads them

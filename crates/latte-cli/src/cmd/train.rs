@@ -206,7 +206,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
              --lora (and start a new run to train another adapter)"
         );
     }
-    let group = data_parallel_group();
+    let group = data_parallel_group(&device)?;
     let leader = group.rank() == 0;
     if group.size() > 1 && leader {
         eprintln!(
@@ -391,13 +391,20 @@ fn new_trainer(
 }
 
 /// The data-parallel group this process belongs to: the MPI job's ranks under `mpirun`
-/// (feature `mpi`), else one process.
-fn data_parallel_group() -> Arc<dyn Collective> {
+/// (feature `mpi`), joined over NCCL when they train on GPUs (feature `nccl`), else one
+/// process.
+fn data_parallel_group(device: &Device) -> Result<Arc<dyn Collective>> {
     #[cfg(feature = "mpi")]
     if let Some(group) = crate::mpi_group::MpiGroup::init() {
-        return Arc::new(group);
+        #[cfg(feature = "nccl")]
+        if device.is_cuda() {
+            let group = crate::nccl_group::NcclGroup::new(group, device)?;
+            return Ok(Arc::new(group));
+        }
+        return Ok(Arc::new(group));
     }
-    Arc::new(SingleProcess)
+    let _ = device;
+    Ok(Arc::new(SingleProcess))
 }
 
 /// Prints what is trained, on what, and the memory plan.
