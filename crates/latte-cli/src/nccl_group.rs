@@ -5,9 +5,9 @@
 //! memories (NCCL's ring or tree collectives); scalars (losses, the stop flag), barriers
 //! and host buffers stay on MPI.
 //!
-//! NCCL's all-reduce may add the ranks in a different order on each rank; every rank then
-//! still updates from sums equal to within rounding, and ZeRO (whose pieces each have one
-//! owner, gathered to all) keeps the ranks' weights bitwise identical.
+//! NCCL's ring and tree all-reduces compute each element's sum once and copy it to every
+//! rank, so the ranks update from the same bits, as over MPI; under ZeRO each piece has
+//! one owner whose update is gathered to all.
 
 use crate::mpi_group::MpiGroup;
 use anyhow::{bail, Context, Result};
