@@ -201,7 +201,8 @@ impl MemoryAccount {
                     _ => 8 * bucket + (4 + elem) * trained.largest,
                 };
                 // ZeRO 2 keeps no whole gradient: each stage's are reduced into this
-                // rank's f32 sums, which live through the chain.
+                // rank's f32 sums (kept stage by stage in the chain's costs,
+                // `per_rank_chain_costs`).
                 let reduced_per_stage = zero >= 2;
                 MemoryAccount {
                     communication_bytes,
@@ -234,7 +235,7 @@ impl MemoryAccount {
                     } else {
                         0
                     },
-                    grad_buffer_during_chain: grad_accum > 1 || reduced_per_stage,
+                    grad_buffer_during_chain: grad_accum > 1,
                     update_transient_bytes: 4 * trained.largest * OPTIMIZER_TEMPORARIES,
                     kernel_workspace_bytes,
                 }
@@ -376,14 +377,21 @@ impl MemoryAccount {
 /// gradients are not kept to the end but reduce-scattered as its backward op ends, so
 /// they join that op's transients together with the collective's buffers (the bucket
 /// being sent, one parameter's f32 values, and this rank's received piece and its new
-/// sum); the kept pieces are the account's gradient sums. Other tasks run the costs as
-/// they are.
+/// sum). What stays is this rank's f32 piece: kept from that op on when the step has one
+/// micro-batch, added into the sums of the earlier micro-batches (which the account holds
+/// beside the chain) otherwise. Other tasks run the costs as they are.
 pub fn per_rank_chain_costs(
     workload: &Workload,
     setting: Setting,
     mut costs: ChainCosts,
 ) -> ChainCosts {
-    let Task::Train { ranks, zero, .. } = workload.task else {
+    let Task::Train {
+        ranks,
+        zero,
+        grad_accum,
+        ..
+    } = workload.task
+    else {
         return costs;
     };
     if zero < 2 {
@@ -398,7 +406,11 @@ pub fn per_rank_chain_costs(
     for stage in &mut costs.stages {
         let elements = stage.param_grad_bytes / grad_elem;
         stage.bwd_tmp_bytes += stage.param_grad_bytes + 8 * elements + 8 * elements.div_ceil(ranks);
-        stage.param_grad_bytes = 0;
+        stage.param_grad_bytes = if grad_accum == 1 {
+            4 * elements.div_ceil(ranks)
+        } else {
+            0
+        };
     }
     costs
 }
@@ -572,12 +584,12 @@ mod tests {
             sharded.communication_bytes,
             8 * bucket + 6 * largest + (4 * params).div_ceil(8)
         );
-        // ZeRO 2: no whole gradient is kept; this rank's f32 sums (an eighth) live through
-        // the chain, and after it the step holds far less than ZeRO 1's.
+        // ZeRO 2: no whole gradient is kept; this rank's f32 sums are an eighth, and after
+        // the chain the step holds far less than ZeRO 1's.
         let zero2 = MemoryAccount::of(&latte_1_workload(on_8(2)), bf16(1)).unwrap();
         assert_eq!(zero2.param_grad_bytes, 0);
         assert_eq!(zero2.grad_buffer_bytes, (4 * params).div_ceil(8));
-        assert!(zero2.grad_buffer_during_chain);
+        assert!(!zero2.grad_buffer_during_chain);
         assert!(zero2.after_chain_bytes() + 4 * params < sharded.after_chain_bytes());
     }
 
@@ -596,8 +608,8 @@ mod tests {
             param_grad_bytes,
         };
         let costs = ChainCosts::new(vec![stage(800), stage(0)], 100, 0);
-        let task = |zero| Task::Train {
-            grad_accum: 1,
+        let task = |zero, grad_accum| Task::Train {
+            grad_accum,
             prefetch_batches: 0,
             ranks: 4,
             zero,
@@ -606,13 +618,17 @@ mod tests {
             precision: Precision::Bf16,
             batch: 1,
         };
-        let one = per_rank_chain_costs(&latte_1_workload(task(1)), bf16, costs.clone());
+        let one = per_rank_chain_costs(&latte_1_workload(task(1, 1)), bf16, costs.clone());
         assert_eq!(one, costs);
-        let two = per_rank_chain_costs(&latte_1_workload(task(2)), bf16, costs);
+        let two = per_rank_chain_costs(&latte_1_workload(task(2, 1)), bf16, costs.clone());
         // 400 bf16 elements: the gradients (800 B), the bucket and one parameter's f32
-        // values (8 B each), the received piece and its sum (8 B per 100).
-        assert_eq!(two.stages[0].param_grad_bytes, 0);
+        // values (8 B each), the received piece and its sum (8 B per 100); this rank's
+        // f32 piece of 100 elements stays.
+        assert_eq!(two.stages[0].param_grad_bytes, 4 * 100);
         assert_eq!(two.stages[0].bwd_tmp_bytes, 20 + 800 + 8 * 400 + 8 * 100);
         assert_eq!(two.stages[1].bwd_tmp_bytes, 20);
+        // With micro-batches the piece joins the sums the account holds beside the chain.
+        let accumulating = per_rank_chain_costs(&latte_1_workload(task(2, 2)), bf16, costs);
+        assert_eq!(accumulating.stages[0].param_grad_bytes, 0);
     }
 }
