@@ -1251,7 +1251,7 @@ impl Trainer {
                 let pieces = crate::zero::reduce_scatter(
                     self.collective.as_ref(),
                     partition,
-                    &full.into_iter().enumerate().collect::<Vec<_>>(),
+                    full.into_iter().enumerate().collect(),
                 )?;
                 communication_s += summing.elapsed().as_secs_f64();
                 pieces.into_iter().flatten().collect()

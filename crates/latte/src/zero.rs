@@ -127,22 +127,25 @@ pub fn write_piece(var: &Var, range: &Range<usize>, values: &Tensor) -> Result<(
 
 /// Sums `grads` (full gradients, `(parameter, gradient)` in ascending parameter order)
 /// over the ranks and returns this rank's pieces of the sums (f32, flattened, on the
-/// gradients' device), in the same order (`None` where this rank's piece is empty).
+/// gradients' device), in the same order (`None` where this rank's piece is empty). Each
+/// bucket's gradients are freed once its buffer is built, so the step holds the gradients
+/// not yet sent and one bucket (its f32 values and its buffer) besides the pieces.
 ///
 /// # Errors
 /// When the group is broken or a gradient cannot be read.
 pub fn reduce_scatter(
     collective: &dyn Collective,
     partition: &Partition,
-    grads: &[(usize, Tensor)],
+    grads: Vec<(usize, Tensor)>,
 ) -> Result<Vec<Option<Tensor>>> {
-    let by_param: HashMap<usize, &Tensor> = grads.iter().map(|(p, g)| (*p, g)).collect();
     let order: Vec<usize> = grads.iter().map(|(p, _)| *p).collect();
-    let mut out = Vec::with_capacity(grads.len());
+    let mut pending = grads.into_iter();
+    let mut out = Vec::with_capacity(order.len());
     for bucket in partition.buckets(&order) {
-        let flat = bucket
-            .iter()
-            .map(|p| by_param[p].flatten_all()?.to_dtype(DType::F32))
+        let flat = pending
+            .by_ref()
+            .take(bucket.len())
+            .map(|(_, g)| g.flatten_all()?.to_dtype(DType::F32))
             .collect::<Result<Vec<_>>>()?;
         let mut parts = Vec::with_capacity(2 * bucket.len() * partition.ranks);
         for rank in 0..partition.ranks {
@@ -307,11 +310,10 @@ impl GradSink for ShardedGradients<'_> {
             .collect();
         drop(store);
         grads.sort_by_key(|(p, _)| *p);
-        let started = Instant::now();
-        let pieces = reduce_scatter(self.collective, self.partition, &grads)?;
-        self.communication_s += started.elapsed().as_secs_f64();
         let order: Vec<usize> = grads.iter().map(|(p, _)| *p).collect();
-        drop(grads);
+        let started = Instant::now();
+        let pieces = reduce_scatter(self.collective, self.partition, grads)?;
+        self.communication_s += started.elapsed().as_secs_f64();
         for (p, piece) in order.into_iter().zip(pieces) {
             let Some(piece) = piece else { continue };
             let sum = &mut self.sums[p];

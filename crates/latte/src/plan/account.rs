@@ -375,9 +375,8 @@ impl MemoryAccount {
 
 /// The chain's costs as one data-parallel rank runs them: under ZeRO 2 a stage's parameter
 /// gradients are not kept to the end but reduce-scattered as its backward op ends, so
-/// they join that op's transients together with the collective's buffers (the bucket
-/// being sent, one parameter's f32 values, and this rank's received piece and its new
-/// sum). What stays is this rank's f32 piece: kept from that op on when the step has one
+/// they join that op's transients together with the collective's buffers (one bucket's
+/// f32 values and the buffer sent, and this rank's received pieces and their sums). What stays is this rank's f32 piece: kept from that op on when the step has one
 /// micro-batch, added into the sums of the earlier micro-batches (which the account holds
 /// beside the chain) otherwise. Other tasks run the costs as they are.
 pub fn per_rank_chain_costs(
@@ -403,9 +402,15 @@ pub fn per_rank_chain_costs(
         setting.precision.dtype().size_in_bytes() as u64
     };
     let ranks = ranks.max(1) as u64;
+    // A parameter larger than a bucket travels alone.
+    let largest = parameter_specs(&workload.config)
+        .map(|specs| specs.iter().map(|s| s.numel() as u64).max().unwrap_or(0))
+        .unwrap_or(0);
+    let bucket = GRADIENT_BUCKET_ELEMENTS.max(largest);
     for stage in &mut costs.stages {
         let elements = stage.param_grad_bytes / grad_elem;
-        stage.bwd_tmp_bytes += stage.param_grad_bytes + 8 * elements + 8 * elements.div_ceil(ranks);
+        stage.bwd_tmp_bytes +=
+            stage.param_grad_bytes + 8 * elements.min(bucket) + 8 * elements.div_ceil(ranks);
         stage.param_grad_bytes = if grad_accum == 1 {
             4 * elements.div_ceil(ranks)
         } else {
