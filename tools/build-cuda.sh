@@ -3,6 +3,8 @@
 # scratch and idempotently. Recipe and reasons: ../shared/CUDA-BUILD.md.
 #
 #   tools/build-cuda.sh            # release build; prints where the binary is
+#   LATTE_CUDA_FEATURES=nccl tools/build-cuda.sh   # with NCCL data parallelism (needs
+#                                                  # OpenMPI's headers and libclang)
 #
 # What it does:
 #   1. a venv under $LATTE_CUDA_CACHE (default ~/.cache/latte-rs/cuda-13.0) with the
@@ -11,7 +13,8 @@
 #      reused when the pins match;
 #   2. CUDA_ROOT, PATH and CUDA_COMPUTE_CAP (default 90: sm_90a, H100/H200 only; without
 #      it candle-kernels runs nvidia-smi, absent here);
-#   3. cargo build --release --features cuda -p latte-cli (CARGO_TARGET_DIR is honoured;
+#   3. cargo build --release --features ${LATTE_CUDA_FEATURES:-cuda} -p latte-cli
+#      (CARGO_TARGET_DIR is honoured;
 #      a separate one keeps CPU builds from being invalidated);
 #   4. stages the binary for the GPU machine as target/gpu/latte.gz (in the repository,
 #      ignored by git; without debug info and gzipped: ~15 MB instead of ~150, so that
@@ -29,9 +32,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/cuda-toolkit.sh"
 # 3. The build.
 cd "$repo"
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
-echo "== cargo build --release --features cuda -p latte-cli (target dir $target_dir)"
+features=${LATTE_CUDA_FEATURES:-cuda}
+echo "== cargo build --release --features $features -p latte-cli (target dir $target_dir)"
 started=$SECONDS
-cargo build --release --features cuda -p latte-cli
+cargo build --release --features "$features" -p latte-cli
 echo "== built in $((SECONDS - started)) s"
 
 # 4. Where it is.
