@@ -68,6 +68,17 @@ fn held(log: &str, rank: usize) -> std::collections::HashMap<String, u64> {
         .collect()
 }
 
+/// Every rank logged the same fingerprint of its final weights (`latte -v train`).
+fn assert_same_weights_on_every_rank(log: &str, label: &str) {
+    let digests: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("weights at the end"))
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("digest=")))
+        .collect();
+    assert_eq!(digests.len(), 2, "{label}: one digest per rank\n{log}");
+    assert_eq!(digests[0], digests[1], "{label}: the ranks' weights differ");
+}
+
 fn as_str(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -123,9 +134,12 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
     let (ok, text_single) = latte_text(&as_str(&args));
     assert!(ok, "{text_single}");
     let ranks = dir.join("ranks");
-    let (ok, text) = mpirun(2, &as_str(&train("1", "3", &ranks)));
+    let mut args = vec!["-v".to_string()];
+    args.extend(train("1", "3", &ranks));
+    let (ok, text) = mpirun(2, &as_str(&args));
     assert!(ok, "{text}");
     assert!(text.contains("data parallel: 2 ranks"), "{text}");
+    assert_same_weights_on_every_rank(&text, "ZeRO 0");
     for (a, b) in losses(&ranks).iter().zip(losses(&single)) {
         assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
     }
@@ -141,6 +155,7 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
         args.extend(["--zero".to_string(), zero.to_string()]);
         let (ok, text) = mpirun(2, &as_str(&args));
         assert!(ok, "{text}");
+        assert_same_weights_on_every_rank(&text, &format!("ZeRO {zero}"));
         for (a, b) in losses(&sharded).iter().zip(losses(&ranks)) {
             assert!((a - b).abs() <= 1e-6 * b.abs(), "ZeRO {zero}: {a} vs {b}");
         }
@@ -188,19 +203,25 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
         }
     }
 
-    // Stopped after 2 steps and resumed on 2 ranks: the same losses and weights, bitwise.
-    let split = dir.join("split");
-    let (ok, text) = mpirun(2, &as_str(&train("1", "2", &split)));
-    assert!(ok, "{text}");
-    let mut resume = vec!["train", "--resume", split.to_str().unwrap(), "--steps", "3"];
-    resume.extend(["--out", split.to_str().unwrap()]);
-    let (ok, text) = mpirun(2, &resume);
-    assert!(ok, "{text}");
-    assert_eq!(losses(&split), losses(&ranks));
-    assert_eq!(
-        weight_error(&split.join("checkpoint-3"), &ranks.join("checkpoint-3")),
-        0.0
-    );
+    // Stopped after 2 steps and resumed on 2 ranks: the same losses and weights, bitwise,
+    // replicated and with ZeRO 2.
+    for (zero, whole) in [("0", ranks.clone()), ("2", dir.join("zero2"))] {
+        let split = dir.join(format!("split{zero}"));
+        let mut args = train("1", "2", &split);
+        args.extend(["--zero".to_string(), zero.to_string()]);
+        let (ok, text) = mpirun(2, &as_str(&args));
+        assert!(ok, "{text}");
+        let mut resume = vec!["train", "--resume", split.to_str().unwrap(), "--steps", "3"];
+        resume.extend(["--out", split.to_str().unwrap()]);
+        let (ok, text) = mpirun(2, &resume);
+        assert!(ok, "{text}");
+        assert_eq!(losses(&split), losses(&whole), "ZeRO {zero}");
+        assert_eq!(
+            weight_error(&split.join("checkpoint-3"), &whole.join("checkpoint-3")),
+            0.0,
+            "ZeRO {zero}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -10,13 +10,21 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-/// A generator for `label` under `seed` (FNV-1a of the label mixed into the seed).
-pub fn rng_for(seed: u64, label: &str) -> StdRng {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in label.bytes() {
+/// FNV-1a's starting value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: `hash` (start from [`FNV_OFFSET`]) continued over `bytes`.
+pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
+    hash
+}
+
+/// A generator for `label` under `seed` (FNV-1a of the label mixed into the seed).
+pub fn rng_for(seed: u64, label: &str) -> StdRng {
+    let hash = fnv1a(FNV_OFFSET, label.as_bytes());
     StdRng::seed_from_u64(seed ^ hash.rotate_left(17))
 }
 

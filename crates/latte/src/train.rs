@@ -1632,6 +1632,24 @@ impl Trainer {
         self.optimizer.state_bytes()
     }
 
+    /// A fingerprint of the trained variables' values (FNV-1a of their bits, in name
+    /// order): data-parallel ranks compare theirs to show they hold the same weights.
+    pub fn weights_digest(&self) -> Result<u64, TrainError> {
+        let mut hash = crate::random::FNV_OFFSET;
+        for (name, var) in &self.params {
+            hash = crate::random::fnv1a(hash, name.as_bytes());
+            let values = var
+                .as_detached_tensor()
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            for v in values {
+                hash = crate::random::fnv1a(hash, &v.to_bits().to_le_bytes());
+            }
+        }
+        Ok(hash)
+    }
+
     /// The optimizer's and the EMA's memory on this rank, measured as they were built.
     pub fn state_memory(&self) -> StateMemory {
         self.state_memory

@@ -295,6 +295,11 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         step_peak_bytes = summary.step_peak_bytes,
         "memory held (measured)"
     );
+    tracing::info!(
+        rank = group.rank(),
+        digest = format!("{:016x}", trainer.weights_digest()?),
+        "weights at the end"
+    );
     let line = format!(
         "held (measured): optimizer state {}, EMA {}, gradients after the backward {}",
         format_bytes(held.optimizer_bytes),

@@ -137,16 +137,11 @@ pub fn cache_dir() -> Result<PathBuf, PlanningError> {
     Ok(PathBuf::from(home).join(".cache").join("latte-rs"))
 }
 
-/// FNV-1a, 64 bits: a stable file name for a key.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 fn cache_path(dir: &Path, key: &CacheKey) -> Result<PathBuf, PlanningError> {
     let text = serde_json::to_string(key).map_err(|e| PlanningError::Cache(e.to_string()))?;
-    Ok(dir.join(format!("costs-{:016x}.json", fnv1a(text.as_bytes()))))
+    // FNV-1a: a stable file name for a key.
+    let hash = crate::random::fnv1a(crate::random::FNV_OFFSET, text.as_bytes());
+    Ok(dir.join(format!("costs-{hash:016x}.json")))
 }
 
 /// Random inputs of `geometry` and an upstream gradient for the output.
@@ -221,6 +216,7 @@ mod tests {
 
     #[test]
     fn cache_names_are_stable() {
+        let fnv1a = |bytes: &[u8]| crate::random::fnv1a(crate::random::FNV_OFFSET, bytes);
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
