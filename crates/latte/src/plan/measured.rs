@@ -209,15 +209,3 @@ pub fn random_model(
         }
     })
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_names_are_stable() {
-        let fnv1a = |bytes: &[u8]| crate::random::fnv1a(crate::random::FNV_OFFSET, bytes);
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-    }
-}
