@@ -1,8 +1,8 @@
 //! Data parallelism over MPI (feature `mpi`): `mpirun -n N latte train …` makes every
-//! process a rank of [`latte::dist::Collective`]. Sums go to rank 0 and are broadcast
-//! back, so every rank holds the same bits (an all-reduce may sum in a different order on
-//! each rank); ZeRO's reduce-scatter and all-gather are MPI's own (a block's sum lives on
-//! one rank only, so its order cannot differ between ranks).
+//! process a rank of [`latte::dist::Collective`]. A sum is a reduce-scatter followed by an
+//! all-gather, so each element is added up once, on one rank, and every rank holds the same
+//! bits (`MPI_Allreduce` may add in a different order on each rank); ZeRO's reduce-scatter
+//! and all-gather are MPI's own.
 
 use latte::dist::{Collective, DistError};
 use mpi::collective::SystemOperation;
@@ -47,18 +47,18 @@ impl MpiGroup {
         }
     }
 
-    /// Reduces `values` to rank 0 and broadcasts the sum.
+    /// Sums `values` over the ranks: each rank sums one block of them (MPI's
+    /// reduce-scatter), then every rank gathers all the blocks. Each sum is computed once,
+    /// so every rank holds the same bits, and no rank carries the whole volume.
     fn sum<T: Equivalence + Copy + Default>(&self, values: &mut [T]) -> Result<(), DistError> {
         let world = self.world()?;
-        let root = world.process_at_rank(0);
-        if self.rank == 0 {
-            let mut total = vec![T::default(); values.len()];
-            root.reduce_into_root(&*values, &mut total[..], SystemOperation::sum());
-            values.copy_from_slice(&total);
-        } else {
-            root.reduce_into(&*values, SystemOperation::sum());
-        }
-        root.broadcast_into(values);
+        let block = values.len().div_ceil(self.size);
+        let mut padded = values.to_vec();
+        padded.resize(block * self.size, T::default());
+        let mut own = vec![T::default(); block];
+        world.reduce_scatter_block_into(&padded[..], &mut own[..], SystemOperation::sum());
+        world.all_gather_into(&own[..], &mut padded[..]);
+        values.copy_from_slice(&padded[..values.len()]);
         Ok(())
     }
 

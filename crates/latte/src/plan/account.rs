@@ -192,13 +192,23 @@ impl MemoryAccount {
                     }
                 };
                 let bucket = n.min(GRADIENT_BUCKET_ELEMENTS.max(trained.largest));
+                // A bucket's f32 values and the buffer built from them; on the host the
+                // collective also copies them out (MPI's sum pads a copy and receives its
+                // block), a GPU's library reads them in place.
+                let bucket_bytes = match workload.memory {
+                    Memory::Host => 12 * bucket + 8 * bucket.div_ceil(ranks),
+                    Memory::Device => 8 * bucket + 4 * bucket.div_ceil(ranks),
+                };
+                // Under ZeRO an all-gathered parameter's values in f32 and in the compute
+                // precision.
+                let gathered = (4 + elem) * trained.largest;
                 let communication_bytes = match (ranks, zero) {
                     (1, 0) => 0,
-                    (_, 0) => 8 * bucket,
+                    (_, 0) => bucket_bytes,
                     // ZeRO 1 reduce-scatters the whole sums after the chain: this rank's
                     // pieces arrive beside them.
-                    (_, 1) => 8 * bucket + (4 + elem) * trained.largest + share(4 * n),
-                    _ => 8 * bucket + (4 + elem) * trained.largest,
+                    (_, 1) => bucket_bytes + gathered + share(4 * n),
+                    _ => bucket_bytes + gathered,
                 };
                 // ZeRO 2 keeps no whole gradient: each stage's are reduced into this
                 // rank's f32 sums (kept stage by stage in the chain's costs,
@@ -587,7 +597,7 @@ mod tests {
         let bucket = (4u64 << 20).max(largest);
         assert_eq!(
             sharded.communication_bytes,
-            8 * bucket + 6 * largest + (4 * params).div_ceil(8)
+            8 * bucket + 4 * bucket.div_ceil(8) + 6 * largest + (4 * params).div_ceil(8)
         );
         // ZeRO 2: no whole gradient is kept; this rank's f32 sums are an eighth, and after
         // the chain the step holds far less than ZeRO 1's.
