@@ -52,13 +52,23 @@ impl MpiGroup {
     /// so every rank holds the same bits, and no rank carries the whole volume.
     fn sum<T: Equivalence + Copy + Default>(&self, values: &mut [T]) -> Result<(), DistError> {
         let world = self.world()?;
-        let block = values.len().div_ceil(self.size);
-        let mut padded = values.to_vec();
-        padded.resize(block * self.size, T::default());
-        let mut own = vec![T::default(); block];
-        world.reduce_scatter_block_into(&padded[..], &mut own[..], SystemOperation::sum());
-        world.all_gather_into(&own[..], &mut padded[..]);
-        values.copy_from_slice(&padded[..values.len()]);
+        // The whole blocks in place; the few values left over (fewer than the ranks)
+        // padded to one block each.
+        let block = values.len() / self.size;
+        let (whole, rest) = values.split_at_mut(block * self.size);
+        if block > 0 {
+            let mut own = vec![T::default(); block];
+            world.reduce_scatter_block_into(&whole[..], &mut own[..], SystemOperation::sum());
+            world.all_gather_into(&own[..], whole);
+        }
+        if !rest.is_empty() {
+            let mut padded = rest.to_vec();
+            padded.resize(self.size, T::default());
+            let mut own = [T::default()];
+            world.reduce_scatter_block_into(&padded[..], &mut own[..], SystemOperation::sum());
+            world.all_gather_into(&own[..], &mut padded[..]);
+            rest.copy_from_slice(&padded[..rest.len()]);
+        }
         Ok(())
     }
 

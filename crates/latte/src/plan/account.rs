@@ -192,13 +192,9 @@ impl MemoryAccount {
                     }
                 };
                 let bucket = n.min(GRADIENT_BUCKET_ELEMENTS.max(trained.largest));
-                // A bucket's f32 values and the buffer built from them; on the host the
-                // collective also copies them out (MPI's sum pads a copy and receives its
-                // block), a GPU's library reads them in place.
-                let bucket_bytes = match workload.memory {
-                    Memory::Host => 12 * bucket + 8 * bucket.div_ceil(ranks),
-                    Memory::Device => 8 * bucket + 4 * bucket.div_ceil(ranks),
-                };
+                // A bucket's f32 values and the buffer built from them (or its copy on the
+                // host, for MPI), and this rank's received block and its own copy.
+                let bucket_bytes = 8 * bucket + 8 * bucket.div_ceil(ranks);
                 // Under ZeRO an all-gathered parameter's values in f32 and in the compute
                 // precision.
                 let gathered = (4 + elem) * trained.largest;
@@ -597,7 +593,7 @@ mod tests {
         let bucket = (4u64 << 20).max(largest);
         assert_eq!(
             sharded.communication_bytes,
-            8 * bucket + 4 * bucket.div_ceil(8) + 6 * largest + (4 * params).div_ceil(8)
+            8 * bucket + 8 * bucket.div_ceil(8) + 6 * largest + (4 * params).div_ceil(8)
         );
         // ZeRO 2: no whole gradient is kept; this rank's f32 sums are an eighth, and after
         // the chain the step holds far less than ZeRO 1's.
