@@ -1237,35 +1237,7 @@ impl Trainer {
             }
         }
         recorder.phase("update");
-        let mut communication_s = 0.0;
-        // The gradients of the parameters the optimizer holds, in its order: all of them
-        // summed over the ranks, or (ZeRO) this rank's pieces of the sums.
-        let mut grads = match (sharded, &self.partition) {
-            (Some(sink), _) => {
-                communication_s += sink.communication_s();
-                sink.finish(&self.owned, &self.device)?
-            }
-            (None, Some(partition)) => {
-                let full = accumulator.finish(&self.params)?;
-                let summing = Instant::now();
-                let pieces = crate::zero::reduce_scatter(
-                    self.collective.as_ref(),
-                    partition,
-                    full.into_iter().enumerate().collect(),
-                )?;
-                communication_s += summing.elapsed().as_secs_f64();
-                pieces.into_iter().flatten().collect()
-            }
-            (None, None) => {
-                let mut full = accumulator.finish(&self.params)?;
-                if world > 1 {
-                    let summing = Instant::now();
-                    sum_over_ranks(self.collective.as_ref(), &mut full)?;
-                    communication_s += summing.elapsed().as_secs_f64();
-                }
-                full
-            }
-        };
+        let (mut grads, mut communication_s) = self.reduced_gradients(sharded, accumulator)?;
         if world > 1 {
             let vb_count = f64::from(u8::from(vb_sum.is_some()));
             let mut sums = [loss_sum, mse_sum, vb_sum.unwrap_or(0.0), vb_count];
@@ -1346,6 +1318,45 @@ impl Trainer {
                 .map_err(output_error(&path))?;
         }
         Ok((report, memory))
+    }
+
+    /// The step's gradients of the parameters the optimizer holds, in its order — whole
+    /// and summed over the ranks, or under ZeRO this rank's pieces of the sums — and the
+    /// seconds spent communicating them.
+    fn reduced_gradients(
+        &self,
+        sharded: Option<ShardedGradients<'_>>,
+        accumulator: GradAccumulator,
+    ) -> Result<(Vec<Tensor>, f64), TrainError> {
+        if let Some(sink) = sharded {
+            // ZeRO 2: reduced stage by stage during the backward passes.
+            let seconds = sink.communication_s();
+            return Ok((sink.finish(&self.owned, &self.device)?, seconds));
+        }
+        let mut whole = accumulator.finish(&self.params)?;
+        let started = Instant::now();
+        let grads = match &self.partition {
+            Some(partition) => crate::zero::reduce_scatter(
+                self.collective.as_ref(),
+                partition,
+                whole.into_iter().enumerate().collect(),
+            )?
+            .into_iter()
+            .flatten()
+            .collect(),
+            None => {
+                if self.collective.size() > 1 {
+                    sum_over_ranks(self.collective.as_ref(), &mut whole)?;
+                }
+                whole
+            }
+        };
+        let seconds = if self.collective.size() > 1 {
+            started.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
+        Ok((grads, seconds))
     }
 
     /// Trains until `config.steps` steps are done, checkpointing every `save_every` steps
