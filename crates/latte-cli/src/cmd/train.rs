@@ -237,7 +237,7 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         new_trainer(&args, global, &device, budget, group.clone())?
     };
     if leader {
-        describe(&trainer);
+        describe(&trainer, group.size());
     }
 
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -413,7 +413,7 @@ fn data_parallel_group(device: &Device) -> Result<Arc<dyn Collective>> {
 }
 
 /// Prints what is trained, on what, and the memory plan.
-fn describe(trainer: &Trainer) {
+fn describe(trainer: &Trainer, ranks: usize) {
     let c = trainer.config();
     let params: usize = latte::optim::sorted_params(trainer.varmap())
         .map(|p| p.iter().map(|(_, v)| v.elem_count()).sum())
@@ -445,6 +445,14 @@ fn describe(trainer: &Trainer) {
         c.ema_decay,
         c.caption_dropout
     );
+    if ranks > 1 {
+        let zero = match c.zero {
+            0 => "ZeRO 0: every rank holds the whole optimizer state",
+            1 => "ZeRO 1: each rank holds an N-th of the optimizer state and EMA",
+            _ => "ZeRO 2: each rank holds an N-th of the optimizer state, EMA and gradients",
+        };
+        println!("{zero} (N = {ranks}); the memory below is one rank's");
+    }
     let plan = trainer.plan();
     let budget = match c.memory {
         MemoryPlan::Checkpoint(_) => String::new(),
