@@ -222,6 +222,24 @@ fn two_ranks_equal_one_process_with_the_global_batch_and_resume_exactly() {
             "ZeRO {zero}"
         );
     }
+    // Resumed by one process, a run of 2 ranks continues with half the global batch: said.
+    let alone = dir.join("alone");
+    let split = dir.join("split0").join("checkpoint-2");
+    let (ok, text) = latte_text(&[
+        "train",
+        "--resume",
+        split.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--out",
+        alone.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("the number of ranks (2 -> 1")
+            && text.contains("no longer continues exactly"),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -432,8 +432,17 @@ pub struct TrainState {
     /// The frozen base model of a LoRA run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<ModelSource>,
+    /// Data-parallel ranks of the run (1 in one process): resumed on another number, the
+    /// global batch changes and the run no longer continues exactly.
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
     /// How randomness is derived: nothing else needs restoring.
     pub rng: String,
+}
+
+/// [`TrainState::ranks`] of checkpoints written before it was recorded.
+fn one_rank() -> usize {
+    1
 }
 
 /// What one step did; one line of `metrics.jsonl`.
@@ -577,6 +586,8 @@ pub struct Trainer {
     /// The parameters (indices into `params`) the optimizer and the EMA hold, in order:
     /// all of them, or under ZeRO those this rank keeps a piece of.
     owned: Vec<usize>,
+    /// The ranks of the run this one resumed.
+    resumed_ranks: Option<usize>,
 }
 
 /// What a LoRA run trains on: its base model and the adapter's configuration and layers
@@ -1012,6 +1023,7 @@ impl Trainer {
             samples_seen = r.state.samples_seen;
             last_checkpoint = Some(r.dir.clone());
         }
+        let resumed_ranks = resumed.as_ref().map(|r| r.state.ranks);
 
         let dataset = data.open(&model_config, config.temporal, config.seed)?;
         let workload = train_workload(
@@ -1082,6 +1094,7 @@ impl Trainer {
             collective,
             partition,
             owned,
+            resumed_ranks,
         };
         trainer.check_data_fits(dataset.as_ref())?;
         Ok(trainer)
@@ -1579,6 +1592,7 @@ impl Trainer {
             config: self.config.clone(),
             data: self.data.clone(),
             base_model: self.lora.as_ref().map(|l| l.base.clone()),
+            ranks: self.collective.size(),
             rng: "each micro-batch's timesteps, noise and caption dropout come from a \
                   generator seeded by (config.seed, step, micro-batch); the data order \
                   from (config.seed, epoch)"
@@ -1616,6 +1630,12 @@ impl Trainer {
             return Ok(None);
         };
         Ok(Some(lora.adapter(&named_tensors(&self.varmap)?)?))
+    }
+
+    /// The number of data-parallel ranks of the run this one resumed (`None` for a new
+    /// run): on another number the global batch has changed.
+    pub fn resumed_ranks(&self) -> Option<usize> {
+        self.resumed_ranks
     }
 
     /// Steps taken so far.

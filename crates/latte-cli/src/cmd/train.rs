@@ -225,6 +225,14 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         let trainer =
             Trainer::resume_distributed(resume, &args.out, &device, adjust, group.clone())
                 .with_context(|| format!("cannot resume from {}", resume.display()))?;
+        let mut changed: Vec<String> = changed.iter().map(|s| s.to_string()).collect();
+        match trainer.resumed_ranks() {
+            Some(ranks) if ranks != group.size() => changed.push(format!(
+                "the number of ranks ({ranks} -> {}, and so the global batch)",
+                group.size()
+            )),
+            _ => {}
+        }
         if !changed.is_empty() {
             eprintln!(
                 "warning: {} differ from the checkpoint's settings: the run no longer \
