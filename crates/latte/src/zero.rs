@@ -325,3 +325,98 @@ impl GradSink for ShardedGradients<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::ThreadGroup;
+    use candle_core::Device;
+
+    fn params(lens: &[usize]) -> Vec<(String, Var)> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let var = Var::zeros(n, DType::F32, &Device::Cpu).unwrap();
+                (format!("p{i}"), var)
+            })
+            .collect()
+    }
+
+    /// The ranks' pieces tile every parameter, in rank order, each at most one element
+    /// longer than another, and a parameter smaller than the group leaves some ranks none.
+    #[test]
+    fn pieces_tile_every_parameter() {
+        let lens = [1, 2, 3, 7, 1000, 4097];
+        for ranks in 1..=5 {
+            let partition = Partition::new(&params(&lens), 0, ranks);
+            for (p, &n) in lens.iter().enumerate() {
+                let pieces: Vec<_> = (0..ranks).map(|r| partition.piece(p, r)).collect();
+                assert_eq!(pieces[0].start, 0);
+                assert_eq!(pieces[ranks - 1].end, n);
+                for pair in pieces.windows(2) {
+                    assert_eq!(pair[0].end, pair[1].start);
+                }
+                let longest = pieces.iter().map(Range::len).max().unwrap();
+                assert!(longest <= partition.padded(p));
+                assert!(pieces.iter().all(|r| r.len() + 1 >= longest));
+            }
+            let owned = partition.owned();
+            assert!(owned.iter().all(|&p| !partition.own(p).is_empty()));
+            let expected: usize = lens.iter().map(|n| n / ranks).sum();
+            assert!(partition.owned_elements() >= expected);
+        }
+    }
+
+    /// Three ranks reduce-scatter whole gradients and gather the pieces back: every rank
+    /// ends with the sums, whatever the parameter sizes (some smaller than the group).
+    #[test]
+    fn reduce_scatter_then_all_gather_gives_every_rank_the_sums() {
+        let lens = [1, 2, 5, 11];
+        let members = ThreadGroup::new(3);
+        let results: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = members
+                .iter()
+                .map(|member| {
+                    scope.spawn(move || {
+                        let params = params(&lens);
+                        let partition = Partition::new(&params, member.rank(), 3);
+                        let r = member.rank() as f32;
+                        let grads: Vec<(usize, Tensor)> = lens
+                            .iter()
+                            .enumerate()
+                            .map(|(p, &n)| {
+                                let values: Vec<f32> =
+                                    (0..n).map(|i| 100.0 * r + (10 * p + i) as f32).collect();
+                                (p, Tensor::from_vec(values, n, &Device::Cpu).unwrap())
+                            })
+                            .collect();
+                        let pieces = reduce_scatter(member, &partition, grads).unwrap();
+                        let mut whole = vec![Vec::new(); lens.len()];
+                        let all: Vec<usize> = (0..lens.len()).collect();
+                        all_gather(
+                            member,
+                            &partition,
+                            &all,
+                            &Device::Cpu,
+                            |p| Ok(pieces[p].clone()),
+                            |p, values| {
+                                whole[p] = values.to_vec1::<f32>()?;
+                                Ok(())
+                            },
+                        )
+                        .unwrap();
+                        whole
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (p, &n) in lens.iter().enumerate() {
+            // Σ over ranks r of 100 r + 10 p + i = 300 + 3 (10 p + i).
+            let sums: Vec<f32> = (0..n).map(|i| 300.0 + 3.0 * (10 * p + i) as f32).collect();
+            for rank in &results {
+                assert_eq!(rank[p], sums, "parameter {p}");
+            }
+        }
+    }
+}
