@@ -99,14 +99,6 @@ impl ParamState {
         }
         Ok(())
     }
-
-    /// The shape of the state's tensors: the parameter's, or its piece's length.
-    fn state_shape(&self) -> Shape {
-        match &self.piece {
-            None => self.var.shape().clone(),
-            Some(piece) => Shape::from(piece.len()),
-        }
-    }
 }
 
 /// AdamW (Loshchilov & Hutter), step for step as `torch.optim.AdamW` (non-amsgrad,
@@ -304,14 +296,15 @@ impl AdamW {
         out
     }
 
-    /// Restores saved state ([`AdamW::state_tensors`]) after `steps` steps; master weights,
-    /// when kept and saved, are restored too and the variables set from them (a state
-    /// saved without them, by an f32 run, keeps the current ones). Errors name the
-    /// missing or mis-shaped tensor.
+    /// Restores saved state ([`AdamW::state_tensors`] of whole parameters; an optimiser of
+    /// pieces takes its pieces) after `steps` steps; master weights, when kept and saved,
+    /// are restored too and the variables set from them (a state saved without them, by
+    /// an f32 run, keeps the current ones). Errors name the missing or mis-shaped tensor.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
         for p in &mut self.params {
-            let shape = p.state_shape();
+            let shape = p.var.shape().clone();
             let device = p.var.device().clone();
+            let piece = p.piece.clone();
             let get = |key: String| -> Result<Tensor> {
                 let t = tensors.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state has no `{key}`"))
@@ -323,7 +316,11 @@ impl AdamW {
                         shape.dims()
                     );
                 }
-                t.to_dtype(DType::F32)?.to_device(&device)
+                let t = t.to_device(&device)?;
+                match &piece {
+                    Some(piece) => piece_of(&t, piece),
+                    None => t.to_dtype(DType::F32),
+                }
             };
             p.exp_avg = get(format!("exp_avg.{}", p.name))?;
             p.exp_avg_sq = get(format!("exp_avg_sq.{}", p.name))?;

@@ -101,8 +101,6 @@ pub const ADAPTER_DIR: &str = "adapter";
 const STATE_FORMAT: u32 = 1;
 /// Batches the background loader reads ahead (shard data).
 const PREFETCH_BATCHES: usize = 2;
-/// Gradient elements summed over the ranks per collective call (16 MiB of f32).
-const GRADIENT_BUCKET_ELEMENTS: usize = 4 << 20;
 
 /// Errors that stop training.
 #[derive(Debug, thiserror::Error)]
@@ -986,10 +984,8 @@ impl Trainer {
             masters.then_some(weights.as_slice()),
         )?;
         let optimizer_bytes = meter.live_bytes().saturating_sub(live_before);
-        let ema_start = match &partition {
-            Some(_) => optimizer.weights_f32()?,
-            None => weights.clone(),
-        };
+        // The optimizer's f32 weights (this rank's pieces under ZeRO) start the EMA.
+        let ema_start = optimizer.weights_f32()?;
         drop(weights);
         let live_before = meter.live_bytes();
         let mut ema = Ema::new(&ema_start, config.ema_decay)?;
@@ -1011,12 +1007,12 @@ impl Trainer {
         let mut samples_seen = 0;
         let mut last_checkpoint = None;
         if let Some(r) = &resumed {
-            let own_pieces = |tensors: &HashMap<String, Tensor>| match &partition {
-                Some(partition) => pieces_by_name(tensors, &params, &owned, partition),
-                None => Ok(tensors.clone()),
+            optimizer.load_state(&r.optimizer, r.state.optimizer_steps)?;
+            let ema_state = match &partition {
+                Some(partition) => own_pieces(&r.ema, &params, &owned, partition)?,
+                None => r.ema.clone(),
             };
-            optimizer.load_state(&own_pieces(&r.optimizer)?, r.state.optimizer_steps)?;
-            ema.load(&own_pieces(&r.ema)?, r.state.ema_updates)?;
+            ema.load(&ema_state, r.state.ema_updates)?;
             if r.state.config.precision == config.precision {
                 scaler = r.state.loss_scaler;
             }
@@ -1415,7 +1411,7 @@ impl Trainer {
         let name = checkpoint_name(self.steps_done);
         let target = self.out_dir.join(&name);
         let optimizer_state = self.whole_optimizer_state()?;
-        let ema = self.whole_ema()?;
+        let ema = self.ema_weights()?;
         if self.collective.rank() != 0 {
             // Rank 0 writes it; the others wait until it is there.
             self.collective.barrier()?;
@@ -1454,7 +1450,6 @@ impl Trainer {
         crate::zero::all_gather(
             self.collective.as_ref(),
             partition,
-            &(0..params.len()).collect::<Vec<_>>(),
             &self.device,
             |p| {
                 let own = partition.own(p);
@@ -1471,76 +1466,59 @@ impl Trainer {
         Ok(())
     }
 
-    /// Whole tensors of a state kept per parameter (`key(name)` names parameter `name`'s
-    /// tensor in `held`): under ZeRO `held` has this rank's pieces, and every parameter's
-    /// pieces are all-gathered (a collective call: every rank makes it).
+    /// Whole tensors of a state kept per parameter, `(key(name), tensor)` in parameter
+    /// order: `held` has this rank's pieces under those keys, and every parameter's pieces
+    /// are all-gathered (ZeRO; a collective call: every rank makes it).
     fn gathered(
         &self,
-        held: HashMap<String, Tensor>,
+        partition: &Partition,
+        held: &HashMap<String, Tensor>,
         key: impl Fn(&str) -> String,
-    ) -> Result<HashMap<String, Tensor>, TrainError> {
-        let Some(partition) = &self.partition else {
-            return Ok(held);
-        };
-        let mut whole = HashMap::with_capacity(self.params.len());
+    ) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let mut whole = Vec::with_capacity(self.params.len());
         crate::zero::all_gather(
             self.collective.as_ref(),
             partition,
-            &(0..self.params.len()).collect::<Vec<_>>(),
             &self.device,
             |p| Ok(held.get(&key(&self.params[p].0)).cloned()),
             |p, values| {
                 let (name, var) = &self.params[p];
-                whole.insert(key(name), values.reshape(var.shape())?);
+                whole.push((key(name), values.reshape(var.shape())?));
                 Ok(())
             },
         )?;
         Ok(whole)
     }
 
+    /// Whole tensors by parameter name, in order, of a state held per parameter (`own`:
+    /// the optimizer's f32 weights or the EMA; under ZeRO this rank's pieces, gathered: a
+    /// collective call).
+    fn whole_by_name(
+        &self,
+        own: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, TrainError> {
+        match &self.partition {
+            None => Ok(own),
+            Some(partition) => self.gathered(partition, &own.into_iter().collect(), str::to_string),
+        }
+    }
+
     /// The optimizer's state of every parameter, whole (under ZeRO gathered from the
     /// ranks: a collective call).
     fn whole_optimizer_state(&self) -> Result<HashMap<String, Tensor>, TrainError> {
         let held = self.optimizer.state_tensors();
-        if self.partition.is_none() {
+        let Some(partition) = &self.partition else {
             return Ok(held);
-        }
+        };
         let mut kinds = vec!["exp_avg", "exp_avg_sq"];
         if self.config.keeps_master_weights() {
             kinds.push("master");
         }
         let mut whole = HashMap::new();
         for kind in kinds {
-            let prefix = format!("{kind}.");
-            let of_kind: HashMap<String, Tensor> = held
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, t)| (k.clone(), t.clone()))
-                .collect();
-            whole.extend(self.gathered(of_kind, |name| format!("{prefix}{name}"))?);
+            whole.extend(self.gathered(partition, &held, |name| format!("{kind}.{name}"))?);
         }
         Ok(whole)
-    }
-
-    /// The EMA of every parameter, whole, by name in order (under ZeRO gathered from the
-    /// ranks: a collective call).
-    fn whole_ema(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
-        if self.partition.is_none() {
-            return Ok(self.ema.weights().to_vec());
-        }
-        let held: HashMap<String, Tensor> = self.ema.weights().iter().cloned().collect();
-        let mut whole = self.gathered(held, str::to_string)?;
-        self.params
-            .iter()
-            .map(|(name, _)| {
-                whole
-                    .remove(name)
-                    .map(|t| (name.clone(), t))
-                    .ok_or_else(|| {
-                        TrainError::Config(format!("the EMA has no weights for `{name}`"))
-                    })
-            })
-            .collect()
     }
 
     fn write_checkpoint(
@@ -1646,16 +1624,7 @@ impl Trainer {
     /// The f32 weights the optimiser updates, by name (sorted). Under ZeRO this is a
     /// collective call (the master pieces are gathered): every rank makes it.
     pub fn weights_f32(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
-        if self.partition.is_none() {
-            return Ok(self.optimizer.weights_f32()?);
-        }
-        let held: HashMap<String, Tensor> = self.optimizer.weights_f32()?.into_iter().collect();
-        let mut whole = self.gathered(held, str::to_string)?;
-        Ok(self
-            .params
-            .iter()
-            .filter_map(|(name, _)| whole.remove(name).map(|t| (name.clone(), t)))
-            .collect())
+        self.whole_by_name(self.optimizer.weights_f32()?)
     }
 
     /// Bytes of the optimizer state this rank holds (moments and master weights).
@@ -1689,7 +1658,7 @@ impl Trainer {
     /// The EMA weights, by name (sorted). Under ZeRO this is a collective call (the
     /// pieces are gathered): every rank makes it.
     pub fn ema_weights(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
-        self.whole_ema()
+        self.whole_by_name(self.ema.weights().to_vec())
     }
 
     /// The memory plan of a step: its account, policy, schedule and predicted peak (the
@@ -1719,10 +1688,9 @@ impl Trainer {
     }
 }
 
-/// This rank's pieces (ZeRO) of whole saved tensors — optimizer state `<kind>.<name>`,
-/// EMA weights `<name>` — of the parameters `owned`, keyed as saved; errors name a
-/// tensor whose shape is not its parameter's.
-fn pieces_by_name(
+/// This rank's pieces (ZeRO) of whole tensors keyed by parameter name (the saved EMA), for
+/// the parameters `owned`; errors name a tensor whose shape is not its parameter's.
+fn own_pieces(
     tensors: &HashMap<String, Tensor>,
     params: &[(String, Var)],
     owned: &[usize],
@@ -1731,41 +1699,25 @@ fn pieces_by_name(
     let mut pieces = HashMap::new();
     for &p in owned {
         let (name, var) = &params[p];
-        let keys = [
-            name.clone(),
-            format!("exp_avg.{name}"),
-            format!("exp_avg_sq.{name}"),
-            format!("master.{name}"),
-        ];
-        for key in keys {
-            let Some(t) = tensors.get(&key) else { continue };
-            if t.shape() != var.shape() {
-                return Err(TrainError::Config(format!(
-                    "saved `{key}` has shape {:?}, the parameter {:?}",
-                    t.dims(),
-                    var.dims()
-                )));
-            }
-            pieces.insert(key, piece_of(t, &partition.own(p))?);
+        let Some(t) = tensors.get(name) else { continue };
+        if t.shape() != var.shape() {
+            return Err(TrainError::Config(format!(
+                "saved EMA weight `{name}` has shape {:?}, the parameter {:?}",
+                t.dims(),
+                var.dims()
+            )));
         }
+        pieces.insert(name.clone(), piece_of(t, &partition.own(p))?);
     }
     Ok(pieces)
 }
 
-/// Sums every rank's gradients in place, in buckets of [`GRADIENT_BUCKET_ELEMENTS`]
-/// consecutive values (whole tensors, in parameter order).
+/// Sums every rank's gradients in place, in buckets of whole tensors in parameter order
+/// ([`crate::zero::buckets`]).
 fn sum_over_ranks(collective: &dyn Collective, grads: &mut [Tensor]) -> Result<(), TrainError> {
-    let mut start = 0;
-    while start < grads.len() {
-        let mut end = start;
-        let mut elements = 0;
-        while end < grads.len()
-            && (end == start || elements + grads[end].elem_count() <= GRADIENT_BUCKET_ELEMENTS)
-        {
-            elements += grads[end].elem_count();
-            end += 1;
-        }
-        let flat = grads[start..end]
+    let sizes: Vec<usize> = grads.iter().map(Tensor::elem_count).collect();
+    for run in crate::zero::buckets(&sizes) {
+        let flat = grads[run.clone()]
             .iter()
             .map(|g| g.flatten_all()?.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -1774,12 +1726,11 @@ fn sum_over_ranks(collective: &dyn Collective, grads: &mut [Tensor]) -> Result<(
         let summed = collective.all_reduce_sum_tensor(&bucket)?;
         drop(bucket);
         let mut offset = 0;
-        for g in &mut grads[start..end] {
+        for g in &mut grads[run] {
             let n = g.elem_count();
             *g = summed.narrow(0, offset, n)?.reshape(g.shape())?;
             offset += n;
         }
-        start = end;
     }
     Ok(())
 }

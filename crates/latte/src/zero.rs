@@ -29,8 +29,8 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Instant;
 
-/// Padded elements per bucket of a ZeRO collective (all ranks' blocks together): 16 MiB
-/// of f32 values.
+/// Elements one data-parallel collective call moves (under ZeRO, all ranks' padded
+/// blocks together): 16 MiB of f32 values.
 pub const BUCKET_ELEMENTS: usize = 4 << 20;
 
 /// Which elements of each parameter each rank keeps.
@@ -72,14 +72,15 @@ impl Partition {
 
     /// The parameters this rank holds a non-empty piece of, in order.
     pub fn owned(&self) -> Vec<usize> {
-        (0..self.lens.len())
+        self.all()
+            .into_iter()
             .filter(|&p| !self.own(p).is_empty())
             .collect()
     }
 
     /// Elements of this rank's pieces, over all parameters.
     pub fn owned_elements(&self) -> usize {
-        (0..self.lens.len()).map(|p| self.own(p).len()).sum()
+        self.all().into_iter().map(|p| self.own(p).len()).sum()
     }
 
     /// The padded length of parameter `param`'s piece in a block: `⌈n/N⌉`.
@@ -90,21 +91,38 @@ impl Partition {
     /// `params` (ascending) cut into buckets of at most [`BUCKET_ELEMENTS`] padded
     /// elements over all ranks (a larger parameter travels alone).
     fn buckets(&self, params: &[usize]) -> Vec<Vec<usize>> {
-        let mut buckets: Vec<Vec<usize>> = Vec::new();
-        let mut size = 0;
-        for &p in params {
-            let elements = self.padded(p) * self.ranks;
-            match buckets.last_mut() {
-                Some(bucket) if size + elements <= BUCKET_ELEMENTS => bucket.push(p),
-                _ => {
-                    buckets.push(vec![p]);
-                    size = 0;
-                }
-            }
-            size += elements;
-        }
-        buckets
+        let sizes: Vec<usize> = params
+            .iter()
+            .map(|&p| self.padded(p) * self.ranks)
+            .collect();
+        buckets(&sizes)
+            .into_iter()
+            .map(|run| params[run].to_vec())
+            .collect()
     }
+
+    /// Every parameter, in order.
+    fn all(&self) -> Vec<usize> {
+        (0..self.lens.len()).collect()
+    }
+}
+
+/// Consecutive runs of items of `sizes` elements, each run at most [`BUCKET_ELEMENTS`] in
+/// all (an item larger than that makes a run alone): what one collective call moves.
+pub fn buckets(sizes: &[usize]) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    let mut size = 0;
+    for (i, &elements) in sizes.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if size + elements <= BUCKET_ELEMENTS => run.end = i + 1,
+            _ => {
+                runs.push(i..i + 1);
+                size = 0;
+            }
+        }
+        size += elements;
+    }
+    runs
 }
 
 /// `t`'s flattened values `range`, as a new f32 tensor of its own (`copy` would keep the
@@ -194,33 +212,31 @@ fn padded_piece(
     Ok(())
 }
 
-/// Gathers every rank's pieces of the parameters `params` (ascending): `own(p)` gives this
-/// rank's piece of `p` (f32, flattened; `None` when empty), and `whole(p, values)` receives
-/// each parameter's full flattened f32 values once its bucket has arrived.
+/// Gathers every rank's pieces of every parameter: `own(p)` gives this rank's piece of
+/// parameter `p` (f32, flattened; `None` when empty), and `whole(p, values)` receives each
+/// parameter's full flattened f32 values once its bucket has arrived.
 ///
 /// # Errors
 /// When the group is broken, or as `own` and `whole` fail.
 pub fn all_gather(
     collective: &dyn Collective,
     partition: &Partition,
-    params: &[usize],
     device: &candle_core::Device,
     mut own: impl FnMut(usize) -> Result<Option<Tensor>>,
     mut whole: impl FnMut(usize, Tensor) -> Result<()>,
 ) -> Result<()> {
-    for bucket in partition.buckets(params) {
+    for bucket in partition.buckets(&partition.all()) {
         let block: usize = bucket.iter().map(|&p| partition.padded(p)).sum();
         let mut parts = Vec::with_capacity(2 * bucket.len());
         for &p in &bucket {
-            let empty = Tensor::zeros(0, DType::F32, device)?;
-            let piece = own(p)?.unwrap_or(empty);
-            let len = piece.elem_count();
-            padded_piece(
-                &mut parts,
-                &piece.flatten_all()?,
-                &(0..len),
-                partition.padded(p),
-            )?;
+            let padded = partition.padded(p);
+            match own(p)? {
+                Some(piece) => {
+                    let len = piece.elem_count();
+                    padded_piece(&mut parts, &piece.flatten_all()?, &(0..len), padded)?;
+                }
+                None => parts.push(Tensor::zeros(padded, DType::F32, device)?),
+            }
         }
         let send = Tensor::cat(&parts, 0)?;
         drop(parts);
@@ -392,11 +408,9 @@ mod tests {
                             .collect();
                         let pieces = reduce_scatter(member, &partition, grads).unwrap();
                         let mut whole = vec![Vec::new(); lens.len()];
-                        let all: Vec<usize> = (0..lens.len()).collect();
                         all_gather(
                             member,
                             &partition,
-                            &all,
                             &Device::Cpu,
                             |p| Ok(pieces[p].clone()),
                             |p, values| {

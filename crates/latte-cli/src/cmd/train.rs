@@ -308,22 +308,21 @@ pub fn run(args: Args, global: &GlobalOptions) -> Result<()> {
         digest = format!("{:016x}", trainer.weights_digest()?),
         "weights at the end"
     );
-    let line = format!(
+    let mut line = format!(
         "held (measured): optimizer state {}, EMA {}, gradients after the backward {}",
         format_bytes(held.optimizer_bytes),
         format_bytes(held.ema_bytes),
         format_bytes(summary.gradient_bytes)
     );
+    if group.size() > 1 {
+        line = format!("rank {}/{}: {line}", group.rank(), group.size());
+    }
     if !leader {
-        println!("rank {}/{}: {line}", group.rank(), group.size());
+        println!("{line}");
         return Ok(());
     }
     summary.print();
-    if group.size() > 1 {
-        println!("rank 0/{}: {line}", group.size());
-    } else {
-        println!("{line}");
-    }
+    println!("{line}");
     match outcome {
         RunOutcome::Finished { step, checkpoint } => {
             println!("finished at step {step}: {}", checkpoint.display());

@@ -36,9 +36,9 @@ const OPTIMIZER_TEMPORARIES: u64 = 6;
 /// to the f32 sums (the converted gradient and the new sum).
 const ACCUMULATE_TEMPORARIES: u64 = 2;
 
-/// Gradient elements summed over data-parallel ranks at once (`train`'s and
-/// [`crate::zero`]'s bucket; a larger tensor travels alone).
-const GRADIENT_BUCKET_ELEMENTS: u64 = 4 << 20;
+/// Gradient elements a data-parallel collective moves at once (a larger tensor travels
+/// alone).
+const GRADIENT_BUCKET_ELEMENTS: u64 = crate::zero::BUCKET_ELEMENTS as u64;
 
 /// Latent-sized f32 tensors (one video, `in_channels`) that a guided step holds through
 /// the backward: ε̂ and ∂L/∂x̂₀ (`sampling::guided_eval`).
