@@ -198,33 +198,44 @@ impl ThreadGroup {
         }
     }
 
-    /// Puts `values` in this rank's slot, waits for all, sums the slots in rank order
-    /// into `values`, and waits again before the slots are reused.
+    /// Puts `mine` in this rank's slot, waits for all, hands every rank's slot (in rank
+    /// order) to `read`, and waits again before the slots are reused, whatever `read`
+    /// returned.
+    fn exchange<T>(
+        &self,
+        slots: &Mutex<Vec<Vec<T>>>,
+        mine: Vec<T>,
+        read: impl FnOnce(&[Vec<T>]) -> Result<(), DistError>,
+    ) -> Result<(), DistError> {
+        slots.lock().map_err(|_| self.broken("a rank panicked"))?[self.rank] = mine;
+        self.shared.barrier.wait();
+        let result = match slots.lock() {
+            Ok(slots) => read(&slots),
+            Err(_) => Err(self.broken("a rank panicked")),
+        };
+        self.shared.barrier.wait();
+        result
+    }
+
+    /// Sums every rank's `values` in rank order into `values`.
     fn reduce<T: Copy + Default + std::ops::AddAssign>(
         &self,
         slots: &Mutex<Vec<Vec<T>>>,
         values: &mut [T],
     ) -> Result<(), DistError> {
-        {
-            let mut slots = slots.lock().map_err(|_| self.broken("a rank panicked"))?;
-            slots[self.rank] = values.to_vec();
-        }
-        self.shared.barrier.wait();
-        {
-            let slots = slots.lock().map_err(|_| self.broken("a rank panicked"))?;
+        self.exchange(slots, values.to_vec(), |slots| {
             if slots.iter().any(|s| s.len() != values.len()) {
                 return Err(self.broken("ranks reduced buffers of different lengths"));
             }
             for (i, v) in values.iter_mut().enumerate() {
                 let mut sum = T::default();
-                for slot in slots.iter() {
+                for slot in slots {
                     sum += slot[i];
                 }
                 *v = sum;
             }
-        }
-        self.shared.barrier.wait();
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -261,30 +272,15 @@ impl Collective for ThreadGroup {
         if received.len() != block * self.shared.size {
             return Err(self.broken("an all-gather's buffers do not hold one block per rank"));
         }
-        {
-            let mut slots = self
-                .shared
-                .f32_slots
-                .lock()
-                .map_err(|_| self.broken("a rank panicked"))?;
-            slots[self.rank] = send.to_vec();
-        }
-        self.shared.barrier.wait();
-        {
-            let slots = self
-                .shared
-                .f32_slots
-                .lock()
-                .map_err(|_| self.broken("a rank panicked"))?;
+        self.exchange(&self.shared.f32_slots, send.to_vec(), |slots| {
             if slots.iter().any(|s| s.len() != block) {
                 return Err(self.broken("ranks gathered blocks of different lengths"));
             }
             for (slot, out) in slots.iter().zip(received.chunks_mut(block.max(1))) {
                 out.copy_from_slice(slot);
             }
-        }
-        self.shared.barrier.wait();
-        Ok(())
+            Ok(())
+        })
     }
 
     fn barrier(&self) -> Result<(), DistError> {
