@@ -11,18 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn ffmpeg_present() -> bool {
-    let present = Command::new("ffmpeg")
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !present {
-        assert!(
-            std::env::var_os("LATTE_REQUIRE_FFMPEG").is_none(),
-            "LATTE_REQUIRE_FFMPEG is set but ffmpeg is not on PATH"
-        );
-        eprintln!("ffmpeg not found: skipping the video tests");
-    }
-    present
+    common::optional_tool_present("ffmpeg", "-version", "LATTE_REQUIRE_FFMPEG")
 }
 
 /// `ffmpeg -f lavfi -i testsrc…` into `path`.

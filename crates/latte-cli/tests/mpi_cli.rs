@@ -11,18 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn mpirun_present() -> bool {
-    let present = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !present {
-        assert!(
-            std::env::var_os("LATTE_REQUIRE_MPI").is_none(),
-            "LATTE_REQUIRE_MPI is set but mpirun is not on PATH"
-        );
-        eprintln!("mpirun not found: skipping the MPI tests");
-    }
-    present
+    common::optional_tool_present("mpirun", "--version", "LATTE_REQUIRE_MPI")
 }
 
 /// `mpirun -n ranks latte args…`: success, and the output.

@@ -82,3 +82,22 @@ pub fn chosen(report: &serde_json::Value) -> &serde_json::Value {
     let index = report["chosen"].as_u64().expect("a chosen candidate") as usize;
     &report["candidates"][index]
 }
+
+/// Whether the optional system tool `program` runs (`program version_flag` succeeds).
+/// Without it the caller's tests skip, saying so — unless the environment variable
+/// `required_by` is set (as `.ci/run` does after installing the tool), which makes its
+/// absence a failure.
+pub fn optional_tool_present(program: &str, version_flag: &str, required_by: &str) -> bool {
+    let present = Command::new(program)
+        .arg(version_flag)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !present {
+        assert!(
+            std::env::var_os(required_by).is_none(),
+            "{required_by} is set but {program} is not on PATH"
+        );
+        eprintln!("{program} not found: skipping these tests");
+    }
+    present
+}
